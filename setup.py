@@ -1,0 +1,37 @@
+"""Installs the `trainer` package and the project's gin files (as `trainer/gin/`)."""
+
+import os
+
+from setuptools import setup
+
+
+def _gin_files():
+    files = []
+    for dirpath, _, names in os.walk("gin"):
+        files += [os.path.relpath(os.path.join(dirpath, n), "gin") for n in names if n.endswith(".gin")]
+    return sorted(files)
+
+
+setup(
+    name="tiny-imagenet-trainer",
+    version="0.1.0",
+    description="Declarative image-classification training on Tiny ImageNet with TensorFlow, Keras 3 and gin.",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["trainer", "trainer.data", "trainer.models", "trainer.gin"],
+    package_dir={"trainer.gin": "gin"},
+    package_data={"trainer.gin": _gin_files()},
+    install_requires=[
+        "tensorflow>=2.20,<2.22",
+        "keras>=3.10",
+        "gin-config>=0.5.0",
+        "absl-py>=2.1",
+        "tensorboard>=2.20",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pillow>=10.0"],
+        "bench": ["pillow>=10.0"],
+    },
+)

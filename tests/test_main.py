@@ -1,0 +1,95 @@
+"""The command line: gin resolution and errors, the missing-dataset message, one real end-to-end run."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from trainer import config
+from trainer.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, cwd=REPO, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "trainer.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(autouse=True)
+def _clear_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def test_gin_files_resolve_from_another_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = config.resolve_gin_file("gin/phase64.gin")
+    assert os.path.isfile(path) and path.endswith(os.path.join("gin", "phase64.gin"))
+    config.parse_gin(["gin/phase64.gin"])  # Its include lines resolve too.
+    assert gin.query_parameter("%IMAGE_SIZE") == 64
+
+
+def test_missing_gin_file_names_the_nearest_one():
+    with pytest.raises(UserError, match=r"gin/phase64\.gin"):
+        config.resolve_gin_file("gin/phase46.gin")
+
+
+def test_gin_typo_names_file_line_and_nearest_name(tmp_path):
+    bad = tmp_path / "typo.gin"
+    bad.write_text("include 'gin/phase64.gin'\n\ntrain.epoch = 3\n")
+    with pytest.raises(UserError) as err:
+        config.parse_gin([str(bad)])
+    message = str(err.value)
+    assert str(bad) in message and "line 3" in message
+    assert "Did you mean 'train.epochs'?" in message
+
+
+def test_later_files_and_bindings_win_and_model_dir_overrides():
+    config.parse_gin(["gin/phase32.gin", "gin/phase64.gin"], ["EPOCHS = 2"], model_dir="/tmp/x")
+    assert gin.query_parameter("%IMAGE_SIZE") == 64
+    assert gin.query_parameter("%EPOCHS") == 2
+    assert gin.query_parameter("%MODEL_DIR") == "/tmp/x"
+
+
+def test_phase64_without_dataset_is_one_paragraph_and_nonzero(tmp_path):
+    result = run_main("--gin_file=gin/phase64.gin", f"--gin_bindings=DATA_DIR='{tmp_path}/none/tiny-imagenet-200'",
+                      f"--model_dir={tmp_path}/run")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "python -m trainer.data.download" in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+    assert not os.path.exists(tmp_path / "run"), "a failed start must not create the model directory"
+
+
+def test_quickstart_end_to_end(tmp_path):
+    """The README's run command, shortened: trains, logs train and val to TensorBoard, learns."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    model_dir = tmp_path / "run"
+    result = run_main("--gin_file=gin/quickstart.gin", f"--model_dir={model_dir}",
+                      f"--gin_bindings=DATA_DIR='{tmp_path}/synthetic'", "--gin_bindings=EPOCHS = 3",
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (model_dir / "operative_config.gin").read_text().count("train.") > 3
+    tags = {}
+    for split in ("train", "val"):
+        [events] = glob.glob(str(model_dir / split / "events.out.tfevents.*"))
+        acc = event_accumulator.EventAccumulator(events, size_guidance={"tensors": 0})
+        acc.Reload()
+        tags[split] = {t: [tf_value(e) for e in acc.Tensors(t)] for t in acc.Tags()["tensors"]}
+    assert {"loss", "top1", "top5", "learning_rate"} <= set(tags["train"])
+    assert {"loss", "top1", "top5"} <= set(tags["val"])
+    assert tags["val"]["top1"][-1] > 0.5, tags["val"]["top1"]  # Chance is 0.1 (10 classes).
+
+
+def tf_value(event):
+    import tensorflow as tf
+
+    return float(tf.make_ndarray(event.tensor_proto))

@@ -1,0 +1,1 @@
+"""Models: the block library, the gin-declared network builder and the plan."""

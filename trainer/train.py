@@ -1,0 +1,572 @@
+"""The generic trainer: one custom loop under tf.distribute for every network, policy and strategy.
+
+Read top to bottom, `train()` does:
+
+  1. claim the model directory (a lock), pick the strategy, open the data;
+  2. build the gin-declared network, optimizer and schedule under the strategy;
+  3. resume from the model directory's last checkpoint, or start the phase
+     from `init_from` (weights carried over by name, with a transfer report);
+  4. loop over epochs: `steps_per_execution` steps per `tf.function` call,
+     checkpoints every `checkpoint_every_steps` and at each epoch end,
+     an evaluation per epoch, TensorBoard scalars, a CSV row;
+  5. export the final model (`.keras` and SavedModel).
+
+Why a custom loop and not `model.fit`: DESIGN.md §3 (Keras 3 fit fails under
+MultiWorkerMirroredStrategy; TPUs need several steps per call).
+"""
+
+import csv
+import os
+import signal
+import socket
+import sys
+import time
+
+import gin
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer.data import pipeline
+from trainer.errors import UserError
+from trainer.models import builder
+from trainer.strategy import make_strategy
+
+_METRICS = ("loss", "top1", "top5")
+
+
+@gin.configurable
+def make_optimizer(steps_per_epoch,
+                   epochs,
+                   name="adam",
+                   learning_rate=1e-3,
+                   schedule="constant",
+                   warmup_epochs=0.0,
+                   end_learning_rate_fraction=0.0,
+                   weight_decay=0.0,
+                   momentum=0.9,
+                   nesterov=False,
+                   epsilon=1e-8,
+                   use_ema=False):
+    """The optimizer and its learning-rate schedule.
+
+    Args:
+      steps_per_epoch: training steps in one epoch (from the data).
+      epochs: epochs in this phase (for the schedule's length).
+      name: 'adam' (the reference: TF1 AdamOptimizer, epsilon 1e-8), 'adamw' or 'sgd'.
+      learning_rate: the peak learning rate.
+      schedule: 'constant' or 'cosine' (linear warm-up, then cosine decay).
+      warmup_epochs: warm-up length for 'cosine'.
+      end_learning_rate_fraction: final learning rate of 'cosine' as a fraction of the peak.
+      weight_decay: decoupled weight decay (adamw, sgd).
+      momentum: SGD momentum.
+      nesterov: SGD Nesterov momentum.
+      epsilon: Adam epsilon.
+      use_ema: keep an exponential moving average of the weights (Keras `use_ema`).
+
+    Returns:
+      A Keras 3 optimizer.
+    """
+    if schedule == "constant":
+        lr = learning_rate
+    elif schedule == "cosine":
+        warmup = int(warmup_epochs * steps_per_epoch)
+        lr = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else learning_rate,
+            decay_steps=max(1, epochs * steps_per_epoch - warmup),
+            alpha=end_learning_rate_fraction,
+            warmup_target=learning_rate if warmup else None,
+            warmup_steps=warmup)
+    else:
+        raise UserError(f"make_optimizer.schedule must be 'constant' or 'cosine', got {schedule!r}.")
+    if name == "adam":
+        return keras.optimizers.Adam(lr, epsilon=epsilon, use_ema=use_ema)
+    if name == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=weight_decay, epsilon=epsilon, use_ema=use_ema)
+    if name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=momentum, nesterov=nesterov,
+                                    weight_decay=weight_decay or None, use_ema=use_ema)
+    raise UserError(f"make_optimizer.name must be 'adam', 'adamw' or 'sgd', got {name!r}.")
+
+
+@gin.configurable(denylist=["stop_after_steps"])
+def train(model_dir=gin.REQUIRED,
+          image_size=gin.REQUIRED,
+          batch_size=gin.REQUIRED,
+          num_classes=gin.REQUIRED,
+          epochs=gin.REQUIRED,
+          first_epoch=1,
+          init_from=None,
+          previous_phase=None,
+          allow_partial_init=False,
+          label_smoothing=0.0,
+          steps_per_execution=10,
+          checkpoint_every_steps=0,
+          keep_checkpoints=3,
+          mixed_precision=None,
+          jit_compile=False,
+          log_every_steps=50,
+          export=True,
+          stop_after_steps=None):
+    """Trains one phase. Every argument is set in gin (see gin/*.gin).
+
+    Args:
+      model_dir: where checkpoints, TensorBoard logs, the CSV log and exports go.
+      image_size: input resolution of this phase.
+      batch_size: global batch size (split over replicas).
+      num_classes: must match the dataset's class count.
+      epochs: epochs in this phase.
+      first_epoch: number shown for this phase's first epoch (the reference
+        counted 1-230 across three phases).
+      init_from: a previous phase's model directory or checkpoint path, whose
+        weights start this phase (ignored when resuming this phase).
+      previous_phase: the gin file that writes `init_from`, named in the error
+        when it does not exist.
+      allow_partial_init: accept an `init_from` checkpoint that does not
+        cover every variable (otherwise an error).
+      label_smoothing: label smoothing of the cross-entropy.
+      steps_per_execution: training steps per `tf.function` call.
+      checkpoint_every_steps: extra checkpoints between epoch ends (0 = only at epoch ends).
+      keep_checkpoints: how many recent checkpoints to keep (the best by
+        val top-1 is kept apart, in `best/`).
+      mixed_precision: None, 'mixed_float16' or 'mixed_bfloat16'.
+      jit_compile: compile the training step with XLA (off on CPU: DESIGN §3).
+      log_every_steps: console progress interval when stdout is not a terminal.
+      export: export the final model as `.keras` and SavedModel.
+      stop_after_steps: stop (after a checkpoint) at this global step; for tests.
+
+    Returns:
+      The final validation metrics, a dict with 'loss', 'top1', 'top5'.
+    """
+    pipeline.open_dataset()  # A missing dataset fails here, before anything is written.
+    model_dir = os.path.expanduser(model_dir)
+    tf.io.gfile.makedirs(model_dir)
+    if mixed_precision:
+        keras.mixed_precision.set_global_policy(mixed_precision)
+    strategy = make_strategy()
+    chief = _is_chief(strategy)
+    lock = _ModelDirLock(model_dir) if chief else None
+    try:
+        return _train(**locals())
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(model_dir, image_size, batch_size, num_classes, epochs, first_epoch, init_from,
+           previous_phase, allow_partial_init, label_smoothing, steps_per_execution,
+           checkpoint_every_steps, keep_checkpoints, mixed_precision, jit_compile,
+           log_every_steps, export, stop_after_steps, strategy, chief, lock):
+    del mixed_precision, lock  # Applied / held by `train`.
+    # --- 1. Data. ---------------------------------------------------------
+    dataset = pipeline.open_dataset()
+    if dataset.num_classes != num_classes:
+        raise UserError(f"NUM_CLASSES is {num_classes} but the dataset at {dataset.data_dir} has "
+                        f"{dataset.num_classes} classes (wnids.txt): set NUM_CLASSES = {dataset.num_classes}.")
+    num_train = len(dataset.files("train")[0])
+    num_val = len(dataset.files("val")[0])
+    steps_per_epoch = num_train // batch_size
+    if steps_per_epoch < 1:
+        raise UserError(f"BATCH_SIZE {batch_size} is larger than the training set ({num_train} images).")
+    decoded = tf.Variable(0, dtype=tf.int64, trainable=False)  # Counts corrupt (skipped) images.
+    train_data = strategy.distribute_datasets_from_function(
+        lambda ctx: pipeline.make_dataset("train", training=True, input_context=ctx, decoded_counter=decoded))
+    val_data = strategy.distribute_datasets_from_function(
+        lambda ctx: pipeline.make_dataset("val", training=False, input_context=ctx))
+
+    # --- 2. Network, optimizer, checkpoint. ---------------------------------
+    with strategy.scope():
+        model = builder.build_network(image_size)
+        optimizer = make_optimizer(steps_per_epoch, epochs)
+        if keras.mixed_precision.global_policy().name == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        best_top1 = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_top1")
+    weights = _weights_by_path(model)
+    checkpoint = tf.train.Checkpoint(weights=weights, optimizer=optimizer, step=step, best_top1=best_top1)
+    work_dir = model_dir if chief else os.path.join(model_dir, "tmp", f"worker_{_task_id(strategy)}")
+    manager = tf.train.CheckpointManager(checkpoint, os.path.join(work_dir, "checkpoints"), keep_checkpoints)
+    best_manager = tf.train.CheckpointManager(checkpoint, os.path.join(work_dir, "best"), 1)
+
+    # --- 3. Resume this phase, or start it from the previous one. ------------
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        logging.info("Resumed from %s at step %d.", manager.latest_checkpoint, int(step))
+    elif init_from:
+        logging.info("%s", transfer_weights(weights, init_from, previous_phase, allow_partial_init))
+
+    # --- 4. The step functions. ----------------------------------------------
+    def step_totals(images, labels, training):
+        """Per-replica sums: loss * weight, top-1 hits, top-5 hits, examples; plus the loss to minimise."""
+        logits = tf.cast(model(images, training=training), tf.float32)
+        weight = tf.reduce_sum(labels, axis=-1)  # 0 for eval padding rows.
+        per_example = keras.losses.categorical_crossentropy(
+            labels, logits, from_logits=True, label_smoothing=label_smoothing if training else 0.0)
+        target = tf.argmax(labels, axis=-1)
+        top1 = tf.cast(tf.equal(tf.argmax(logits, axis=-1), target), tf.float32)
+        top5 = tf.cast(tf.math.in_top_k(target, logits, k=min(5, num_classes)), tf.float32)
+        sums = tf.stack([tf.reduce_sum(per_example * weight), tf.reduce_sum(top1 * weight),
+                         tf.reduce_sum(top5 * weight), tf.reduce_sum(weight)])
+        loss = sums[0] / batch_size
+        if model.losses:  # The blocks' L2 terms, once over all replicas.
+            loss += tf.add_n(model.losses) / strategy.num_replicas_in_sync
+        return sums, loss
+
+    def train_step(batch):
+        with tf.GradientTape() as tape:
+            sums, loss = step_totals(*batch, training=True)
+            scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return sums
+
+    def eval_step(batch):
+        return step_totals(*batch, training=False)[0]
+
+    step_fn = tf.function(train_step, jit_compile=True) if jit_compile else train_step
+
+    @tf.function
+    def train_steps(iterator, num_steps):
+        totals = tf.zeros([4])
+        for _ in tf.range(num_steps):
+            totals += strategy.reduce("SUM", strategy.run(step_fn, args=(next(iterator),)), axis=None)
+        step.assign_add(tf.cast(num_steps, tf.int64))
+        return totals
+
+    @tf.function
+    def evaluate(data):
+        totals = tf.zeros([4])
+        for batch in data:
+            totals += strategy.reduce("SUM", strategy.run(eval_step, args=(batch,)), axis=None)
+        return totals
+
+    # --- 5. Logging set-up: TensorBoard, CSV, operative config, plan. ---------
+    writers = _Writers(model_dir if chief else work_dir)
+    iterator = iter(train_data)
+    if chief:
+        _log_run_start(model_dir, writers, image_size, int(step), iterator, strategy)
+    csv_log = _CsvLog(os.path.join(work_dir, "metrics.csv"))
+    stopper = _StopOnSignal()
+
+    # --- 6. The loop. ---------------------------------------------------------
+    total_steps = epochs * steps_per_epoch
+    last_val = None
+    epochs_this_run = 0
+    while int(step) < total_steps:
+        epoch = int(step) // steps_per_epoch
+        epoch_end = (epoch + 1) * steps_per_epoch
+        epoch_start_time = time.time()
+        progress = _Progress(first_epoch + epoch, steps_per_epoch, batch_size, log_every_steps)
+        epoch_totals = np.zeros(4)
+        while int(step) < epoch_end:
+            n = min(steps_per_execution, epoch_end - int(step))
+            if checkpoint_every_steps:
+                n = min(n, checkpoint_every_steps - int(step) % checkpoint_every_steps)
+            if stop_after_steps is not None:
+                n = min(n, max(1, stop_after_steps - int(step)))
+            t0 = time.time()
+            totals = train_steps(iterator, tf.constant(n)).numpy()
+            seconds = time.time() - t0
+            _check_finite(totals, int(step), manager)
+            epoch_totals += totals
+            images_per_second = n * batch_size / seconds
+            progress.update(int(step) - epoch * steps_per_epoch, _means(epoch_totals), images_per_second)
+            writers.scalars("train", int(step), {**_means(totals), "learning_rate": _current_lr(optimizer),
+                                                 "images_per_second": images_per_second})
+            if checkpoint_every_steps and int(step) % checkpoint_every_steps == 0:
+                manager.save(checkpoint_number=int(step))
+            if stopper.requested or (stop_after_steps is not None and int(step) >= stop_after_steps):
+                manager.save(checkpoint_number=int(step))
+                logging.info("Stopped at step %d (%s); the same command resumes.", int(step),
+                             stopper.requested or "stop_after_steps")
+                return last_val
+        # End of epoch: evaluate, log, checkpoint.
+        epoch_time = time.time() - epoch_start_time
+        last_val = _means(evaluate(val_data).numpy())
+        train_means = _means(epoch_totals)
+        epochs_this_run += 1
+        if epochs_this_run == 2 and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # The cached first pass over the files is complete by now.
+            _report_skipped(num_train - int(decoded.numpy()), dataset.data_dir)
+        writers.scalars("train", int(step), {"epoch_time": epoch_time})
+        writers.scalars("val", int(step), last_val)
+        progress.finish(train_means, last_val, epoch_time)
+        csv_log.write({"epoch": first_epoch + epoch, "step": int(step), "time": round(epoch_time, 2),
+                       "learning_rate": _current_lr(optimizer),
+                       **{f"train_{k}": v for k, v in train_means.items()},
+                       **{f"val_{k}": v for k, v in last_val.items()}})
+        manager.save(checkpoint_number=int(step))
+        if last_val["top1"] > float(best_top1):
+            best_top1.assign(last_val["top1"])
+            best_manager.save(checkpoint_number=int(step))
+
+    if last_val is None:  # Resumed a finished phase: report its final evaluation.
+        last_val = _means(evaluate(val_data).numpy())
+    if export and chief:
+        _export(model, model_dir)
+    writers.flush()
+    logging.info("Phase done: val loss %.4f, top-1 %.4f, top-5 %.4f (%d images).",
+                 last_val["loss"], last_val["top1"], last_val["top5"], num_val)
+    return last_val
+
+
+# --- Helpers, in the order `_train` uses them. -------------------------------
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type or isinstance(strategy, tf.distribute.TPUStrategy):
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
+                                             and "chief" not in resolver.cluster_spec().as_dict())
+
+
+def _task_id(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return getattr(resolver, "task_id", 0) or 0
+
+
+class _ModelDirLock:
+    """A lock file that stops a second run from writing the same model directory.
+
+    A lock left by a run on this host whose process is gone (killed) is stale
+    and taken over; a live one is an error.
+    """
+
+    def __init__(self, model_dir):
+        self.path = os.path.join(model_dir, "LOCK")
+        owner = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY) if "://" not in self.path else None
+            except FileExistsError:
+                if self._stale():
+                    os.remove(self.path)
+                    continue
+                with open(self.path, encoding="utf-8") as f:
+                    holder = f.read().strip()
+                raise UserError(f"Model directory {model_dir} is in use by another run (host and pid: {holder}). "
+                                f"Wait for it, use another --model_dir, or delete {self.path} if that run is gone.")
+            if fd is not None:
+                os.write(fd, owner.encode())
+                os.close(fd)
+            return
+
+    def _stale(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                host, pid = f.read().split()
+        except (OSError, ValueError):
+            return True
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def release(self):
+        if "://" not in self.path and os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def _weights_by_path(model):
+    """The model's variables keyed by their Keras path ('block/kernel'), which names them in checkpoints.
+
+    Paths come from the gin declaration's block names, so they survive a change
+    of resolution and let `transfer_weights` match variables by name.
+    """
+    weights = {}
+    for w in model.weights:
+        if w.path in weights:
+            raise UserError(f"Two variables of the network share the path {w.path!r}: give its blocks unique names.")
+        weights[w.path] = w
+    return weights
+
+
+def transfer_weights(weights, init_from, previous_phase=None, allow_partial=False):
+    """Loads a previous phase's weights by name and returns a transfer report.
+
+    Args:
+      weights: {path: variable} of the model being trained (`_weights_by_path`).
+      init_from: a model directory (its latest checkpoint) or a checkpoint path.
+      previous_phase: gin file of the phase that writes `init_from` (for the error).
+      allow_partial: accept variables missing from the checkpoint or of another shape.
+
+    Returns:
+      A multi-line report: variables restored, missing, shape mismatches, unused.
+
+    Raises:
+      UserError: no checkpoint at `init_from`, or a partial load not allowed.
+    """
+    path = init_from
+    if tf.io.gfile.isdir(init_from):
+        path = tf.train.latest_checkpoint(os.path.join(init_from, "checkpoints")) or tf.train.latest_checkpoint(init_from)
+    if not path or not tf.io.gfile.glob(path + "*"):
+        run_first = f" Run the previous phase first: python -m trainer.main --gin_file={previous_phase}." if previous_phase else ""
+        raise UserError(f"init_from = {init_from!r} holds no checkpoint to start this phase from.{run_first} "
+                        "Or set train.init_from = None to start from scratch.")
+    reader = tf.train.load_checkpoint(path)
+    stored = reader.get_variable_to_shape_map()
+    key = lambda name: "weights/" + name.replace(".", "..").replace("/", ".S") + "/.ATTRIBUTES/VARIABLE_VALUE"
+    restored, missing, mismatched = [], [], []
+    for name, var in weights.items():
+        k = key(name)
+        if k not in stored:
+            missing.append(name)
+        elif list(stored[k]) != list(var.shape):
+            mismatched.append(f"{name} {list(stored[k])} -> {list(var.shape)}")
+        else:
+            var.assign(reader.get_tensor(k))
+            restored.append(name)
+    used = {key(n) for n in restored}
+    unused = [k for k in stored if k.startswith("weights/") and k not in used]
+    report = (f"Transfer from {path}: {len(restored)} of {len(weights)} variables restored, "
+              f"{len(missing)} missing from the checkpoint, {len(mismatched)} of another shape, "
+              f"{len(unused)} checkpoint variables unused.")
+    details = "".join(f"\n  missing: {n}" for n in missing[:20]) + "".join(f"\n  shape: {m}" for m in mismatched[:20])
+    if (missing or mismatched) and not allow_partial:
+        raise UserError(report + details + "\nRefusing a partial load: set train.allow_partial_init = True to accept it.")
+    return report + details
+
+
+def _log_run_start(model_dir, writers, image_size, step, iterator, strategy):
+    """Operative gin config (file + TensorBoard text), network plan, a grid of augmented images."""
+    from trainer.data import preview
+    from trainer.models import plan
+
+    config = gin.operative_config_str()
+    with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+        f.write(config)
+    with tf.io.gfile.GFile(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(gin.config_str())
+    writers.text("train", step, "config/operative_gin", _markdown_code(config))
+    writers.text("train", step, "network/plan", plan.plan_text(image_size))
+    logging.info("Replicas: %d (%s).", strategy.num_replicas_in_sync, type(strategy).__name__)
+    if step == 0:  # A phase's start: show what the augmentation does (this batch is not trained on).
+        images = strategy.experimental_local_results(next(iterator)[0])[0][:32]
+        writers.image("train", step, "augmented_inputs", preview.make_grid(images))
+
+
+def _markdown_code(text):
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+class _Writers:
+    """TensorBoard writers for model_dir/train and model_dir/val."""
+
+    def __init__(self, log_dir):
+        self._writers = {k: tf.summary.create_file_writer(os.path.join(log_dir, k)) for k in ("train", "val")}
+
+    def scalars(self, split, step, values):
+        with self._writers[split].as_default(step=step):
+            for name, value in values.items():
+                tf.summary.scalar(name, value)
+
+    def text(self, split, step, name, text):
+        with self._writers[split].as_default(step=step):
+            tf.summary.text(name, text)
+
+    def image(self, split, step, name, grid):
+        with self._writers[split].as_default(step=step):
+            tf.summary.image(name, grid[None], max_outputs=1)
+
+    def flush(self):
+        for w in self._writers.values():
+            w.flush()
+
+
+class _CsvLog:
+    """Appends one row of epoch metrics to model_dir/metrics.csv (as the reference's CSVLogger)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def write(self, row):
+        new = not tf.io.gfile.exists(self.path)
+        with tf.io.gfile.GFile(self.path, "a") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
+
+
+class _StopOnSignal:
+    """SIGTERM (preemption) or SIGINT: finish the current execution, checkpoint, exit."""
+
+    def __init__(self):
+        self.requested = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # Not the main thread (e.g. under a test runner thread).
+                pass
+
+    def _handle(self, signum, frame):
+        del frame
+        self.requested = signal.Signals(signum).name
+
+
+class _Progress:
+    """A console progress line per epoch: a bar with ETA on a terminal, log lines otherwise."""
+
+    def __init__(self, epoch, steps, batch_size, log_every_steps):
+        self.epoch, self.steps, self.batch_size, self.log_every = epoch, steps, batch_size, log_every_steps
+        self.tty = sys.stdout.isatty()
+        self.last_logged = 0
+
+    def update(self, done, means, images_per_second):
+        eta = (self.steps - done) * self.batch_size / max(images_per_second, 1e-9)
+        text = (f"epoch {self.epoch} {done}/{self.steps} loss {means['loss']:.4f} top1 {means['top1']:.4f} "
+                f"{images_per_second:.0f} img/s ETA {eta:.0f}s")
+        if self.tty:
+            width = 30
+            bar = "=" * int(width * done / self.steps)
+            sys.stdout.write(f"\r[{bar:<{width}}] {text}")
+            sys.stdout.flush()
+        elif done - self.last_logged >= self.log_every or done == self.steps:
+            self.last_logged = done
+            logging.info("%s", text)
+
+    def finish(self, train_means, val_means, seconds):
+        if self.tty:
+            sys.stdout.write("\n")
+        logging.info("epoch %d done in %.1fs: train loss %.4f top1 %.4f | val loss %.4f top1 %.4f top5 %.4f",
+                     self.epoch, seconds, train_means["loss"], train_means["top1"],
+                     val_means["loss"], val_means["top1"], val_means["top5"])
+
+
+def _means(totals):
+    count = max(float(totals[3]), 1.0)
+    return {name: float(totals[i]) / count for i, name in enumerate(_METRICS)}
+
+
+def _check_finite(totals, step, manager):
+    if not np.all(np.isfinite(totals)):
+        raise UserError(f"The training loss became {totals[0]} (not finite) by step {step}: the run stopped. "
+                        f"The last good checkpoint is kept: {manager.latest_checkpoint or 'none yet'}. "
+                        "Lower the learning rate or check the data and augmentation.")
+
+
+def _current_lr(optimizer):
+    lr = optimizer.learning_rate
+    return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+
+def _report_skipped(skipped, data_dir):
+    if skipped > 0:
+        logging.warning("%d training images in %s could not be decoded and were skipped.", skipped, data_dir)
+
+
+def _export(model, model_dir):
+    """The final model as model_dir/export/model.keras and a SavedModel in model_dir/export/saved_model."""
+    export_dir = os.path.join(model_dir, "export")
+    tf.io.gfile.makedirs(export_dir)
+    model.save(os.path.join(export_dir, "model.keras"))
+    model.export(os.path.join(export_dir, "saved_model"), verbose=False)
+    logging.info("Exported %s/model.keras and %s/saved_model.", export_dir, export_dir)
