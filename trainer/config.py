@@ -112,6 +112,18 @@ def register_configurables():
         importlib.import_module(module)
 
 
+def _use_gfile_reader():
+    """Gin reads files through tf.io.gfile (gs:// works), and only so.
+
+    Gin's fallback reader looks for files inside Python packages and logs an
+    ERROR for every search path an include does not match; the search roots
+    above already cover the installed package.
+    """
+    import tensorflow as tf
+
+    gin.config._FILE_READERS[:] = [(tf.io.gfile.GFile, tf.io.gfile.exists)]  # pylint: disable=protected-access
+
+
 def parse_gin(gin_files, gin_bindings=(), model_dir=None, defaults=()):
     """Parses gin files then bindings (later wins); `model_dir` overrides MODEL_DIR.
 
@@ -127,6 +139,7 @@ def parse_gin(gin_files, gin_bindings=(), model_dir=None, defaults=()):
         file, the line and the nearest known name.
     """
     register_configurables()
+    _use_gfile_reader()
     for root in search_roots():
         gin.add_config_file_search_path(root)
     files = [resolve_gin_file(f) for f in gin_files]

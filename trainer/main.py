@@ -6,6 +6,7 @@ Flags:
   --model_dir     overrides the gin macro MODEL_DIR.
 """
 
+import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TF's C++ start-up chatter off the console.
@@ -25,9 +26,19 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     config.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.model_dir)
+    _quiet_tensorflow_info()
     from trainer import train  # pylint: disable=import-outside-toplevel
 
     train.train()
+
+
+def _quiet_tensorflow_info():
+    """Drops TensorFlow's own INFO lines (checkpoint sharding, SavedModel export), keeps its warnings."""
+    def keep(record):
+        return record.levelno >= logging.WARNING or f"{os.sep}tensorflow{os.sep}" not in record.pathname
+
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(keep)
 
 
 def run():
