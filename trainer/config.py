@@ -165,7 +165,9 @@ def run_main(main_fn, argv):
     try:
         return main_fn(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Gin appends "In call to configurable ..." to exceptions raised inside configurables.
+        message = str(err).split("\n  In call to configurable")[0]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except Exception:  # pragma: no cover - unexpected: keep the full traceback.
         traceback.print_exc()

@@ -1,0 +1,165 @@
+"""Tests for trainer/models/blocks.py: each kind's layers, settings and shapes."""
+
+import gin
+import keras
+import pytest
+
+from trainer.errors import UserError
+from trainer.models import blocks
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def _layers(outputs, inputs):
+    """The layers between `inputs` and `outputs`, by name."""
+    model = keras.Model(inputs, outputs)
+    return {layer.name: layer for layer in model.layers}
+
+
+def _image(size=8, channels=3):
+    return keras.Input((size, size, channels))
+
+
+def test_sepconv_has_the_reference_effective_settings():
+    x = _image()
+    layers = _layers(blocks.sepconv(x, name="s", filters=16), x)
+    sep = layers["s_sepconv"]
+    assert sep.kernel_size == (3, 3) and sep.strides == (1, 1) and sep.padding == "same"
+    assert sep.depth_multiplier == 1 and sep.use_bias
+    assert isinstance(sep.depthwise_initializer, keras.initializers.GlorotUniform)
+    assert isinstance(sep.pointwise_initializer, keras.initializers.GlorotUniform)
+    assert sep.depthwise_regularizer is None and sep.pointwise_regularizer is None
+    assert list(layers)[-2:] == ["s_bn", "s_relu"]
+    # depthwise 3*3*3 + pointwise 3*16 + bias 16; BN 4*16.
+    assert sep.count_params() == 27 + 48 + 16
+    assert layers["s_bn"].count_params() == 64
+
+
+def test_sepconv_he_normal_l2_variant_is_selected_with_gin():
+    gin.parse_config("sepconv.l2 = 1e-4\nsepconv.kernel_initializer = 'he_normal'")
+    x = _image()
+    model = keras.Model(x, blocks.sepconv(x, name="s", filters=4))
+    sep = model.get_layer("s_sepconv")
+    assert isinstance(sep.depthwise_initializer, keras.initializers.HeNormal)
+    assert isinstance(sep.pointwise_initializer, keras.initializers.HeNormal)
+    assert len(model.losses) == 2  # One L2 term per kernel.
+
+
+def test_transition_is_conv1x1_with_bias_he_normal_l2_then_bn_relu():
+    x = _image(channels=10)
+    model = keras.Model(x, blocks.transition(x, name="T", filters=6))
+    conv = model.get_layer("T_conv")
+    assert conv.kernel_size == (1, 1) and conv.use_bias
+    assert isinstance(conv.kernel_initializer, keras.initializers.HeNormal)
+    assert conv.kernel_regularizer.l2 == pytest.approx(1e-4)
+    assert len(model.losses) == 1
+    assert [layer.name for layer in model.layers[1:]] == ["T_conv", "T_bn", "T_relu"]
+    assert conv.count_params() == 10 * 6 + 6
+
+
+def test_batch_norm_defaults_and_gin_settings():
+    bn = blocks.batch_norm(name="bn")
+    assert (bn.momentum, bn.epsilon, bn.synchronized) == (0.99, 1e-3, False)
+    gin.parse_config("batch_norm.momentum = 0.9\nbatch_norm.synchronized = True")
+    bn = blocks.batch_norm(name="bn")
+    assert (bn.momentum, bn.synchronized) == (0.9, True)
+
+
+def test_conv_activation_and_preactivation_order():
+    x = _image()
+    plain = keras.Model(x, blocks.conv(x, name="c", filters=4, activation=None))
+    assert [layer.name for layer in plain.layers[1:]] == ["c_conv", "c_bn"]
+    pre = keras.Model(x, blocks.conv(x, name="p", filters=4, preact=True, activation="swish"))
+    assert [layer.name for layer in pre.layers[1:]] == ["p_bn", "p_swish", "p_conv"]
+
+
+def test_dense_unit_concatenates_input_and_two_sepconvs():
+    x = _image(channels=5)
+    out = blocks.dense_unit(x, name="d", filters=7)
+    assert tuple(out.shape[1:]) == (8, 8, 12)
+    layers = _layers(out, x)
+    assert {"d_a_sepconv", "d_b_sepconv", "d_concat"} <= set(layers)
+    # sepconv(5->7): 45 + 35 + 7, BN 28; sepconv(7->7): 63 + 49 + 7, BN 28.
+    assert sum(layer.count_params() for layer in layers.values()) == 87 + 28 + 119 + 28
+
+
+def test_dense_unit_with_bottleneck_is_densenet_b():
+    x = _image(channels=16)
+    out = blocks.dense_unit(x, name="d", filters=4, conv_kind="conv", bottleneck=8)
+    layers = _layers(out, x)
+    assert layers["d_a_conv"].kernel_size == (1, 1) and layers["d_a_conv"].filters == 8
+    assert layers["d_b_conv"].kernel_size == (3, 3) and layers["d_b_conv"].filters == 4
+    assert tuple(out.shape[1:]) == (8, 8, 20)
+
+
+def test_dense_unit_rejects_unknown_conv_kind():
+    with pytest.raises(UserError, match="conv_kind"):
+        blocks.dense_unit(_image(), name="d", filters=4, conv_kind="dense")
+
+
+def test_residual_basic_identity_and_projection_shortcuts():
+    x = _image(channels=8)
+    same = _layers(blocks.residual_basic(x, name="r", filters=8), x)
+    assert "r_proj_conv" not in same and "r_add" in same and "r_out_relu" in same
+    x2 = _image(channels=8)
+    out = blocks.residual_basic(x2, name="q", filters=16, strides=2)
+    assert tuple(out.shape[1:]) == (4, 4, 16)
+    proj = _layers(out, x2)["q_proj_conv"]
+    assert proj.kernel_size == (1, 1) and proj.strides == (2, 2) and not proj.use_bias
+
+
+def test_residual_bottleneck_expands_channels():
+    x = _image(channels=8)
+    out = blocks.residual_bottleneck(x, name="b", filters=4, strides=2)
+    assert tuple(out.shape[1:]) == (4, 4, 16)
+    layers = _layers(out, x)
+    assert [layers[f"b_{p}_conv"].kernel_size for p in "abc"] == [(1, 1), (3, 3), (1, 1)]
+    assert "b_proj_conv" in layers
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("max_pool", (4, 4, 3)), ("avg_pool", (4, 4, 3)),
+    ("global_avg_pool", (3,)), ("global_max_pool", (3,)),
+])
+def test_pooling_shapes(kind, expected):
+    out = blocks.KINDS[kind].factory(_image(), name="p")
+    assert tuple(out.shape[1:]) == expected
+
+
+def test_merges_check_shapes():
+    a, b, c = _image(channels=2), _image(channels=5), _image(size=4, channels=2)
+    assert tuple(blocks.concat([a, b], name="m").shape[1:]) == (8, 8, 7)
+    assert tuple(blocks.add([a, _image(channels=2)], name="n").shape[1:]) == (8, 8, 2)
+    assert blocks.concat([a], name="one") is a
+    with pytest.raises(UserError, match=r"cannot concatenate inputs of shapes \(8, 8, 2\), \(4, 4, 2\)"):
+        blocks.concat([a, c], name="bad")
+    with pytest.raises(UserError, match="cannot add"):
+        blocks.add([a, b], name="bad")
+
+
+@pytest.mark.parametrize("head, layer", [("dense", "h_dense"), ("conv", "h_head_conv")])
+def test_classifier_heads_output_logits(head, layer):
+    x = _image(channels=6)
+    out = blocks.classifier(x, name="h", units=5, head=head, dropout_rate=0.5)
+    assert tuple(out.shape[1:]) == (5,)
+    assert layer in _layers(out, x)
+
+
+def test_conv_kinds_reject_flat_input():
+    with pytest.raises(UserError, match="before any global pooling"):
+        blocks.conv(keras.Input((4,)), name="c", filters=2)
+
+
+def test_every_kind_is_registered_once_and_gin_configurable():
+    assert set(blocks.KINDS) == {
+        "conv", "sepconv", "transition", "bn_relu", "dense_unit", "residual_basic",
+        "residual_bottleneck", "max_pool", "avg_pool", "global_avg_pool", "global_max_pool",
+        "concat", "add", "dropout", "dense", "classifier"}
+    for kind in blocks.KINDS.values():
+        assert gin.config._REGISTRY.get_match(f"trainer.models.blocks.{kind.name}")  # pylint: disable=protected-access
+    assert [k for k, v in blocks.KINDS.items() if v.multi_input] == ["concat", "add"]

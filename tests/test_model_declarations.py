@@ -1,0 +1,94 @@
+"""Every declaration in gin/models/: its header is true, its plan agrees with Keras, it trains."""
+
+import glob
+import os
+import re
+
+import gin
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import config
+from trainer.models import builder
+from trainer.models import plan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "gin", "models", "*.gin")))
+NUM_CLASSES = 200
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+    keras.backend.clear_session()
+
+
+def _parse(model_file):
+    config.parse_gin([model_file], defaults=[f"NUM_CLASSES = {NUM_CLASSES}"])
+
+
+def _header(model_file):
+    """The opening comment block, joined into one line."""
+    lines = []
+    with open(os.path.join(REPO, model_file), encoding="utf-8") as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            lines.append(line.lstrip("#").strip())
+    return " ".join(lines)
+
+
+def _number(text):
+    return int(text.replace(",", ""))
+
+
+def test_the_four_declarations_are_there():
+    assert {"reference.gin", "resnet18.gin", "densenet_bc.gin", "small.gin"} <= {
+        os.path.basename(p) for p in MODEL_FILES}
+
+
+@pytest.mark.parametrize("model_file", MODEL_FILES)
+def test_plan_matches_keras_and_the_file_header(model_file):
+    _parse(model_file)
+    result = plan.make_plan(64)
+    model = builder.build_network(64)
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    non_trainable = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+    t = result.totals
+    assert (t.params, t.trainable, t.non_trainable) == (model.count_params(), trainable, non_trainable)
+
+    header = _header(model_file)
+    params = re.search(r"([\d,]+) parameters \(([\d,]+) trainable, ([\d,]+) non-trainable", header)
+    assert params, f"{model_file}: the header must state the parameter count"
+    assert tuple(_number(g) for g in params.groups()) == (t.params, t.trainable, t.non_trainable)
+    rf = re.search(r"[Rr]eceptive field ([\d,]+) px at the output", header)
+    assert rf and _number(rf.group(1)) == t.rf, f"{model_file}: header RF vs plan RF {t.rf}"
+
+
+@pytest.mark.parametrize("model_file", MODEL_FILES)
+def test_one_training_step_on_cpu(model_file):
+    _parse(model_file)
+    keras.utils.set_random_seed(0)
+    model = builder.build_network(32)
+    images = tf.random.stateless_uniform((2, 32, 32, 3), seed=(1, 2))
+    labels = tf.one_hot([3, 7], NUM_CLASSES)
+    before = [v.numpy().copy() for v in model.weights]
+    optimizer = keras.optimizers.Adam(1e-3)
+    with tf.GradientTape() as tape:
+        logits = model(images, training=True)
+        loss = tf.reduce_mean(keras.losses.categorical_crossentropy(labels, logits, from_logits=True))
+        loss += sum(model.losses)
+    grads = tape.gradient(loss, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    assert logits.dtype == tf.float32 and tuple(logits.shape) == (2, NUM_CLASSES)
+    assert np.isfinite(float(loss))
+    assert all(g is not None for g in grads)
+    # Every kernel, BN scale and offset trains and every BN moving statistic updates (biases
+    # before a BatchNorm get a gradient of about zero, so they are left out).
+    unchanged = [v.path for b, v in zip(before, model.weights)
+                 if v.name != "bias" and np.array_equal(b, v.numpy())]
+    assert not unchanged

@@ -1,0 +1,241 @@
+"""The plan of a declared network: per block shape, stride, receptive field, parameters, MACs.
+
+It replaces the reference author's design spreadsheet. The network is built
+(graph only, nothing runs) and its layers are walked block by block:
+
+- receptive field (RF) and jump follow the standard recurrence, per layer:
+  RF += (k_eff - 1) * jump, then jump *= stride, with k_eff = d * (k - 1) + 1
+  for a kernel k dilated by d; where inputs merge, RF and jump are the
+  maxima over the inputs. Pooling windows count like kernels. Global pooling
+  and dense layers pass the RF of their input through, so the RF "at the
+  output" is that of the last spatial feature map (each logit also averages
+  over all its positions). Non-square kernels use their larger side.
+- MACs are the multiply-accumulates of convolutions and dense layers for one
+  image (biases, BatchNorm, activations and pooling are not counted).
+- parameters are Keras's own counts, split trainable / non-trainable.
+"""
+
+import dataclasses
+
+import gin
+import keras
+import numpy as np
+
+from trainer.errors import UserError
+from trainer.models import builder
+
+
+@dataclasses.dataclass
+class Row:
+    """One block of the plan."""
+
+    name: str
+    kind: str
+    output_shape: tuple
+    stride: float
+    jump: int
+    rf: int
+    params: int
+    trainable: int
+    non_trainable: int
+    macs: int
+
+
+@dataclasses.dataclass
+class Totals:
+    """Whole-network figures."""
+
+    params: int
+    trainable: int
+    non_trainable: int
+    macs: int
+    rf: int
+    image_size: int
+
+
+@dataclasses.dataclass
+class Plan:
+    """The plan: rows in declaration order, then totals."""
+
+    rows: list
+    totals: Totals
+
+
+def make_plan(image_size: int, blocks=None) -> Plan:
+    """Builds the declared network at `image_size` and measures it block by block.
+
+    Args:
+      image_size: side of the square input.
+      blocks: a declaration; None takes the gin-bound `build_network.blocks`.
+
+    Returns:
+      A `Plan`.
+
+    Raises:
+      UserError: no declaration is bound, or it does not build.
+    """
+    if blocks is None:
+        blocks = _bound_blocks()
+    network = builder.assemble(image_size, blocks, name="plan")
+    stats = {id(network.model.inputs[0]): (1, 1)}
+    rows = []
+    for block in network.blocks:
+        ops = _operations_of(block)
+        for op, node in ops:
+            _propagate(op, node, stats)
+        _, jump_in = _merge_stats(block.inputs, stats)
+        rf, jump = stats[id(block.output)]
+        trainable = sum(_count(op.trainable_weights) for op, _ in ops)
+        non_trainable = sum(_count(op.non_trainable_weights) for op, _ in ops)
+        rows.append(Row(
+            name=block.name, kind=block.kind, output_shape=tuple(block.output.shape[1:]),
+            stride=jump / jump_in, jump=jump, rf=rf, params=trainable + non_trainable,
+            trainable=trainable, non_trainable=non_trainable,
+            macs=sum(_macs(op, node) for op, node in ops)))
+    totals = Totals(
+        params=sum(r.params for r in rows), trainable=sum(r.trainable for r in rows),
+        non_trainable=sum(r.non_trainable for r in rows), macs=sum(r.macs for r in rows),
+        rf=rows[-1].rf, image_size=image_size)
+    return Plan(rows, totals)
+
+
+DEFAULT_IMAGE_SIZE = 64
+
+
+def default_image_size() -> int:
+    """The bound IMAGE_SIZE macro, else 64 (Tiny ImageNet's native size)."""
+    try:
+        return int(gin.query_parameter("%IMAGE_SIZE"))
+    except ValueError:
+        return DEFAULT_IMAGE_SIZE
+
+
+def plan_text(image_size: int, blocks=None) -> str:
+    """The plan as a markdown table and totals (for the terminal and TensorBoard).
+
+    Args:
+      image_size: side of the square input.
+      blocks: a declaration; None takes the gin-bound `build_network.blocks`.
+
+    Returns:
+      Markdown text.
+    """
+    return format_plan(make_plan(image_size, blocks))
+
+
+def format_plan(plan: Plan) -> str:
+    """Renders a `Plan` as an aligned markdown table, then the totals as a list."""
+    header = ["block", "kind", "output", "stride", "jump", "RF", "params", "MACs"]
+    body = [[r.name, r.kind, "x".join(str(d) for d in r.output_shape), _format_stride(r.stride),
+             str(r.jump), str(r.rf), f"{r.params:,}", f"{r.macs:,}"] for r in plan.rows]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    right = {3, 4, 5, 6, 7}
+
+    def line(cells):
+        padded = [c.rjust(w) if i in right else c.ljust(w)
+                  for i, (c, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i in right else "-")
+                          for i, w in enumerate(widths)) + "|"
+    t = plan.totals
+    coverage = "covers" if t.rf >= t.image_size else "does not cover"
+    totals = [
+        f"- Parameters: {t.params:,} (trainable {t.trainable:,}, non-trainable {t.non_trainable:,})",
+        f"- MACs per image: {t.macs:,} ({_short(t.macs)}) at {t.image_size}x{t.image_size}",
+        f"- Receptive field at the output: {t.rf} px for a {t.image_size} px image "
+        f"({coverage} the whole image; {t.rf / t.image_size:.2f}x its side)",
+    ]
+    return "\n".join([line(header), rule] + [line(b) for b in body] + [""] + totals) + "\n"
+
+
+def _short(count):
+    """1234567 -> '1.23 M'."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return str(count)
+
+
+def _format_stride(stride):
+    return str(int(stride)) if float(stride).is_integer() else f"{stride:g}"
+
+
+def _bound_blocks():
+    """The declaration bound to `build_network.blocks`, macros resolved."""
+    blocks = gin.get_bindings(builder.build_network).get("blocks")
+    if blocks is None:
+        raise UserError("No network is declared: bind build_network.blocks (include a "
+                        "gin/models/*.gin file).")
+    return blocks
+
+
+def _operations_of(block):
+    """The (layer, node) pairs a block made, in topological order."""
+    stop = {id(t) for t in block.inputs}
+    ordered, done = [], set()
+    stack = [(block.output, False)]
+    while stack:
+        tensor, expanded = stack.pop()
+        if id(tensor) in stop:
+            continue
+        op, node_index, _ = tensor._keras_history  # pylint: disable=protected-access
+        if id(op) in done:
+            continue
+        node = op._inbound_nodes[node_index]  # pylint: disable=protected-access
+        if expanded:
+            done.add(id(op))
+            ordered.append((op, node))
+            continue
+        stack.append((tensor, True))
+        stack.extend((parent, False) for parent in node.input_tensors)
+    return ordered
+
+
+def _merge_stats(tensors, stats):
+    """(RF, jump) where tensors merge: the maxima over them."""
+    return (max(stats[id(t)][0] for t in tensors), max(stats[id(t)][1] for t in tensors))
+
+
+def _window(op):
+    """(effective kernel, stride) of a layer that has a spatial window, else None."""
+    if isinstance(op, (keras.layers.Conv2D, keras.layers.SeparableConv2D,
+                       keras.layers.DepthwiseConv2D)):
+        kernel = max(d * (k - 1) + 1 for k, d in zip(op.kernel_size, op.dilation_rate))
+        return kernel, max(op.strides)
+    if isinstance(op, (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)):
+        return max(op.pool_size), max(op.strides)
+    return None
+
+
+def _propagate(op, node, stats):
+    """Sets (RF, jump) of a layer's outputs from its inputs'."""
+    rf, jump = _merge_stats(node.input_tensors, stats)
+    window = _window(op)
+    if window:
+        kernel, stride = window
+        rf, jump = rf + (kernel - 1) * jump, jump * stride
+    for t in node.output_tensors:
+        stats[id(t)] = (rf, jump)
+
+
+def _macs(op, node):
+    """Multiply-accumulates of one layer for one image."""
+    in_shape = node.input_tensors[0].shape
+    out_shape = node.output_tensors[0].shape
+    positions = int(np.prod(out_shape[1:-1]))
+    if isinstance(op, keras.layers.SeparableConv2D):
+        kernel = int(np.prod(op.kernel_size))
+        depthwise = in_shape[-1] * op.depth_multiplier
+        return positions * (kernel * depthwise + depthwise * out_shape[-1])
+    if isinstance(op, keras.layers.DepthwiseConv2D):
+        return positions * int(np.prod(op.kernel_size)) * out_shape[-1]
+    if isinstance(op, keras.layers.Conv2D):
+        return positions * int(np.prod(op.kernel_size)) * (in_shape[-1] // op.groups) * out_shape[-1]
+    if isinstance(op, keras.layers.Dense):
+        return positions * in_shape[-1] * out_shape[-1]
+    return 0
+
+
+def _count(weights):
+    return sum(int(np.prod(w.shape)) for w in weights)
