@@ -94,3 +94,19 @@ def scalar(event):
     import tensorflow as tf
 
     return float(tf.make_ndarray(event.tensor_proto))
+
+
+def test_undefined_macro_is_a_clear_error(tmp_path):
+    result = run_main("--gin_file=gin/quickstart.gin", "--gin_bindings=train.epochs = %EPOCH",
+                      f"--gin_bindings=DATA_DIR='{tmp_path}/data'", f"--model_dir={tmp_path}/run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the macro %EPOCH is used but never defined. Did you mean '%EPOCHS'?" in result.stderr
+
+
+def test_wiring_error_is_one_line_naming_the_block(tmp_path):
+    result = run_main("--gin_file=gin/quickstart.gin", f"--gin_bindings=DATA_DIR='{tmp_path}/data'",
+                      "--gin_bindings=build_network.blocks = [{'name': 'a', 'kind': 'conv', 'filters': 4, "
+                      "'inputs': ['nope']}]", f"--model_dir={tmp_path}/run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    [line] = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert line == "error: Block 'a': unknown input 'nope'; inputs must name earlier blocks or 'image'."

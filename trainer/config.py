@@ -160,10 +160,30 @@ def parse_gin(gin_files, gin_bindings=(), model_dir=None, defaults=()):
         raise
 
 
+def explain_missing_value(err):
+    """A UserError for gin's "No values supplied" TypeError (undefined macro, missing REQUIRED), else None."""
+    message = str(err)
+    if "No values supplied by Gin or caller" not in message:
+        return None
+    macro = re.search(r"configurable 'macro' .* in scope '([^']+)'", message)
+    if macro:
+        defined = [scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"]  # pylint: disable=protected-access
+        close = difflib.get_close_matches(macro.group(1), defined, n=1)
+        hint = f" Did you mean '%{close[0]}'?" if close else ""
+        return UserError(f"Invalid gin configuration: the macro %{macro.group(1)} is used but never defined.{hint}")
+    missing = re.search(r"No values supplied by Gin or caller for arguments: (\[[^\]]*\])", message)
+    where = re.search(r"In call to configurable '([^']+)'", message)
+    return UserError(f"Invalid gin configuration: {where.group(1) if where else 'a configurable'} needs a value for "
+                     f"{missing.group(1) if missing else 'a required argument'}; bind it in a gin file or with --gin_bindings.")
+
+
 def run_main(main_fn, argv):
     """Runs an absl main, printing UserError as one paragraph and exiting 1."""
     try:
-        return main_fn(argv)
+        try:
+            return main_fn(argv)
+        except TypeError as err:
+            raise explain_missing_value(err) or err
     except UserError as err:
         # Gin appends "In call to configurable ..." to exceptions raised inside configurables.
         message = str(err).split("\n  In call to configurable")[0]
