@@ -2,14 +2,22 @@
 
 Read top to bottom, `train()` does:
 
-  1. claim the model directory (a lock), pick the strategy, open the data;
+  1. pick the strategy, claim the model directory (a lock), open the data;
   2. build the gin-declared network, optimizer and schedule under the strategy;
   3. resume from the model directory's last checkpoint, or start the phase
-     from `init_from` (weights carried over by name, with a transfer report);
-  4. loop over epochs: `steps_per_execution` steps per `tf.function` call,
-     checkpoints every `checkpoint_every_steps` and at each epoch end,
-     an evaluation per epoch, TensorBoard scalars, a CSV row;
+     from `init_from` (weights carried over by name, with a transfer report,
+     then one evaluation of the carried weights, logged at step 0);
+  4. loop over epochs: `steps_per_execution` steps per `tf.function` call
+     (`build_steps`), checkpoints every `checkpoint_every_steps` and at each
+     epoch end, an evaluation per epoch, TensorBoard scalars, a CSV row;
   5. export the final model (`.keras` and SavedModel).
+
+A killed run loses at most one checkpoint interval: the same command resumes
+it (step, epoch, optimizer state). SIGTERM and SIGINT make the run checkpoint
+and stop with `TrainingInterrupted`; under MultiWorkerMirroredStrategy SIGTERM
+goes through tf.distribute's PreemptionCheckpointHandler, which makes every
+worker save at the same step. A non-finite loss stops the run before anything
+more is saved.
 
 Why a custom loop and not `model.fit`: DESIGN.md §3 (Keras 3 fit fails under
 MultiWorkerMirroredStrategy; TPUs need several steps per call).
@@ -34,6 +42,10 @@ from trainer.models import builder
 from trainer.strategy import make_strategy
 
 _METRICS = ("loss", "top1", "top5")
+
+
+class TrainingInterrupted(UserError):
+    """A signal (SIGTERM, SIGINT) stopped the run after a checkpoint; the same command resumes it."""
 
 
 @gin.configurable
@@ -67,6 +79,9 @@ def make_optimizer(steps_per_epoch,
 
     Returns:
       A Keras 3 optimizer.
+
+    Raises:
+      UserError: an unknown optimizer or schedule name.
     """
     if schedule == "constant":
         lr = learning_rate
@@ -106,6 +121,7 @@ def train(model_dir=gin.REQUIRED,
           keep_checkpoints=3,
           mixed_precision=None,
           jit_compile=False,
+          seed=None,
           log_every_steps=50,
           export=True,
           stop_after_steps=None):
@@ -114,7 +130,7 @@ def train(model_dir=gin.REQUIRED,
     Args:
       model_dir: where checkpoints, TensorBoard logs, the CSV log and exports go.
       image_size: input resolution of this phase.
-      batch_size: global batch size (split over replicas).
+      batch_size: global batch size (split over replicas; the loss is averaged over it).
       num_classes: must match the dataset's class count.
       epochs: epochs in this phase.
       first_epoch: number shown for this phase's first epoch (the reference
@@ -125,41 +141,58 @@ def train(model_dir=gin.REQUIRED,
         when it does not exist.
       allow_partial_init: accept an `init_from` checkpoint that does not
         cover every variable (otherwise an error).
-      label_smoothing: label smoothing of the cross-entropy.
+      label_smoothing: label smoothing of the training cross-entropy.
       steps_per_execution: training steps per `tf.function` call.
       checkpoint_every_steps: extra checkpoints between epoch ends (0 = only at epoch ends).
       keep_checkpoints: how many recent checkpoints to keep (the best by
         val top-1 is kept apart, in `best/`).
       mixed_precision: None, 'mixed_float16' or 'mixed_bfloat16'.
-      jit_compile: compile the training step with XLA (off on CPU: DESIGN §3).
+      jit_compile: compile the forward and backward pass with XLA (off on CPU: DESIGN §3).
+      seed: seeds the weight initialisation (`keras.utils.set_random_seed`); None = random.
       log_every_steps: console progress interval when stdout is not a terminal.
       export: export the final model as `.keras` and SavedModel.
-      stop_after_steps: stop (after a checkpoint) at this global step; for tests.
+      stop_after_steps: checkpoint and return at this global step; for tests.
 
     Returns:
       The final validation metrics, a dict with 'loss', 'top1', 'top5'.
+
+    Raises:
+      UserError: bad configuration, missing data, a non-finite loss, a model
+        directory in use by another run.
+      TrainingInterrupted: SIGTERM or SIGINT, after a checkpoint.
     """
-    pipeline.open_dataset()  # A missing dataset fails here, before anything is written.
-    model_dir = os.path.expanduser(model_dir)
+    args = dict(locals())
+    del args["mixed_precision"], args["seed"]  # Applied here.
+    if steps_per_execution < 1 or checkpoint_every_steps < 0:
+        raise UserError(f"train.steps_per_execution must be >= 1 (got {steps_per_execution}) and "
+                        f"train.checkpoint_every_steps >= 0 (got {checkpoint_every_steps}).")
+    pipeline.open_dataset()  # A missing dataset fails here, before anything is written ...
+    strategy = make_strategy()  # ... and so does a strategy that cannot start (no TPU).
+    args["model_dir"] = model_dir = os.path.expanduser(model_dir)
     tf.io.gfile.makedirs(model_dir)
-    if mixed_precision:
-        keras.mixed_precision.set_global_policy(mixed_precision)
-    strategy = make_strategy()
     chief = _is_chief(strategy)
     lock = _ModelDirLock(model_dir) if chief else None
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    policy = keras.mixed_precision.global_policy()
+    # Under MultiWorkerMirroredStrategy, the PreemptionCheckpointHandler takes SIGTERM.
+    stopper = _StopOnSignal([signal.SIGINT] if multi_worker else [signal.SIGINT, signal.SIGTERM])
     try:
-        return _train(**locals())
+        if mixed_precision:
+            keras.mixed_precision.set_global_policy(mixed_precision)
+        if seed is not None:
+            keras.utils.set_random_seed(seed)
+        return _train(strategy, chief, stopper, **args)
     finally:
+        stopper.restore()
+        keras.mixed_precision.set_global_policy(policy)
         if lock:
             lock.release()
 
 
-def _train(model_dir, image_size, batch_size, num_classes, epochs, first_epoch, init_from,
-           previous_phase, allow_partial_init, label_smoothing, steps_per_execution,
-           checkpoint_every_steps, keep_checkpoints, mixed_precision, jit_compile,
-           log_every_steps, export, stop_after_steps, strategy, chief, lock):
-    del mixed_precision, lock  # Applied / held by `train`.
-    # --- 1. Data. ---------------------------------------------------------
+def _train(strategy, chief, stopper, model_dir, image_size, batch_size, num_classes, epochs, first_epoch,
+           init_from, previous_phase, allow_partial_init, label_smoothing, steps_per_execution,
+           checkpoint_every_steps, keep_checkpoints, jit_compile, log_every_steps, export, stop_after_steps):
+    # --- 1. Data. -----------------------------------------------------------------
     dataset = pipeline.open_dataset()
     if dataset.num_classes != num_classes:
         raise UserError(f"NUM_CLASSES is {num_classes} but the dataset at {dataset.data_dir} has "
@@ -169,13 +202,13 @@ def _train(model_dir, image_size, batch_size, num_classes, epochs, first_epoch, 
     steps_per_epoch = num_train // batch_size
     if steps_per_epoch < 1:
         raise UserError(f"BATCH_SIZE {batch_size} is larger than the training set ({num_train} images).")
-    decoded = tf.Variable(0, dtype=tf.int64, trainable=False)  # Counts corrupt (skipped) images.
+    decoded = tf.Variable(0, dtype=tf.int64, trainable=False)  # Counts decoded images (corrupt ones are skipped).
     train_data = strategy.distribute_datasets_from_function(
         lambda ctx: pipeline.make_dataset("train", training=True, input_context=ctx, decoded_counter=decoded))
     val_data = strategy.distribute_datasets_from_function(
         lambda ctx: pipeline.make_dataset("val", training=False, input_context=ctx))
 
-    # --- 2. Network, optimizer, checkpoint. ---------------------------------
+    # --- 2. Network, optimizer, counters (under the strategy), checkpoints. ----------
     with strategy.scope():
         model = builder.build_network(image_size)
         optimizer = make_optimizer(steps_per_epoch, epochs)
@@ -186,103 +219,67 @@ def _train(model_dir, image_size, batch_size, num_classes, epochs, first_epoch, 
         best_top1 = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_top1")
     weights = _weights_by_path(model)
     checkpoint = tf.train.Checkpoint(weights=weights, optimizer=optimizer, step=step, best_top1=best_top1)
-    work_dir = model_dir if chief else os.path.join(model_dir, "tmp", f"worker_{_task_id(strategy)}")
-    manager = tf.train.CheckpointManager(checkpoint, os.path.join(work_dir, "checkpoints"), keep_checkpoints)
-    best_manager = tf.train.CheckpointManager(checkpoint, os.path.join(work_dir, "best"), 1)
+    train_steps, evaluate = build_steps(strategy, model, optimizer, step, batch_size, num_classes,
+                                        label_smoothing, jit_compile)
+    writers = _Writers(model_dir, chief)
 
-    # --- 3. Resume this phase, or start it from the previous one. ------------
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        logging.info("Resumed from %s at step %d.", manager.latest_checkpoint, int(step))
+    # --- 3. Resume this phase, or start it from the previous one. -------------------
+    checkpoints = _Checkpoints(checkpoint, model, optimizer, model_dir, keep_checkpoints, strategy, chief, stopper)
+    done = int(step.numpy())  # Steps done in this phase (the host's copy of `step`).
+    if checkpoints.resumed_from:
+        logging.info("Resumed from %s at step %d (epoch %d).", checkpoints.resumed_from, done,
+                     first_epoch + done // steps_per_epoch)
     elif init_from:
         logging.info("%s", transfer_weights(weights, init_from, previous_phase, allow_partial_init))
+        carried = _means(evaluate(val_data).numpy())
+        writers.scalars("val", 0, carried)
+        logging.info("Carried-over weights at %d px, before training: val loss %.4f, top-1 %.4f, top-5 %.4f.",
+                     image_size, carried["loss"], carried["top1"], carried["top5"])
 
-    # --- 4. The step functions. ----------------------------------------------
-    def step_totals(images, labels, training):
-        """Per-replica sums: loss * weight, top-1 hits, top-5 hits, examples; plus the loss to minimise."""
-        logits = tf.cast(model(images, training=training), tf.float32)
-        weight = tf.reduce_sum(labels, axis=-1)  # 0 for eval padding rows.
-        per_example = keras.losses.categorical_crossentropy(
-            labels, logits, from_logits=True, label_smoothing=label_smoothing if training else 0.0)
-        target = tf.argmax(labels, axis=-1)
-        top1 = tf.cast(tf.equal(tf.argmax(logits, axis=-1), target), tf.float32)
-        top5 = tf.cast(tf.math.in_top_k(target, logits, k=min(5, num_classes)), tf.float32)
-        sums = tf.stack([tf.reduce_sum(per_example * weight), tf.reduce_sum(top1 * weight),
-                         tf.reduce_sum(top5 * weight), tf.reduce_sum(weight)])
-        loss = sums[0] / batch_size
-        if model.losses:  # The blocks' L2 terms, once over all replicas.
-            loss += tf.add_n(model.losses) / strategy.num_replicas_in_sync
-        return sums, loss
-
-    def train_step(batch):
-        with tf.GradientTape() as tape:
-            sums, loss = step_totals(*batch, training=True)
-            scaled = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return sums
-
-    def eval_step(batch):
-        return step_totals(*batch, training=False)[0]
-
-    step_fn = tf.function(train_step, jit_compile=True) if jit_compile else train_step
-
-    @tf.function
-    def train_steps(iterator, num_steps):
-        totals = tf.zeros([4])
-        for _ in tf.range(num_steps):
-            totals += strategy.reduce("SUM", strategy.run(step_fn, args=(next(iterator),)), axis=None)
-        step.assign_add(tf.cast(num_steps, tf.int64))
-        return totals
-
-    @tf.function
-    def evaluate(data):
-        totals = tf.zeros([4])
-        for batch in data:
-            totals += strategy.reduce("SUM", strategy.run(eval_step, args=(batch,)), axis=None)
-        return totals
-
-    # --- 5. Logging set-up: TensorBoard, CSV, operative config, plan. ---------
-    writers = _Writers(model_dir if chief else work_dir)
+    # --- 4. Logging set-up: operative config, plan, augmented images; CSV. -----------
     iterator = iter(train_data)
+    # At a phase's start, every worker takes a batch to show what the augmentation does (not trained on).
+    preview = strategy.experimental_local_results(next(iterator)[0])[0][:32] if done == 0 else None
     if chief:
-        _log_run_start(model_dir, writers, image_size, int(step), iterator, strategy)
-    csv_log = _CsvLog(os.path.join(work_dir, "metrics.csv"))
-    stopper = _StopOnSignal()
+        _log_run_start(model_dir, writers, image_size, done, strategy, preview)
+    csv_log = _CsvLog(os.path.join(model_dir, "metrics.csv")) if chief else None
 
-    # --- 6. The loop. ---------------------------------------------------------
+    # --- 5. The loop. ---------------------------------------------------------------
     total_steps = epochs * steps_per_epoch
     last_val = None
     epochs_this_run = 0
-    while int(step) < total_steps:
-        epoch = int(step) // steps_per_epoch
+    while done < total_steps:
+        epoch = done // steps_per_epoch
         epoch_end = (epoch + 1) * steps_per_epoch
         epoch_start_time = time.time()
         progress = _Progress(first_epoch + epoch, steps_per_epoch, batch_size, log_every_steps)
         epoch_totals = np.zeros(4)
-        while int(step) < epoch_end:
-            n = min(steps_per_execution, epoch_end - int(step))
-            if checkpoint_every_steps:
-                n = min(n, checkpoint_every_steps - int(step) % checkpoint_every_steps)
-            if stop_after_steps is not None:
-                n = min(n, max(1, stop_after_steps - int(step)))
-            t0 = time.time()
-            totals = train_steps(iterator, tf.constant(n)).numpy()
-            seconds = time.time() - t0
-            _check_finite(totals, int(step), manager)
+        while done < epoch_end:
+            n = _steps_this_call(done, epoch_end, steps_per_execution, checkpoint_every_steps, stop_after_steps)
+            start = time.time()
+            totals = train_steps(iterator, tf.constant(n, tf.int32)).numpy()
+            images_per_second = n * batch_size / (time.time() - start)
+            done = int(step.numpy())
+            _check_finite(totals, done, n, checkpoints.latest)
+            checkpoints.save_if_preempted(done)
             epoch_totals += totals
-            images_per_second = n * batch_size / seconds
-            progress.update(int(step) - epoch * steps_per_epoch, _means(epoch_totals), images_per_second)
-            writers.scalars("train", int(step), {**_means(totals), "learning_rate": _current_lr(optimizer),
-                                                 "images_per_second": images_per_second})
-            if checkpoint_every_steps and int(step) % checkpoint_every_steps == 0:
-                manager.save(checkpoint_number=int(step))
-            if stopper.requested or (stop_after_steps is not None and int(step) >= stop_after_steps):
-                manager.save(checkpoint_number=int(step))
-                logging.info("Stopped at step %d (%s); the same command resumes.", int(step),
-                             stopper.requested or "stop_after_steps")
+            progress.update(done - epoch * steps_per_epoch, _means(epoch_totals), images_per_second)
+            writers.scalars("train", done, {**_means(totals), "learning_rate": _current_lr(optimizer),
+                                            "images_per_second": images_per_second})
+            if checkpoint_every_steps and done % checkpoint_every_steps == 0:
+                checkpoints.save(done)
+                writers.flush()
+            if stopper.requested or (stop_after_steps is not None and done >= stop_after_steps):
+                if not stopper.saved:
+                    checkpoints.save(done)
+                writers.flush()
+                if stopper.requested:
+                    raise TrainingInterrupted(
+                        f"Stopped by {stopper.requested} at step {done} (epoch {first_epoch + epoch}) after a "
+                        f"checkpoint in {model_dir}. Run the same command to resume.")
+                logging.info("Stopped at step %d (stop_after_steps); the same command resumes.", done)
                 return last_val
-        # End of epoch: evaluate, log, checkpoint.
+        # End of epoch: evaluate, log, checkpoint (and keep the best apart).
         epoch_time = time.time() - epoch_start_time
         last_val = _means(evaluate(val_data).numpy())
         train_means = _means(epoch_totals)
@@ -290,17 +287,19 @@ def _train(model_dir, image_size, batch_size, num_classes, epochs, first_epoch, 
         if epochs_this_run == 2 and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             # The cached first pass over the files is complete by now.
             _report_skipped(num_train - int(decoded.numpy()), dataset.data_dir)
-        writers.scalars("train", int(step), {"epoch_time": epoch_time})
-        writers.scalars("val", int(step), last_val)
+        writers.scalars("train", done, {"epoch_time": epoch_time})
+        writers.scalars("val", done, last_val)
         progress.finish(train_means, last_val, epoch_time)
-        csv_log.write({"epoch": first_epoch + epoch, "step": int(step), "time": round(epoch_time, 2),
-                       "learning_rate": _current_lr(optimizer),
-                       **{f"train_{k}": v for k, v in train_means.items()},
-                       **{f"val_{k}": v for k, v in last_val.items()}})
-        manager.save(checkpoint_number=int(step))
-        if last_val["top1"] > float(best_top1):
+        if csv_log:
+            csv_log.write({"epoch": first_epoch + epoch, "step": done, "time": round(epoch_time, 2),
+                           "learning_rate": _current_lr(optimizer),
+                           **{f"train_{k}": v for k, v in train_means.items()},
+                           **{f"val_{k}": v for k, v in last_val.items()}})
+        is_best = last_val["top1"] > float(best_top1.numpy())
+        if is_best:
             best_top1.assign(last_val["top1"])
-            best_manager.save(checkpoint_number=int(step))
+        checkpoints.save(done, best=is_best)
+        writers.flush()
 
     if last_val is None:  # Resumed a finished phase: report its final evaluation.
         last_val = _means(evaluate(val_data).numpy())
@@ -312,7 +311,85 @@ def _train(model_dir, image_size, batch_size, num_classes, epochs, first_epoch, 
     return last_val
 
 
-# --- Helpers, in the order `_train` uses them. -------------------------------
+def build_steps(strategy, model, optimizer, step, batch_size, num_classes, label_smoothing=0.0,
+                jit_compile=False):
+    """The trainer's two compiled functions (`benchmarks/train_step.py` times `train_steps`).
+
+    The loss is the cross-entropy summed over each replica's examples and divided
+    by the global batch size, plus the blocks' L2 terms once over all replicas:
+    the gradients, summed over replicas by the optimizer, are those of the mean
+    loss over the global batch.
+
+    Args:
+      strategy: the `tf.distribute.Strategy` the model and optimizer were built under.
+      model: a Keras model mapping images to logits.
+      optimizer: a built Keras 3 optimizer (a LossScaleOptimizer under mixed_float16).
+      step: an int64 variable, advanced by `train_steps`.
+      batch_size: the global batch size.
+      num_classes: number of classes (top-5 becomes top-k with k = min(5, num_classes)).
+      label_smoothing: label smoothing of the training cross-entropy.
+      jit_compile: compile the forward and backward pass with XLA.
+
+    Returns:
+      `(train_steps, evaluate)`. `train_steps(iterator, n)` runs `n` (an int32
+      scalar tensor) training steps on batches from a distributed iterator and
+      adds `n` to `step`; `evaluate(dataset)` makes one pass over a distributed
+      dataset. Both return a float32 [4] tensor summed over steps and replicas:
+      loss sum, top-1 hits, top-5 hits, examples (rows with an all-zero label,
+      the evaluation padding, count for nothing).
+    """
+
+    def totals_and_loss(images, labels, training):
+        logits = tf.cast(model(images, training=training), tf.float32)
+        weight = tf.reduce_sum(labels, axis=-1)  # 0 for padding rows.
+        per_example = keras.losses.categorical_crossentropy(
+            labels, logits, from_logits=True, label_smoothing=label_smoothing if training else 0.0)
+        target = tf.argmax(labels, axis=-1)
+        top1 = tf.cast(tf.equal(tf.argmax(logits, axis=-1), target), tf.float32)
+        top5 = tf.cast(tf.math.in_top_k(target, logits, k=min(5, num_classes)), tf.float32)
+        totals = tf.stack([tf.reduce_sum(per_example * weight), tf.reduce_sum(top1 * weight),
+                           tf.reduce_sum(top5 * weight), tf.reduce_sum(weight)])
+        loss = totals[0] / batch_size
+        if model.losses:  # The blocks' L2 terms, once over all replicas.
+            loss += tf.add_n(model.losses) / strategy.num_replicas_in_sync
+        return totals, loss
+
+    def gradients(images, labels):
+        with tf.GradientTape() as tape:
+            totals, loss = totals_and_loss(images, labels, training=True)
+            scaled = optimizer.scale_loss(loss)  # Loss scaling under mixed_float16, else the loss.
+        return tape.gradient(scaled, model.trainable_variables), totals
+
+    if jit_compile:
+        gradients = tf.function(gradients, jit_compile=True)
+
+    def train_step(batch):
+        grads, totals = gradients(*batch)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))  # Sums gradients over replicas.
+        return totals
+
+    def eval_step(batch):
+        return totals_and_loss(*batch, training=False)[0]
+
+    @tf.function
+    def train_steps(iterator, num_steps):
+        totals = tf.zeros([4])
+        for _ in tf.range(num_steps):
+            totals += strategy.reduce("SUM", strategy.run(train_step, args=(next(iterator),)), axis=None)
+        step.assign_add(tf.cast(num_steps, tf.int64))
+        return totals
+
+    @tf.function
+    def evaluate(data):
+        totals = tf.zeros([4])
+        for batch in data:
+            totals += strategy.reduce("SUM", strategy.run(eval_step, args=(batch,)), axis=None)
+        return totals
+
+    return train_steps, evaluate
+
+
+# --- Helpers, in the order `train` and `_train` use them. -------------------------
 
 
 def _is_chief(strategy):
@@ -332,36 +409,49 @@ class _ModelDirLock:
     """A lock file that stops a second run from writing the same model directory.
 
     A lock left by a run on this host whose process is gone (killed) is stale
-    and taken over; a live one is an error.
+    and taken over; a live one is an error. Local files only (`os.open` with
+    O_EXCL, which tf.io.gfile lacks): on gs:// the model directory is not locked.
     """
 
     def __init__(self, model_dir):
         self.path = os.path.join(model_dir, "LOCK")
-        owner = f"{socket.gethostname()} {os.getpid()}"
+        if "://" in self.path:
+            logging.warning("Model directory %s is not locked against a second run (remote filesystem).",
+                            model_dir)
+            return
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY) if "://" not in self.path else None
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 if self._stale():
-                    os.remove(self.path)
+                    logging.warning("Taking over the stale lock %s (%s).", self.path, self._holder())
+                    try:
+                        os.remove(self.path)
+                    except FileNotFoundError:  # Another run took it over first.
+                        pass
                     continue
-                with open(self.path, encoding="utf-8") as f:
-                    holder = f.read().strip()
-                raise UserError(f"Model directory {model_dir} is in use by another run (host and pid: {holder}). "
-                                f"Wait for it, use another --model_dir, or delete {self.path} if that run is gone.")
-            if fd is not None:
-                os.write(fd, owner.encode())
-                os.close(fd)
+                raise UserError(f"Model directory {model_dir} is in use by another run (host and pid: "
+                                f"{self._holder()}). Wait for it, use another --model_dir, or delete "
+                                f"{self.path} if that run is gone.") from None
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+            os.close(fd)
             return
+        raise UserError(f"Could not take the lock {self.path}: another run keeps taking it.")
+
+    def _holder(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError:
+            return "unknown"
 
     def _stale(self):
         try:
-            with open(self.path, encoding="utf-8") as f:
-                host, pid = f.read().split()
-        except (OSError, ValueError):
-            return True
+            host, pid = self._holder().split()
+        except ValueError:
+            return True  # Empty or garbled: its writer died between creating and writing it.
         if host != socket.gethostname():
-            return False
+            return False  # Cannot tell: assume it is alive.
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
@@ -371,8 +461,38 @@ class _ModelDirLock:
         return False
 
     def release(self):
-        if "://" not in self.path and os.path.exists(self.path):
+        if "://" not in self.path and self._holder() == f"{socket.gethostname()} {os.getpid()}":
             os.remove(self.path)
+
+
+class _StopOnSignal:
+    """SIGTERM (preemption) or SIGINT: finish the current execution, checkpoint, stop.
+
+    A second signal stops at once (KeyboardInterrupt), without a checkpoint.
+    """
+
+    def __init__(self, signals):
+        self.requested = None  # The signal's name once one came.
+        self.saved = False  # True if the PreemptionCheckpointHandler already saved.
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # Not the main thread (e.g. under a test runner thread).
+                pass
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def stop(self, name, saved):
+        self.requested, self.saved = name, saved
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _weights_by_path(model):
@@ -387,6 +507,93 @@ def _weights_by_path(model):
             raise UserError(f"Two variables of the network share the path {w.path!r}: give its blocks unique names.")
         weights[w.path] = w
     return weights
+
+
+class _Writers:
+    """TensorBoard writers for model_dir/train and model_dir/val (no-ops on workers other than the chief)."""
+
+    def __init__(self, log_dir, chief):
+        self._writers = {k: tf.summary.create_file_writer(os.path.join(log_dir, k)) if chief
+                         else tf.summary.create_noop_writer() for k in ("train", "val")}
+
+    def scalars(self, split, step, values):
+        with self._writers[split].as_default(step=step):
+            for name, value in values.items():
+                tf.summary.scalar(name, value)
+
+    def text(self, split, step, name, text):
+        with self._writers[split].as_default(step=step):
+            tf.summary.text(name, text)
+
+    def image(self, split, step, name, grid):
+        with self._writers[split].as_default(step=step):
+            tf.summary.image(name, grid[None], max_outputs=1)
+
+    def flush(self):
+        for w in self._writers.values():
+            w.flush()
+
+
+class _Checkpoints:
+    """The phase's checkpoints: the last `keep` in model_dir/checkpoints, the best by val top-1 in best/.
+
+    Every worker of a MultiWorkerMirroredStrategy has to save; the chief's
+    copies are the model directory's, the others go to model_dir/tmp/worker_<id>
+    (one kept). Every worker resumes from the chief's copies. Under
+    MultiWorkerMirroredStrategy, SIGTERM goes through tf.distribute's
+    PreemptionCheckpointHandler, which makes every worker save at the same step.
+
+    Creating it restores the latest checkpoint, if there is one (`resumed_from`).
+    A constant learning rate comes from gin, not from the checkpoint: a rerun
+    with a lower rate after a non-finite loss trains with the lower rate.
+    """
+
+    def __init__(self, checkpoint, model, optimizer, model_dir, keep, strategy, chief, stopper):
+        directory = os.path.join(model_dir, "checkpoints")
+        write_dir = model_dir if chief else os.path.join(model_dir, "tmp", f"worker_{_task_id(strategy)}")
+        self._latest = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "checkpoints"),
+                                                  keep if chief else 1)
+        self._best = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "best"), 1)
+        self._model = model
+        self.resumed_from = tf.train.latest_checkpoint(directory)
+        learning_rate = _constant_learning_rate(optimizer)
+        if self.resumed_from:
+            checkpoint.restore(self.resumed_from).assert_existing_objects_matched()
+        self._preemption = None
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # It restores the same checkpoint again and adds its run counter to `checkpoint`.
+            self._preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
+                strategy.cluster_resolver, checkpoint, checkpoint_dir=directory,
+                termination_config=tf.distribute.experimental.TerminationConfig(
+                    exit_fn=lambda: stopper.stop("SIGTERM", saved=True)))
+        if self.resumed_from and learning_rate is not None:
+            optimizer.learning_rate = learning_rate
+
+    @property
+    def latest(self):
+        return self._latest.latest_checkpoint
+
+    def save(self, step, best=False):
+        """Saves `step` (and as the best so far if `best`), after checking the weights are finite."""
+        bad = [w.path for w in self._model.weights if not np.all(np.isfinite(w.numpy()))]
+        if bad:
+            raise UserError(f"The weights became non-finite ({', '.join(bad[:3])}, ...) by step {step}: "
+                            f"the run stopped without saving them. The last good checkpoint is kept: "
+                            f"{self.latest or 'none yet'}. Lower the learning rate and run the same command.")
+        self._latest.save(checkpoint_number=step)
+        if best:
+            self._best.save(checkpoint_number=step)
+
+    def save_if_preempted(self, step):
+        """MultiWorkerMirroredStrategy: saves at the step the workers agreed on after a SIGTERM."""
+        if self._preemption:
+            self._preemption.save_checkpoint_if_preempted(checkpoint_number=step)
+
+
+def _constant_learning_rate(optimizer):
+    """The optimizer's learning rate if it is a constant (not a schedule), else None."""
+    lr = getattr(optimizer, "inner_optimizer", optimizer).get_config()["learning_rate"]
+    return lr if isinstance(lr, float) else None
 
 
 def transfer_weights(weights, init_from, previous_phase=None, allow_partial=False):
@@ -435,9 +642,9 @@ def transfer_weights(weights, init_from, previous_phase=None, allow_partial=Fals
     return report + details
 
 
-def _log_run_start(model_dir, writers, image_size, step, iterator, strategy):
+def _log_run_start(model_dir, writers, image_size, step, strategy, preview):
     """Operative gin config (file + TensorBoard text), network plan, a grid of augmented images."""
-    from trainer.data import preview
+    from trainer.data import preview as preview_lib
     from trainer.models import plan
 
     config = gin.operative_config_str()
@@ -446,39 +653,15 @@ def _log_run_start(model_dir, writers, image_size, step, iterator, strategy):
     with tf.io.gfile.GFile(os.path.join(model_dir, "config.gin"), "w") as f:
         f.write(gin.config_str())
     writers.text("train", step, "config/operative_gin", _markdown_code(config))
-    writers.text("train", step, "network/plan", plan.plan_text(image_size))
+    writers.text("train", step, "network/plan", _markdown_code(plan.plan_text(image_size)))
     logging.info("Replicas: %d (%s).", strategy.num_replicas_in_sync, type(strategy).__name__)
-    if step == 0:  # A phase's start: show what the augmentation does (this batch is not trained on).
-        images = strategy.experimental_local_results(next(iterator)[0])[0][:32]
-        writers.image("train", step, "augmented_inputs", preview.make_grid(images))
+    if preview is not None:
+        writers.image("train", step, "augmented_inputs", preview_lib.make_grid(preview))
+    writers.flush()
 
 
 def _markdown_code(text):
     return "\n".join("    " + line for line in text.splitlines())
-
-
-class _Writers:
-    """TensorBoard writers for model_dir/train and model_dir/val."""
-
-    def __init__(self, log_dir):
-        self._writers = {k: tf.summary.create_file_writer(os.path.join(log_dir, k)) for k in ("train", "val")}
-
-    def scalars(self, split, step, values):
-        with self._writers[split].as_default(step=step):
-            for name, value in values.items():
-                tf.summary.scalar(name, value)
-
-    def text(self, split, step, name, text):
-        with self._writers[split].as_default(step=step):
-            tf.summary.text(name, text)
-
-    def image(self, split, step, name, grid):
-        with self._writers[split].as_default(step=step):
-            tf.summary.image(name, grid[None], max_outputs=1)
-
-    def flush(self):
-        for w in self._writers.values():
-            w.flush()
 
 
 class _CsvLog:
@@ -494,22 +677,6 @@ class _CsvLog:
             if new:
                 writer.writeheader()
             writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
-
-
-class _StopOnSignal:
-    """SIGTERM (preemption) or SIGINT: finish the current execution, checkpoint, exit."""
-
-    def __init__(self):
-        self.requested = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                signal.signal(sig, self._handle)
-            except ValueError:  # Not the main thread (e.g. under a test runner thread).
-                pass
-
-    def _handle(self, signum, frame):
-        del frame
-        self.requested = signal.Signals(signum).name
 
 
 class _Progress:
@@ -541,16 +708,27 @@ class _Progress:
                      val_means["loss"], val_means["top1"], val_means["top5"])
 
 
+def _steps_this_call(step, epoch_end, steps_per_execution, checkpoint_every_steps, stop_after_steps):
+    """Steps of the next execution: at most `steps_per_execution`, never past an epoch end or a checkpoint."""
+    n = min(steps_per_execution, epoch_end - step)
+    if checkpoint_every_steps:
+        n = min(n, checkpoint_every_steps - step % checkpoint_every_steps)
+    if stop_after_steps is not None:
+        n = min(n, max(1, stop_after_steps - step))
+    return n
+
+
 def _means(totals):
     count = max(float(totals[3]), 1.0)
     return {name: float(totals[i]) / count for i, name in enumerate(_METRICS)}
 
 
-def _check_finite(totals, step, manager):
+def _check_finite(totals, step, num_steps, latest_checkpoint):
     if not np.all(np.isfinite(totals)):
-        raise UserError(f"The training loss became {totals[0]} (not finite) by step {step}: the run stopped. "
-                        f"The last good checkpoint is kept: {manager.latest_checkpoint or 'none yet'}. "
-                        "Lower the learning rate or check the data and augmentation.")
+        raise UserError(f"The training loss became {totals[0] / max(totals[3], 1.0)} (not finite) in steps "
+                        f"{step - num_steps + 1}-{step}: the run stopped without saving. The last good checkpoint "
+                        f"is kept: {latest_checkpoint or 'none yet'}. Lower the learning rate (or check the data "
+                        "and augmentation) and run the same command to resume from it.")
 
 
 def _current_lr(optimizer):

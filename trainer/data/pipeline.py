@@ -54,8 +54,13 @@ def _open(data_dir, synthetic_if_missing, synthetic_items):
 def decode(path, image_size):
     """Reads one JPEG (greyscale ones too) as uint8 [image_size, image_size, 3]."""
     image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
-    resized = tf.image.resize(image, [image_size, image_size], antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+    def resize():
+        resized = tf.image.resize(image, [image_size, image_size], antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+    native = tf.reduce_all(tf.equal(tf.shape(image)[:2], image_size))  # Tiny ImageNet at 64 px.
+    return tf.ensure_shape(tf.cond(native, lambda: image, resize), [image_size, image_size, 3])
 
 
 @gin.configurable(denylist=["split", "training", "input_context", "decoded_counter"])
