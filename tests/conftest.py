@@ -18,3 +18,37 @@ def clean_gin():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+@pytest.fixture(scope="session")
+def train_synthetic_dir(tmp_path_factory):
+    """For the trainer's tests: 5 classes x 60 training images (64 px), 20 val images a class."""
+    out = tmp_path_factory.mktemp("train_synthetic") / "tiny-imagenet-200"
+    return synthetic.write_synthetic(str(out), num_classes=5, per_class=60, val_per_class=20, test_images=5)
+
+
+@pytest.fixture(scope="session")
+def train_base_gin(tmp_path_factory, train_synthetic_dir):
+    """A runnable gin file for the trainer's tests: the small network on `train_synthetic_dir`.
+
+    32 px, batch 20 (15 steps an epoch), 1 epoch, no augmentation, deterministic
+    data order and seeded weights; MODEL_DIR comes from --model_dir.
+    """
+    path = tmp_path_factory.mktemp("train_gin") / "base.gin"
+    path.write_text(f"""
+include 'gin/common.gin'
+include 'gin/models/small.gin'
+DATA_DIR = '{train_synthetic_dir}'
+IMAGE_SIZE = 32
+BATCH_SIZE = 20
+EPOCHS = 1
+NUM_CLASSES = 5
+MODEL_DIR = None
+AUGMENT = None
+make_dataset.deterministic = True
+train.seed = 1
+train.steps_per_execution = 5
+train.log_every_steps = 1
+train.export = False
+""")
+    return str(path)

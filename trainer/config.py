@@ -25,7 +25,8 @@ def search_roots():
     """Directories that `gin/...` paths are resolved against, most specific first."""
     roots = [os.getcwd()]
     for root in (_REPO_DIR, _PACKAGE_DIR):
-        if os.path.isdir(os.path.join(root, "gin")) and root not in roots:
+        # common.gin marks the project's gin/ (site-packages/gin is gin-config itself).
+        if os.path.isfile(os.path.join(root, "gin", "common.gin")) and root not in roots:
             roots.append(root)
     return roots
 

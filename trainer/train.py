@@ -166,9 +166,13 @@ def train(model_dir=gin.REQUIRED,
     if steps_per_execution < 1 or checkpoint_every_steps < 0:
         raise UserError(f"train.steps_per_execution must be >= 1 (got {steps_per_execution}) and "
                         f"train.checkpoint_every_steps >= 0 (got {checkpoint_every_steps}).")
-    pipeline.open_dataset()  # A missing dataset fails here, before anything is written ...
-    strategy = make_strategy()  # ... and so does a strategy that cannot start (no TPU).
+    # A missing dataset, a missing previous phase or a strategy that cannot start
+    # (no TPU) fail here, before anything is written.
+    pipeline.open_dataset()
     args["model_dir"] = model_dir = os.path.expanduser(model_dir)
+    if init_from and not tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")):
+        find_init_checkpoint(init_from, previous_phase)
+    strategy = make_strategy()
     tf.io.gfile.makedirs(model_dir)
     chief = _is_chief(strategy)
     lock = _ModelDirLock(model_dir) if chief else None
@@ -538,7 +542,7 @@ class _Checkpoints:
     """The phase's checkpoints: the last `keep` in model_dir/checkpoints, the best by val top-1 in best/.
 
     Every worker of a MultiWorkerMirroredStrategy has to save; the chief's
-    copies are the model directory's, the others go to model_dir/tmp/worker_<id>
+    copies are the model directory's, the others go to model_dir/workertemp_<id>
     (one kept). Every worker resumes from the chief's copies. Under
     MultiWorkerMirroredStrategy, SIGTERM goes through tf.distribute's
     PreemptionCheckpointHandler, which makes every worker save at the same step.
@@ -550,7 +554,7 @@ class _Checkpoints:
 
     def __init__(self, checkpoint, model, optimizer, model_dir, keep, strategy, chief, stopper):
         directory = os.path.join(model_dir, "checkpoints")
-        write_dir = model_dir if chief else os.path.join(model_dir, "tmp", f"worker_{_task_id(strategy)}")
+        write_dir = model_dir if chief else os.path.join(model_dir, f"workertemp_{_task_id(strategy)}")
         self._latest = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "checkpoints"),
                                                   keep if chief else 1)
         self._best = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "best"), 1)
@@ -596,6 +600,22 @@ def _constant_learning_rate(optimizer):
     return lr if isinstance(lr, float) else None
 
 
+def find_init_checkpoint(init_from, previous_phase=None):
+    """The checkpoint `init_from` names: a model directory's latest one, or a checkpoint path.
+
+    Raises:
+      UserError: there is none; the message names the phase to run first.
+    """
+    path = init_from
+    if tf.io.gfile.isdir(init_from):
+        path = tf.train.latest_checkpoint(os.path.join(init_from, "checkpoints")) or tf.train.latest_checkpoint(init_from)
+    if not path or not tf.io.gfile.glob(path + "*"):
+        run_first = f" Run the previous phase first: python -m trainer.main --gin_file={previous_phase}." if previous_phase else ""
+        raise UserError(f"init_from = {init_from!r} holds no checkpoint to start this phase from.{run_first} "
+                        "Or set train.init_from = None to start from scratch.")
+    return path
+
+
 def transfer_weights(weights, init_from, previous_phase=None, allow_partial=False):
     """Loads a previous phase's weights by name and returns a transfer report.
 
@@ -611,13 +631,7 @@ def transfer_weights(weights, init_from, previous_phase=None, allow_partial=Fals
     Raises:
       UserError: no checkpoint at `init_from`, or a partial load not allowed.
     """
-    path = init_from
-    if tf.io.gfile.isdir(init_from):
-        path = tf.train.latest_checkpoint(os.path.join(init_from, "checkpoints")) or tf.train.latest_checkpoint(init_from)
-    if not path or not tf.io.gfile.glob(path + "*"):
-        run_first = f" Run the previous phase first: python -m trainer.main --gin_file={previous_phase}." if previous_phase else ""
-        raise UserError(f"init_from = {init_from!r} holds no checkpoint to start this phase from.{run_first} "
-                        "Or set train.init_from = None to start from scratch.")
+    path = find_init_checkpoint(init_from, previous_phase)
     reader = tf.train.load_checkpoint(path)
     stored = reader.get_variable_to_shape_map()
     key = lambda name: "weights/" + name.replace(".", "..").replace("/", ".S") + "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -725,10 +739,11 @@ def _means(totals):
 
 def _check_finite(totals, step, num_steps, latest_checkpoint):
     if not np.all(np.isfinite(totals)):
-        raise UserError(f"The training loss became {totals[0] / max(totals[3], 1.0)} (not finite) in steps "
-                        f"{step - num_steps + 1}-{step}: the run stopped without saving. The last good checkpoint "
-                        f"is kept: {latest_checkpoint or 'none yet'}. Lower the learning rate (or check the data "
-                        "and augmentation) and run the same command to resume from it.")
+        steps = f"at step {step}" if num_steps == 1 else f"in steps {step - num_steps + 1}-{step}"
+        raise UserError(f"The training loss became {totals[0] / max(totals[3], 1.0)} (not finite) {steps}: the run "
+                        f"stopped without saving. The last good checkpoint is kept: {latest_checkpoint or 'none yet'}. "
+                        "Lower the learning rate (or check the data and augmentation) and run the same command to "
+                        "resume from it.")
 
 
 def _current_lr(optimizer):
