@@ -249,6 +249,19 @@ def _train(strategy, chief, stopper, model_dir, image_size, batch_size, num_clas
     csv_log = _CsvLog(os.path.join(model_dir, "metrics.csv")) if chief else None
 
     # --- 5. The loop. ---------------------------------------------------------------
+    def stop_requested(done, epoch):
+        """After a signal or at `stop_after_steps`: checkpoints and returns True, or raises TrainingInterrupted."""
+        if not stopper.requested and (stop_after_steps is None or done < stop_after_steps):
+            return False
+        if not stopper.saved:  # (The PreemptionCheckpointHandler saved already.)
+            checkpoints.save(done)
+        writers.flush()
+        if stopper.requested:
+            raise TrainingInterrupted(f"Stopped by {stopper.requested} at step {done} (epoch {first_epoch + epoch}) "
+                                      f"after a checkpoint in {model_dir}. Run the same command to resume.")
+        logging.info("Stopped at step %d (stop_after_steps); the same command resumes.", done)
+        return True
+
     total_steps = epochs * steps_per_epoch
     last_val = None
     epochs_this_run = 0
@@ -273,15 +286,7 @@ def _train(strategy, chief, stopper, model_dir, image_size, batch_size, num_clas
             if checkpoint_every_steps and done % checkpoint_every_steps == 0:
                 checkpoints.save(done)
                 writers.flush()
-            if stopper.requested or (stop_after_steps is not None and done >= stop_after_steps):
-                if not stopper.saved:
-                    checkpoints.save(done)
-                writers.flush()
-                if stopper.requested:
-                    raise TrainingInterrupted(
-                        f"Stopped by {stopper.requested} at step {done} (epoch {first_epoch + epoch}) after a "
-                        f"checkpoint in {model_dir}. Run the same command to resume.")
-                logging.info("Stopped at step %d (stop_after_steps); the same command resumes.", done)
+            if done < epoch_end and stop_requested(done, epoch):
                 return last_val
         # End of epoch: evaluate, log, checkpoint (and keep the best apart).
         epoch_time = time.time() - epoch_start_time
@@ -304,6 +309,8 @@ def _train(strategy, chief, stopper, model_dir, image_size, batch_size, num_clas
             best_top1.assign(last_val["top1"])
         checkpoints.save(done, best=is_best)
         writers.flush()
+        if done < total_steps and stop_requested(done, epoch):
+            return last_val
 
     if last_val is None:  # Resumed a finished phase: report its final evaluation.
         last_val = _means(evaluate(val_data).numpy())
@@ -341,7 +348,16 @@ def build_steps(strategy, model, optimizer, step, batch_size, num_classes, label
       dataset. Both return a float32 [4] tensor summed over steps and replicas:
       loss sum, top-1 hits, top-5 hits, examples (rows with an all-zero label,
       the evaluation padding, count for nothing).
+
+    Raises:
+      UserError: `jit_compile` with synchronized BatchNorm over several replicas
+        (its all-reduce cannot sit inside the XLA-compiled function).
     """
+    if jit_compile and strategy.num_replicas_in_sync > 1 and any(
+            getattr(layer, "synchronized", False) for layer in model.layers):
+        raise UserError("train.jit_compile = True cannot compile synchronized BatchNorm over "
+                        f"{strategy.num_replicas_in_sync} replicas (its all-reduce would sit inside the XLA "
+                        "function): set train.jit_compile = False or batch_norm.synchronized = False.")
 
     def totals_and_loss(images, labels, training):
         logits = tf.cast(model(images, training=training), tf.float32)
@@ -559,6 +575,7 @@ class _Checkpoints:
                                                   keep if chief else 1)
         self._best = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "best"), 1)
         self._model = model
+        self._saved_step = None
         self.resumed_from = tf.train.latest_checkpoint(directory)
         learning_rate = _constant_learning_rate(optimizer)
         if self.resumed_from:
@@ -584,7 +601,9 @@ class _Checkpoints:
             raise UserError(f"The weights became non-finite ({', '.join(bad[:3])}, ...) by step {step}: "
                             f"the run stopped without saving them. The last good checkpoint is kept: "
                             f"{self.latest or 'none yet'}. Lower the learning rate and run the same command.")
-        self._latest.save(checkpoint_number=step)
+        if step != self._saved_step:
+            self._latest.save(checkpoint_number=step)
+            self._saved_step = step
         if best:
             self._best.save(checkpoint_number=step)
 
@@ -608,9 +627,11 @@ def find_init_checkpoint(init_from, previous_phase=None):
     """
     path = init_from
     if tf.io.gfile.isdir(init_from):
-        path = tf.train.latest_checkpoint(os.path.join(init_from, "checkpoints")) or tf.train.latest_checkpoint(init_from)
+        path = (tf.train.latest_checkpoint(os.path.join(init_from, "checkpoints"))
+                or tf.train.latest_checkpoint(init_from))
     if not path or not tf.io.gfile.glob(path + "*"):
-        run_first = f" Run the previous phase first: python -m trainer.main --gin_file={previous_phase}." if previous_phase else ""
+        run_first = (f" Run the previous phase first: python -m trainer.main --gin_file={previous_phase}."
+                     if previous_phase else "")
         raise UserError(f"init_from = {init_from!r} holds no checkpoint to start this phase from.{run_first} "
                         "Or set train.init_from = None to start from scratch.")
     return path
@@ -652,7 +673,8 @@ def transfer_weights(weights, init_from, previous_phase=None, allow_partial=Fals
               f"{len(unused)} checkpoint variables unused.")
     details = "".join(f"\n  missing: {n}" for n in missing[:20]) + "".join(f"\n  shape: {m}" for m in mismatched[:20])
     if (missing or mismatched) and not allow_partial:
-        raise UserError(report + details + "\nRefusing a partial load: set train.allow_partial_init = True to accept it.")
+        raise UserError(report + details
+                        + "\nRefusing a partial load: set train.allow_partial_init = True to accept it.")
     return report + details
 
 

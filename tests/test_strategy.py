@@ -1,0 +1,172 @@
+"""Strategies (trainer/strategy.py) running the one training loop: one device, two logical CPU
+devices (MirroredStrategy), two loopback workers (MultiWorkerMirroredStrategy), no TPU."""
+
+import glob
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from trainer import config
+from trainer import strategy as strategy_lib
+from trainer.errors import UserError
+
+config.register_configurables()
+from trainer import train  # pylint: disable=wrong-import-position
+from trainer.models import builder  # pylint: disable=wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+STEPS_PER_EPOCH = 15  # 300 training images (train_synthetic_dir), batch 20.
+
+
+def main_command(base_gin, model_dir, *args):
+    return [sys.executable, "-m", "trainer.main", f"--gin_file={base_gin}", f"--model_dir={model_dir}", *args]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_losses(model_dir):
+    """{step: loss} logged to model_dir/train."""
+    [path] = glob.glob(os.path.join(str(model_dir), "train", "events.out.tfevents.*"))
+    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+    acc.Reload()
+    return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("loss")}
+
+
+def test_unknown_kind_and_options_are_user_errors():
+    with pytest.raises(UserError, match="default, mirrored, multi_worker, tpu"):
+        strategy_lib.make_strategy(kind="gpu")
+    with pytest.raises(UserError, match="reduction_to_one_device"):
+        strategy_lib.make_strategy(kind="mirrored", cross_device_ops="ring")
+    tf.config.list_logical_devices()  # TensorFlow has started in this process: too late to split the CPU.
+    with pytest.raises(UserError, match="before TensorFlow starts"):
+        strategy_lib.make_strategy(kind="mirrored", logical_cpus=3)
+
+
+def test_tpu_without_a_tpu_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"no TPU could be reached: Please provide a TPU Name"):
+        strategy_lib.make_strategy(kind="tpu", tpu="")
+    address = f"grpc://127.0.0.1:{free_port()}"  # Nothing listens there.
+    with pytest.raises(UserError, match=r"tpu = 'grpc://127\.0\.0\.1:\d+'\) but no TPU could be reached"):
+        strategy_lib.make_strategy(kind="tpu", tpu=address)
+    # The command line: one error line, no traceback, nothing written.
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.main", "--gin_file=gin/quickstart.gin", "--gin_file=gin/strategy/tpu.gin",
+         f"--gin_bindings=TPU = '{address}'", f"--gin_bindings=DATA_DIR = '{tmp_path / 'data'}'",
+         f"--model_dir={tmp_path / 'run'}"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "no TPU could be reached" in error and "gin/strategy/default.gin" in error
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_two_mirrored_cpu_replicas_match_one_device(train_base_gin, tmp_path):
+    """Same global batch, same initial weights, synchronized BatchNorm: the same losses."""
+    logs = {}
+    for name, extra in (("one", []), ("two", ["--gin_file=gin/strategy/mirrored_cpu.gin"])):
+        result = subprocess.run(
+            main_command(train_base_gin, tmp_path / name, *extra, "--gin_bindings=train.steps_per_execution = 1"),
+            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[name] = result.stderr
+    assert "Replicas: 2 (MirroredStrategy)" in logs["two"]
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, STEPS_PER_EPOCH + 1))
+    for step in (1, 2, 3):  # Float rounding only (per-replica BatchNorm statistics differ by ~1e-2).
+        assert two[step] == pytest.approx(one[step], abs=1e-5), (step, one[step], two[step])
+    for step in one:  # Adam amplifies the rounding a little over the epoch.
+        assert two[step] == pytest.approx(one[step], abs=2e-3), (step, one[step], two[step])
+    val_one = [float(v) for v in re.search(r"val loss ([\d.]+) top1 ([\d.]+)", logs["one"]).groups()]
+    val_two = [float(v) for v in re.search(r"val loss ([\d.]+) top1 ([\d.]+)", logs["two"]).groups()]
+    assert val_two[0] == pytest.approx(val_one[0], abs=2e-3)
+    assert val_two[1] == pytest.approx(val_one[1], abs=0.011)  # At most one of 100 images flips.
+
+
+def test_xla_with_synchronized_batch_norm_over_replicas_is_refused():
+    gin.clear_config()
+    try:
+        config.parse_gin(["gin/models/small.gin"], ["NUM_CLASSES = 5", "batch_norm.synchronized = True"])
+        model = builder.build_network(32)
+    finally:
+        gin.clear_config()
+    two_replicas = types.SimpleNamespace(num_replicas_in_sync=2)
+    with pytest.raises(UserError, match="jit_compile = True cannot compile synchronized BatchNorm over 2 replicas"):
+        train.build_steps(two_replicas, model, None, None, 20, 5, jit_compile=True)
+
+
+def _start_workers(command, model_dir, tag):
+    """Two MultiWorkerMirroredStrategy workers on loopback ports; logs in model_dir.<tag>.w<i>.log."""
+    ports = [free_port(), free_port()]
+    workers = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                     "task": {"type": "worker", "index": index}}
+        log = open(f"{model_dir}.{tag}.w{index}.log", "w", encoding="utf-8")  # pylint: disable=consider-using-with
+        workers.append((subprocess.Popen(command, cwd=REPO, env=dict(ENV, TF_CONFIG=json.dumps(tf_config)),
+                                         stdout=subprocess.DEVNULL, stderr=log), log))
+    return workers
+
+
+def _wait(workers, timeout=300):
+    deadline = time.time() + timeout
+    try:
+        for proc, _ in workers:
+            proc.wait(timeout=max(1, deadline - time.time()))
+    finally:
+        for proc, log in workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return [proc.returncode for proc, _ in workers], [open(log.name, encoding="utf-8").read() for _, log in workers]
+
+
+def test_two_workers_preempted_then_resumed_end_with_identical_weights(train_base_gin, tmp_path):
+    """SIGTERM to one worker: both save at the same step and stop; rerun: both resume and finish in lockstep."""
+    model_dir = tmp_path / "run"
+    command = main_command(train_base_gin, model_dir, "--gin_file=gin/strategy/multi_worker.gin",
+                           "--gin_bindings=batch_norm.synchronized = True", "--gin_bindings=EPOCHS = 2",
+                           "--gin_bindings=train.steps_per_execution = 1")
+    workers = _start_workers(command, model_dir, "preempted")
+    deadline = time.time() + 300
+    while time.time() < deadline and workers[1][0].poll() is None:
+        with open(workers[1][1].name, encoding="utf-8") as f:
+            if "epoch 1 6/15 " in f.read():
+                workers[1][0].send_signal(signal.SIGTERM)
+                break
+        time.sleep(0.05)
+    returncodes, logs = _wait(workers)
+    assert returncodes == [1, 1], logs[1][-3000:]
+    stopped = {int(re.search(r"error: Stopped by SIGTERM at step (\d+)", log).group(1)) for log in logs}
+    assert len(stopped) == 1, stopped  # The same step on both workers.
+    [stopped] = stopped
+    assert 6 < stopped < 2 * STEPS_PER_EPOCH
+
+    returncodes, logs = _wait(_start_workers(command, model_dir, "resumed"))
+    assert returncodes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert all(f"ckpt-{stopped} at step {stopped}" in log for log in logs)
+    chief = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir / "checkpoints")))
+    other = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir / "workertemp_1" / "checkpoints")))
+    assert int(chief.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 2 * STEPS_PER_EPOCH
+    names = [k for k in chief.get_variable_to_shape_map() if k.startswith("weights/")]
+    assert len(names) == 48 and any("moving_mean" in k for k in names)  # BatchNorm statistics included.
+    for name in names:
+        np.testing.assert_array_equal(chief.get_tensor(name), other.get_tensor(name), err_msg=name)

@@ -1,0 +1,332 @@
+"""The trainer (trainer/train.py) on the small network and the synthetic dataset.
+
+In-process where only the numbers matter; `python -m trainer.main` in a
+subprocess where process behaviour does (SIGTERM, SIGKILL, a stale lock).
+Multi-replica strategies are in test_train_strategies.py.
+"""
+
+import csv
+import glob
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import gin
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from trainer import config
+from trainer.errors import UserError
+
+config.register_configurables()
+from trainer import train as train_lib  # pylint: disable=wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+STEPS_PER_EPOCH = 15  # 300 training images (train_synthetic_dir), batch 20.
+AUGMENT = ("AUGMENT = \"flip(0.5) | zoom(0.5, 1.5, fill='nearest') | channel_shuffle(1.0)"
+           " | coarse_dropout(p=0.2, size_percent=0.02)\"")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+    keras.backend.clear_session()
+
+
+def train_in_process(base_gin, model_dir, *bindings, **kwargs):
+    """Parses `base_gin` plus `bindings` and runs `train()` in this process."""
+    gin.clear_config()
+    config.parse_gin([base_gin], list(bindings), model_dir=str(model_dir))
+    return train_lib.train(**kwargs)
+
+
+def main_command(base_gin, model_dir, *bindings):
+    return [sys.executable, "-m", "trainer.main", f"--gin_file={base_gin}", f"--model_dir={model_dir}",
+            *[f"--gin_bindings={b}" for b in bindings]]
+
+
+def run_until(command, pattern=None, sig=None, timeout=300):
+    """Runs `command`; sends `sig` as soon as a log line matches `pattern`. Returns (returncode, log)."""
+    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if pattern and sig and re.search(pattern, line):
+                proc.send_signal(sig)
+                pattern = None
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    return proc.returncode, "".join(lines)
+
+
+def event_files(run_dir, split):
+    return sorted(glob.glob(os.path.join(str(run_dir), split, "events.out.tfevents.*")))
+
+
+def read_events(path):
+    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(path, tag):
+    """[(step, value)] of one scalar tag in one event file."""
+    acc = read_events(path)
+    if tag not in acc.Tags()["tensors"]:
+        return []
+    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+
+
+def checkpoint_step(path):
+    return int(re.search(r"ckpt-(\d+)$", path).group(1))
+
+
+def latest_step(model_dir):
+    return checkpoint_step(tf.train.latest_checkpoint(os.path.join(str(model_dir), "checkpoints")))
+
+
+# --- Optimizer, loss, metrics ----------------------------------------------------
+
+
+def test_make_optimizer_variants():
+    adam = train_lib.make_optimizer(10, 5)
+    assert isinstance(adam, keras.optimizers.Adam) and adam.epsilon == 1e-8
+    assert float(adam.learning_rate.numpy()) == pytest.approx(1e-3)
+    adamw = train_lib.make_optimizer(10, 5, name="adamw", weight_decay=0.05)
+    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == pytest.approx(0.05)
+    sgd = train_lib.make_optimizer(10, 5, name="sgd", learning_rate=0.4, schedule="cosine", warmup_epochs=1,
+                                   end_learning_rate_fraction=0.1, momentum=0.8, nesterov=True)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.momentum == 0.8 and sgd.nesterov
+    schedule = sgd._learning_rate  # pylint: disable=protected-access
+    values = [float(schedule(s)) for s in (0, 5, 10, 30, 50)]
+    assert values[0] == 0.0 and values[1] == pytest.approx(0.2) and values[2] == pytest.approx(0.4)
+    assert 0.04 < values[3] < 0.4 and values[4] == pytest.approx(0.04)  # Cosine down to 10% of the peak.
+    with pytest.raises(UserError, match="'adam', 'adamw' or 'sgd'"):
+        train_lib.make_optimizer(10, 5, name="adagrad")
+    with pytest.raises(UserError, match="'constant' or 'cosine'"):
+        train_lib.make_optimizer(10, 5, schedule="step")
+
+
+def test_step_minimises_mean_loss_plus_l2_with_label_smoothing_and_ignores_padding():
+    """One `train_steps` call equals a hand-computed SGD step on mean smoothed cross-entropy + L2."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, kernel_regularizer=keras.regularizers.L2(0.1))(inputs))
+    optimizer = keras.optimizers.SGD(0.5)
+    optimizer.build(model.trainable_variables)
+    step = tf.Variable(0, dtype=tf.int64)
+    images = tf.random.normal([4, 4], seed=1)
+    labels = tf.one_hot([0, 1, 2, 1], 3)
+    before = [w.numpy() for w in model.trainable_variables]
+    with tf.GradientTape() as tape:
+        cross_entropy = keras.losses.categorical_crossentropy(labels, model(images), from_logits=True,
+                                                              label_smoothing=0.2)
+        loss = tf.reduce_mean(cross_entropy) + tf.add_n(model.losses)
+    expected = [w - 0.5 * g.numpy() for w, g in zip(before, tape.gradient(loss, model.trainable_variables))]
+
+    strategy = tf.distribute.get_strategy()
+    train_steps, evaluate = train_lib.build_steps(strategy, model, optimizer, step, batch_size=4, num_classes=3,
+                                                  label_smoothing=0.2)
+    data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, labels)).repeat())
+    totals = train_steps(iter(data), tf.constant(1)).numpy()
+    assert int(step.numpy()) == 1
+    assert totals[0] == pytest.approx(float(tf.reduce_sum(cross_entropy)), rel=1e-5)
+    assert totals[3] == 4
+    for got, want in zip(model.trainable_variables, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+    padded = tf.concat([labels[:3], tf.zeros([1, 3])], axis=0)  # The last row is evaluation padding.
+    totals = evaluate(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors((images, padded)))).numpy()
+    logits = model(images)
+    hits = tf.equal(tf.argmax(logits[:3], -1), tf.argmax(labels[:3], -1))
+    assert totals[3] == 3 and totals[1] == int(tf.reduce_sum(tf.cast(hits, tf.int32)))
+    assert totals[0] == pytest.approx(float(tf.reduce_sum(keras.losses.categorical_crossentropy(
+        labels[:3], logits[:3], from_logits=True))), rel=1e-5)
+
+
+def test_progress_is_a_bar_with_eta_on_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    progress = train_lib._Progress(3, steps=10, batch_size=20, log_every_steps=5)  # pylint: disable=protected-access
+    progress.update(5, {"loss": 1.5, "top1": 0.25}, images_per_second=100.0)
+    assert capsys.readouterr().out == ("\r[===============               ] "
+                                       "epoch 3 5/10 loss 1.5000 top1 0.2500 100 img/s ETA 1s")
+
+
+# --- Phases ---------------------------------------------------------------------
+
+
+def _small_weights(num_classes, image_size=32):
+    gin.clear_config()
+    config.parse_gin(["gin/models/small.gin"], [f"NUM_CLASSES = {num_classes}"])
+    from trainer.models import builder  # pylint: disable=import-outside-toplevel
+    return train_lib._weights_by_path(builder.build_network(image_size))  # pylint: disable=protected-access
+
+
+def test_partial_init_is_refused_unless_allowed(tmp_path):
+    source = _small_weights(5)
+    tf.train.Checkpoint(weights=source).save(str(tmp_path / "checkpoints" / "ckpt"))
+    target = _small_weights(6)  # Another head width: head/kernel and head/bias do not fit.
+    with pytest.raises(UserError, match=r"(?s)2 of another shape.*head.*allow_partial_init = True"):
+        train_lib.transfer_weights(target, str(tmp_path))
+    report = train_lib.transfer_weights(target, str(tmp_path), allow_partial=True)
+    assert f"{len(target) - 2} of {len(target)} variables restored" in report
+    np.testing.assert_array_equal(target["stem_conv/kernel"].numpy(), source["stem_conv/kernel"].numpy())
+
+
+def test_phase_32_then_64_carries_weights(train_base_gin, tmp_path):
+    """A 64 px phase started from the 32 px phase's weights is far ahead of one started from scratch."""
+    phase32 = train_in_process(train_base_gin, tmp_path / "p32", "EPOCHS = 8")
+    assert phase32["top1"] > 0.7, phase32  # Chance: 0.2.
+    phase64 = train_in_process(train_base_gin, tmp_path / "p64", "IMAGE_SIZE = 64", "train.first_epoch = 9",
+                               f"train.init_from = '{tmp_path / 'p32'}'", "train.previous_phase = 'p32.gin'")
+    scratch = train_in_process(train_base_gin, tmp_path / "scratch64", "IMAGE_SIZE = 64")
+    assert phase64["top1"] > 0.55 and phase64["top1"] > scratch["top1"] + 0.2, (phase64, scratch)
+
+    [val_events] = event_files(tmp_path / "p64", "val")
+    top1 = dict(scalars(val_events, "top1"))
+    assert sorted(top1) == [0, STEPS_PER_EPOCH]  # The carried weights are evaluated before training.
+    assert top1[STEPS_PER_EPOCH] == pytest.approx(phase64["top1"])
+    with open(tmp_path / "p64" / "metrics.csv", encoding="utf-8") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["9"]
+    [train_events] = event_files(tmp_path / "p32", "train")  # 5 steps per tf.function call.
+    assert [s for s, _ in scalars(train_events, "loss")] == list(range(5, 8 * STEPS_PER_EPOCH + 1, 5))
+
+
+# --- Failures -------------------------------------------------------------------
+
+
+def test_missing_previous_phase_is_named_before_anything_is_written(train_base_gin, tmp_path):
+    with pytest.raises(UserError, match=r"Run the previous phase first: python -m trainer.main "
+                                        r"--gin_file=gin/phase32\.gin"):
+        train_in_process(train_base_gin, tmp_path / "run", f"train.init_from = '{tmp_path / 'none'}'",
+                         "train.previous_phase = 'gin/phase32.gin'")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_base_gin, tmp_path):
+    train_in_process(train_base_gin, tmp_path / "run")
+    assert latest_step(tmp_path / "run") == STEPS_PER_EPOCH
+    # Resumed with a learning rate that blows up: gin's rate replaces the checkpoint's.
+    with pytest.raises(UserError, match=r"loss became nan \(not finite\) in steps 16-20.*ckpt-15"):
+        train_in_process(train_base_gin, tmp_path / "run", "EPOCHS = 2", "make_optimizer.learning_rate = 1e30")
+    assert [os.path.basename(p) for p in glob.glob(str(tmp_path / "run" / "checkpoints" / "*.index"))] == [
+        "ckpt-15.index"]
+    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "ckpt-15"))
+    assert all(np.all(np.isfinite(reader.get_tensor(k))) for k in reader.get_variable_to_shape_map()
+               if k.startswith("weights/"))
+    assert not os.path.exists(tmp_path / "run" / "LOCK")
+
+
+def test_lock_refuses_a_live_run_and_takes_over_a_stale_one(train_base_gin, tmp_path):
+    model_dir = tmp_path / "run"
+    model_dir.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (model_dir / "LOCK").write_text(f"{socket.gethostname()} {sleeper.pid}")
+        with pytest.raises(UserError, match=rf"in use by another run .*{sleeper.pid}"):
+            train_in_process(train_base_gin, model_dir)
+        assert (model_dir / "LOCK").read_text() == f"{socket.gethostname()} {sleeper.pid}"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The same lock, its process gone: taken over, and released at the end.
+    train_in_process(train_base_gin, model_dir, stop_after_steps=5)
+    assert latest_step(model_dir) == 5
+    assert not os.path.exists(model_dir / "LOCK")
+
+
+def test_mixed_precision_and_xla_switches(train_base_gin, tmp_path):
+    train_in_process(train_base_gin, tmp_path / "mixed", "train.mixed_precision = 'mixed_float16'",
+                     stop_after_steps=5)
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "mixed" / "checkpoints")))
+    assert "optimizer/dynamic_scale/.ATTRIBUTES/VARIABLE_VALUE" in reader.get_variable_to_shape_map()
+    assert keras.mixed_precision.global_policy().name == "float32"  # Restored after the run.
+    train_in_process(train_base_gin, tmp_path / "xla", "train.jit_compile = True", stop_after_steps=5)
+    [events] = event_files(tmp_path / "xla", "train")
+    [(step, loss)] = scalars(events, "loss")
+    assert step == 5 and np.isfinite(loss)
+
+
+# --- Whole runs of `python -m trainer.main` ------------------------------------------
+
+KILL_BINDINGS = ("EPOCHS = 3", "train.steps_per_execution = 1", "train.checkpoint_every_steps = 4", AUGMENT)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(train_base_gin, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    returncode, log = run_until(main_command(train_base_gin, model_dir, *KILL_BINDINGS, "train.export = True"))
+    assert returncode == 0, log[-3000:]
+    return model_dir
+
+
+def test_tensorboard_csv_and_export_of_a_run(uninterrupted_run):
+    [train_events] = event_files(uninterrupted_run, "train")
+    [val_events] = event_files(uninterrupted_run, "val")
+    train_acc, val_acc = read_events(train_events), read_events(val_events)
+    assert {"loss", "top1", "top5", "learning_rate", "images_per_second", "epoch_time",
+            "config/operative_gin", "network/plan", "augmented_inputs"} <= set(train_acc.Tags()["tensors"])
+    assert {"loss", "top1", "top5"} <= set(val_acc.Tags()["tensors"])
+    assert train_acc.SummaryMetadata("augmented_inputs").plugin_data.plugin_name == "images"
+    assert train_acc.SummaryMetadata("network/plan").plugin_data.plugin_name == "text"
+    config_text = tf.make_ndarray(train_acc.Tensors("config/operative_gin")[0].tensor_proto).item().decode()
+    assert "train.checkpoint_every_steps = 4" in config_text
+    assert [s for s, _ in scalars(val_events, "top1")] == [15, 30, 45]
+    assert [s for s, _ in scalars(train_events, "epoch_time")] == [15, 30, 45]
+    with open(uninterrupted_run / "metrics.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and float(rows[-1]["val_top1"]) > 0.4
+    indexes = glob.glob(str(uninterrupted_run / "checkpoints" / "*.index"))
+    kept = sorted(checkpoint_step(p[:-len(".index")]) for p in indexes)
+    assert kept == [40, 44, 45]  # Every 4 steps and at epoch ends; the last 3 kept.
+    best_epoch = int(np.argmax([float(r["val_top1"]) for r in rows]))
+    assert checkpoint_step(tf.train.latest_checkpoint(str(uninterrupted_run / "best"))) == 15 * (best_epoch + 1)
+    model = keras.models.load_model(uninterrupted_run / "export" / "model.keras")
+    assert model.output_shape == (None, 5)
+    assert os.path.exists(uninterrupted_run / "export" / "saved_model" / "saved_model.pb")
+
+
+def test_sigterm_then_sigkill_then_rerun_resumes_to_the_same_step(train_base_gin, uninterrupted_run, tmp_path):
+    model_dir = tmp_path / "run"
+    command = main_command(train_base_gin, model_dir, *KILL_BINDINGS)
+
+    # SIGTERM mid-epoch 1: the run checkpoints where it is and stops with one error line.
+    returncode, log = run_until(command, r"epoch 1 6/15 ", signal.SIGTERM)
+    assert returncode == 1, log[-3000:]
+    stopped = int(re.search(r"error: Stopped by SIGTERM at step (\d+) \(epoch 1\)", log).group(1))
+    assert 6 <= stopped < STEPS_PER_EPOCH and "Traceback" not in log
+    assert latest_step(model_dir) == stopped and not os.path.exists(model_dir / "LOCK")
+
+    # SIGKILL mid-epoch 2: nothing runs on the way out; the lock stays behind.
+    returncode, log = run_until(command, r"epoch 2 6/15 ", signal.SIGKILL)
+    assert returncode == -signal.SIGKILL, log[-3000:]
+    assert f"at step {stopped} (epoch 1)" in log
+    killed = latest_step(model_dir)
+    assert STEPS_PER_EPOCH < killed < 2 * STEPS_PER_EPOCH  # A mid-epoch checkpoint (every 4 steps).
+    assert os.path.exists(model_dir / "LOCK")
+
+    # The same command again: takes over the stale lock, resumes, ends where an uninterrupted run ends.
+    before = set(event_files(model_dir, "train"))
+    returncode, log = run_until(command)
+    assert returncode == 0, log[-3000:]
+    assert "Taking over the stale lock" in log and "Resumed from" in log and f"at step {killed} (epoch 2)" in log
+    assert latest_step(model_dir) == latest_step(uninterrupted_run) == 3 * STEPS_PER_EPOCH
+    [rerun_events] = set(event_files(model_dir, "train")) - before
+    steps = [s for s, _ in scalars(rerun_events, "loss")]
+    assert steps == list(range(killed + 1, 3 * STEPS_PER_EPOCH + 1))  # Continues; does not restart at 0.
