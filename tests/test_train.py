@@ -2,7 +2,7 @@
 
 In-process where only the numbers matter; `python -m trainer.main` in a
 subprocess where process behaviour does (SIGTERM, SIGKILL, a stale lock).
-Multi-replica strategies are in test_train_strategies.py.
+Multi-replica strategies are in test_strategy.py.
 """
 
 import csv
