@@ -13,8 +13,9 @@ def synthetic_dir(tmp_path_factory):
     return synthetic.write_synthetic(str(out), num_classes=5, per_class=40, val_per_class=10, test_images=12)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def clean_gin():
+    """Every test starts and ends with an empty gin configuration."""
     gin.clear_config()
     yield
     gin.clear_config()

@@ -8,13 +8,6 @@ from trainer.errors import UserError
 from trainer.models import blocks
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def _layers(outputs, inputs):
     """The layers between `inputs` and `outputs`, by name."""
     model = keras.Model(inputs, outputs)

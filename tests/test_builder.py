@@ -12,13 +12,6 @@ from trainer.errors import UserError
 from trainer.models import builder
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 HEAD = [{"name": "gap", "kind": "global_avg_pool"}, {"name": "fc", "kind": "dense", "units": 3}]
 
 

@@ -20,13 +20,6 @@ def run_main(*args, cwd=REPO, timeout=600):
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-@pytest.fixture(autouse=True)
-def _clear_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 def test_gin_files_resolve_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = config.resolve_gin_file("gin/phase64.gin")

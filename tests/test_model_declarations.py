@@ -21,9 +21,7 @@ NUM_CLASSES = 200
 
 @pytest.fixture(autouse=True)
 def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+    yield  # (conftest clears gin around every test.)
     keras.backend.clear_session()
 
 

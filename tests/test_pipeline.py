@@ -12,7 +12,7 @@ from trainer.data import pipeline
 
 
 @pytest.fixture
-def bind(clean_gin, synthetic_dir):
+def bind(synthetic_dir):
     """Binds the dataset and returns a function to bind more."""
 
     def _bind(**params):

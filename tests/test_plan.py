@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import gin
 import pytest
 
 from trainer import config
@@ -31,13 +30,6 @@ CHAIN = [
     {"name": "gap", "kind": "global_avg_pool"},
     {"name": "fc", "kind": "dense", "units": 5},
 ]
-
-
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def _rows(result):

@@ -37,9 +37,7 @@ AUGMENT = ("AUGMENT = \"flip(0.5) | zoom(0.5, 1.5, fill='nearest') | channel_shu
 
 @pytest.fixture(autouse=True)
 def _fresh_state():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+    yield  # (conftest clears gin around every test.)
     keras.backend.clear_session()
 
 
