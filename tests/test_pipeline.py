@@ -69,11 +69,14 @@ def test_seed_makes_training_order_and_augmentation_repeatable(bind):
     assert not np.array_equal(first[0], other)
 
 
-def test_cache_to_file(bind, tmp_path):
+def test_cache_to_file_is_per_split_and_size(bind, tmp_path):
     bind(image_size=32, batch_size=10, cache=str(tmp_path / "cache"))
-    n = sum(int(y.numpy().sum()) for _, y in pipeline.make_dataset("val", training=False))
-    assert n == 50
-    assert any(p.name.startswith("cache") for p in tmp_path.iterdir())
+    train_rows = sum(int(y.numpy().sum()) for _, y in pipeline.make_dataset("train", training=False))
+    val_rows = sum(int(y.numpy().sum()) for _, y in pipeline.make_dataset("val", training=False))
+    assert (train_rows, val_rows) == (200, 50)  # The val pipeline did not read the train cache.
+    again = sum(int(y.numpy().sum()) for _, y in pipeline.make_dataset("val", training=False))
+    assert again == 50
+    assert {p.name.split(".")[0] for p in tmp_path.iterdir()} == {"cache-train-32px-0of1", "cache-val-32px-0of1"}
 
 
 def test_corrupt_images_are_skipped_and_counted(bind, synthetic_dir, tmp_path):

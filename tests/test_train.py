@@ -231,6 +231,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_base_gin, tmp_p
     assert not os.path.exists(tmp_path / "run" / "LOCK")
 
 
+def test_resuming_a_model_dir_of_another_network_is_a_user_error(train_base_gin, tmp_path):
+    train_in_process(train_base_gin, tmp_path / "run")
+    wider = "build_network.blocks = [{'name': 'stem', 'kind': 'conv', 'filters': 8}, " \
+            "{'name': 'head', 'kind': 'classifier', 'units': %NUM_CLASSES}]"
+    with pytest.raises(UserError, match=r"holds checkpoints of another network or optimizer.*--model_dir"):
+        train_in_process(train_base_gin, tmp_path / "run", "EPOCHS = 2", wider)
+
+
+def test_batch_that_does_not_split_over_replicas_is_a_user_error(train_base_gin, tmp_path):
+    command = main_command(train_base_gin, tmp_path / "run", "BATCH_SIZE = 21")
+    returncode, log = run_until(command + ["--gin_file=gin/strategy/mirrored_cpu.gin"])
+    assert returncode == 1 and "Traceback" not in log, log[-2000:]
+    assert "BATCH_SIZE 21 does not split evenly over 2 replicas: use a multiple of 2, e.g. 20 or 22." in log
+
+
 def test_lock_refuses_a_live_run_and_takes_over_a_stale_one(train_base_gin, tmp_path):
     model_dir = tmp_path / "run"
     model_dir.mkdir()

@@ -168,11 +168,13 @@ def train(model_dir=gin.REQUIRED,
                         f"train.checkpoint_every_steps >= 0 (got {checkpoint_every_steps}).")
     # A missing dataset, a missing previous phase or a strategy that cannot start
     # (no TPU) fail here, before anything is written.
+    strategy = make_strategy()  # First: logical CPU devices must be set up before TF runs anything.
     pipeline.open_dataset()
     args["model_dir"] = model_dir = os.path.expanduser(model_dir)
+    if init_from:
+        args["init_from"] = init_from = os.path.expanduser(init_from)
     if init_from and not tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")):
         find_init_checkpoint(init_from, previous_phase)
-    strategy = make_strategy()
     tf.io.gfile.makedirs(model_dir)
     chief = _is_chief(strategy)
     lock = _ModelDirLock(model_dir) if chief else None
@@ -202,15 +204,14 @@ def _train(strategy, chief, stopper, model_dir, image_size, batch_size, num_clas
         raise UserError(f"NUM_CLASSES is {num_classes} but the dataset at {dataset.data_dir} has "
                         f"{dataset.num_classes} classes (wnids.txt): set NUM_CLASSES = {dataset.num_classes}.")
     num_train = len(dataset.files("train")[0])
-    num_val = len(dataset.files("val")[0])
     steps_per_epoch = num_train // batch_size
     if steps_per_epoch < 1:
         raise UserError(f"BATCH_SIZE {batch_size} is larger than the training set ({num_train} images).")
-    decoded = tf.Variable(0, dtype=tf.int64, trainable=False)  # Counts decoded images (corrupt ones are skipped).
-    train_data = strategy.distribute_datasets_from_function(
-        lambda ctx: pipeline.make_dataset("train", training=True, input_context=ctx, decoded_counter=decoded))
-    val_data = strategy.distribute_datasets_from_function(
-        lambda ctx: pipeline.make_dataset("val", training=False, input_context=ctx))
+    replicas = strategy.num_replicas_in_sync
+    if batch_size % replicas:
+        raise UserError(f"BATCH_SIZE {batch_size} does not split evenly over {replicas} replicas: use a "
+                        f"multiple of {replicas}, e.g. {batch_size // replicas * replicas} or "
+                        f"{(batch_size // replicas + 1) * replicas}.")
 
     # --- 2. Network, optimizer, counters (under the strategy), checkpoints. ----------
     with strategy.scope():
@@ -227,9 +228,15 @@ def _train(strategy, chief, stopper, model_dir, image_size, batch_size, num_clas
                                         label_smoothing, jit_compile)
     writers = _Writers(model_dir, chief)
 
-    # --- 3. Resume this phase, or start it from the previous one. -------------------
+    # --- 3. Resume this phase, or start it from the previous one; the data. ----------
     checkpoints = _Checkpoints(checkpoint, model, optimizer, model_dir, keep_checkpoints, strategy, chief, stopper)
     done = int(step.numpy())  # Steps done in this phase (the host's copy of `step`).
+    decoded = tf.Variable(0, dtype=tf.int64, trainable=False)  # Counts decoded images (corrupt ones are skipped).
+    sizes = {"image_size": image_size, "batch_size": batch_size}
+    train_data = strategy.distribute_datasets_from_function(lambda ctx: pipeline.make_dataset(
+        "train", training=True, input_context=ctx, decoded_counter=decoded, resume_step=done, **sizes))
+    val_data = strategy.distribute_datasets_from_function(
+        lambda ctx: pipeline.make_dataset("val", training=False, input_context=ctx, **sizes))
     if checkpoints.resumed_from:
         logging.info("Resumed from %s at step %d (epoch %d).", checkpoints.resumed_from, done,
                      first_epoch + done // steps_per_epoch)
@@ -294,8 +301,8 @@ def _train(strategy, chief, stopper, model_dir, image_size, batch_size, num_clas
         train_means = _means(epoch_totals)
         epochs_this_run += 1
         if epochs_this_run == 2 and not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            # The cached first pass over the files is complete by now.
-            _report_skipped(num_train - int(decoded.numpy()), dataset.data_dir)
+            # With a cache, the first pass over the files is complete by now and decoded each file once.
+            _report_skipped(num_train, int(decoded.numpy()), dataset.data_dir)
         writers.scalars("train", done, {"epoch_time": epoch_time})
         writers.scalars("val", done, last_val)
         progress.finish(train_means, last_val, epoch_time)
@@ -317,8 +324,8 @@ def _train(strategy, chief, stopper, model_dir, image_size, batch_size, num_clas
     if export and chief:
         _export(model, model_dir)
     writers.flush()
-    logging.info("Phase done: val loss %.4f, top-1 %.4f, top-5 %.4f (%d images).",
-                 last_val["loss"], last_val["top1"], last_val["top5"], num_val)
+    logging.info("Phase done: val loss %.4f, top-1 %.4f, top-5 %.4f.",
+                 last_val["loss"], last_val["top1"], last_val["top5"])
     return last_val
 
 
@@ -579,7 +586,13 @@ class _Checkpoints:
         self.resumed_from = tf.train.latest_checkpoint(directory)
         learning_rate = _constant_learning_rate(optimizer)
         if self.resumed_from:
-            checkpoint.restore(self.resumed_from).assert_existing_objects_matched()
+            try:
+                checkpoint.restore(self.resumed_from).assert_existing_objects_matched()
+            except (ValueError, AssertionError, tf.errors.OpError) as err:
+                raise UserError(
+                    f"{model_dir} holds checkpoints of another network or optimizer ({self.resumed_from}: "
+                    f"{str(err).splitlines()[0][:300]}). Use a new --model_dir, or start from those weights "
+                    "with train.init_from (and train.allow_partial_init = True).") from None
         self._preemption = None
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             # It restores the same checkpoint again and adds its run counter to `checkpoint`.
@@ -773,9 +786,15 @@ def _current_lr(optimizer):
     return float(lr.numpy() if hasattr(lr, "numpy") else lr)
 
 
-def _report_skipped(skipped, data_dir):
-    if skipped > 0:
-        logging.warning("%d training images in %s could not be decoded and were skipped.", skipped, data_dir)
+def _report_skipped(num_files, decoded, data_dir):
+    """Logs the corrupt training images, when the count says so: one cached pass decoded each file once.
+
+    (Without a cache the counter grows every epoch; a cache file from an earlier
+    run leaves it at 0: then nothing can be said.)
+    """
+    if 0 < decoded < num_files:
+        logging.warning("%d training images in %s could not be decoded and were skipped.",
+                        num_files - decoded, data_dir)
 
 
 def _export(model, model_dir):

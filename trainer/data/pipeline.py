@@ -63,7 +63,7 @@ def decode(path, image_size):
     return tf.ensure_shape(tf.cond(native, lambda: image, resize), [image_size, image_size, 3])
 
 
-@gin.configurable(denylist=["split", "training", "input_context", "decoded_counter"])
+@gin.configurable(denylist=["split", "training", "input_context", "decoded_counter", "resume_step"])
 def make_dataset(split,
                  training,
                  image_size=gin.REQUIRED,
@@ -76,7 +76,8 @@ def make_dataset(split,
                  prefetch=AUTOTUNE,
                  deterministic=False,
                  input_context=None,
-                 decoded_counter=None):
+                 decoded_counter=None,
+                 resume_step=0):
     """Builds the input pipeline of one split.
 
     Args:
@@ -87,9 +88,12 @@ def make_dataset(split,
         reference recipe; 64 is the native size).
       batch_size: the global batch size (split over replicas with `input_context`).
       augment: a policy spec string for `augment.build_policy` (training only).
-      seed: seeds the shuffle and the augmentation.
+      seed: seeds the shuffle and the augmentation (mixed with the input
+        pipeline's id and `resume_step`, so workers and resumed runs draw
+        their own streams).
       shuffle_buffer: shuffle buffer in images (after the cache).
-      cache: 'memory', a file path prefix (cache to disk), or None / '' for none.
+      cache: 'memory', a file path prefix (cache to disk; the split, size and
+        input pipeline are appended to it), or None / '' for none.
       num_parallel_calls: parallelism of decode and augmentation.
       prefetch: batches to prefetch.
       deterministic: keep element order under parallel maps (slower).
@@ -97,6 +101,7 @@ def make_dataset(split,
       decoded_counter: an int64 tf.Variable incremented per decoded image;
         the caller compares it with the number of files to count corrupt
         (skipped) images.
+      resume_step: the training step a resumed run starts from.
 
     Returns:
       A `tf.data.Dataset` of (images float32 [B, S, S, 3] in [0, 1],
@@ -107,21 +112,22 @@ def make_dataset(split,
     if labels is None:
         labels = [-1] * len(files)  # Unlabelled (test): all-zero label rows.
     num_classes = dataset.num_classes
+    pipeline_id, num_pipelines = 0, 1
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch size per replica must be >= 1, got {batch_size}")
+        pipeline_id, num_pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
+    seed = (seed * 1_000_003 + resume_step * 1_009 + pipeline_id) % 2**31
 
     ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(labels, tf.int32)))
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if num_pipelines > 1:
+        ds = ds.shard(num_pipelines, pipeline_id)
     ds = ds.map(lambda f, y: (decode(f, image_size), y), num_parallel_calls=num_parallel_calls,
                 deterministic=deterministic or not training)
     ds = ds.ignore_errors(log_warning=True)  # A corrupt JPEG is skipped, never ends the epoch.
     if decoded_counter is not None:
         ds = ds.map(functools.partial(_count, decoded_counter))
     if cache:
-        ds = ds.cache("" if cache == "memory" else cache)
+        ds = ds.cache("" if cache == "memory" else f"{cache}-{split}-{image_size}px-{pipeline_id}of{num_pipelines}")
 
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()

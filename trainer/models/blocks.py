@@ -116,11 +116,6 @@ def _conv_bn_act(x, conv_layer, name, activation, preact):
     return _activation(x, activation, f"{name}_{activation}")
 
 
-def _spatial(x):
-    """(height, width) of an NHWC tensor."""
-    return tuple(x.shape[1:3])
-
-
 def _require_spatial(x, kind):
     if len(x.shape) != 4:
         raise UserError(
