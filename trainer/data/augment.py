@@ -1263,20 +1263,28 @@ def _apply_partitioned(batch, branches, active):
     batch.labels = tf.reshape(tf.dynamic_stitch(positions, labels), tf.shape(batch.labels))
 
 
+class _OpList(Op):
+    """A combinator over a list of ops (sequential, one_of, random_order): one constructor for all."""
+
+    name = None  # The registered name, for error messages.
+
+    def __init__(self, *ops):
+        if not ops:
+            _fail(self.name, "needs at least one op.")
+        self.ops = tuple(_op(self.name, f"argument {i + 1}", op) for i, op in enumerate(ops))
+        self.geometric = all(op.geometric for op in self.ops)
+        self.heavy = any(op.heavy for op in self.ops)
+
+
 @register("sequential")
-class Sequential(Op):
+class Sequential(_OpList):
     """Applies its ops one after the other (what `a | b` builds).
 
     Args:
       *ops: the ops, in order.
     """
 
-    def __init__(self, *ops):
-        if not ops:
-            _fail("sequential", "needs at least one op.")
-        self.ops = tuple(_op("sequential", f"argument {i + 1}", op) for i, op in enumerate(ops))
-        self.geometric = all(op.geometric for op in self.ops)
-        self.heavy = any(op.heavy for op in self.ops)
+    name = "sequential"
 
     def apply(self, batch, seed, active):
         for i, op in enumerate(self.ops):
@@ -1310,19 +1318,14 @@ class Sometimes(Op):
 
 
 @register("one_of")
-class OneOf(Op):
+class OneOf(_OpList):
     """Per image, applies one of its ops chosen uniformly (imgaug OneOf).
 
     Args:
       *ops: the candidates.
     """
 
-    def __init__(self, *ops):
-        if not ops:
-            _fail("one_of", "needs at least one op.")
-        self.ops = tuple(_op("one_of", f"argument {i + 1}", op) for i, op in enumerate(ops))
-        self.geometric = all(op.geometric for op in self.ops)
-        self.heavy = any(op.heavy for op in self.ops)
+    name = "one_of"
 
     def apply(self, batch, seed, active):
         seeds = _split(seed, len(self.ops) + 1)
@@ -1333,7 +1336,7 @@ class OneOf(Op):
 
 
 @register("random_order")
-class RandomOrder(Op):
+class RandomOrder(_OpList):
     """Applies all its ops, in a random order per image (imgaug Sequential(random_order=True)).
 
     Vectorised as n rounds; in round k each op runs on the images that put it
@@ -1343,12 +1346,7 @@ class RandomOrder(Op):
       *ops: the ops.
     """
 
-    def __init__(self, *ops):
-        if not ops:
-            _fail("random_order", "needs at least one op.")
-        self.ops = tuple(_op("random_order", f"argument {i + 1}", op) for i, op in enumerate(ops))
-        self.geometric = all(op.geometric for op in self.ops)
-        self.heavy = any(op.heavy for op in self.ops)
+    name = "random_order"
 
     def apply(self, batch, seed, active):
         seeds = _split(seed, len(self.ops) + 1)

@@ -124,6 +124,7 @@ class TinyImageNet:
         self.num_classes = len(self.wnids)
         self.class_names = self._read_class_names()
         self._index = {wnid: i for i, wnid in enumerate(self.wnids)}
+        self._files = {}
 
     def _path(self, *parts):
         return _join(self.data_dir, *parts)
@@ -210,6 +211,11 @@ class TinyImageNet:
             val/images.
         """
         self._check_split(split)
+        if split not in self._files:  # Listed once: the trainer and every input pipeline ask.
+            self._files[split] = self._list_files(split)
+        return self._files[split]
+
+    def _list_files(self, split):
         if split == "train":
             pairs = []
             for label, wnid in enumerate(self.wnids):
