@@ -1,24 +1,65 @@
-"""Gin plumbing shared by every entry point: finding gin files, parsing, clean errors.
+"""Gin plumbing: find gin files, check every binding against what the project defines, then hand them to gin.
 
 `--gin_file=gin/x.gin` and `include 'gin/models/y.gin'` resolve, in order,
 against the path as given (absolute, relative to the working directory, or
 `gs://...`), the repository checkout this package was imported from, and the
 copy of `gin/` installed inside the package by setup.py.
+
+Before gin sees anything, the files and bindings are read here with gin's
+public parser (`gin.config_parser`), includes expanded, and every statement
+checked: an unknown configurable or parameter, a macro used but never
+defined and a macro defined but never used each become one `UserError`
+naming the file, the line and the nearest known name. Gin then parses the
+expanded text (`gin.parse_config`). The UPPER_CASE macros users edit are
+checked for type and range (`MACROS`) before anything runs.
+
+Only gin's public API is used; setup.py pins the gin-config versions this
+was checked with.
 """
 
 import difflib
-import importlib
 import os
-import re
-import sys
-import traceback
 
 import gin
+from gin import config_parser
 
+from trainer import registry
 from trainer.errors import UserError
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _REPO_DIR = os.path.dirname(_PACKAGE_DIR)
+
+
+# The macros users edit: name -> (what it is, check). A check returns an error text or None.
+def _int_in(lo, hi):
+    def check(v):
+        ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+        return None if ok else f"an integer in [{lo}, {hi}]"
+    return check
+
+
+def _text(v):
+    return None if isinstance(v, str) and v else "a non-empty string"
+
+
+def _optional_text(v):
+    return None if v is None or (isinstance(v, str) and v) else "a non-empty string or None"
+
+
+def _policy(v):
+    return None if v is None or isinstance(v, str) else "an augmentation policy string or None"
+
+
+MACROS = {
+    "DATA_DIR": ("dataset directory in the Tiny ImageNet layout (local or gs://)", _text),
+    "MODEL_DIR": ("where checkpoints, logs and the export go (or --model_dir)", _optional_text),
+    "IMAGE_SIZE": ("input resolution in pixels", _int_in(8, 1024)),
+    "BATCH_SIZE": ("global batch size", _int_in(1, 1 << 20)),
+    "EPOCHS": ("epochs of this phase", _int_in(1, 100_000)),
+    "NUM_CLASSES": ("classes in the dataset (its wnids.txt)", _int_in(2, 1 << 20)),
+    "SEED": ("seeds weights, data order and augmentation", _int_in(0, 2**31 - 1)),
+    "AUGMENT": ("augmentation policy (python -m trainer.data.augment --list)", _policy),
+}
 
 
 def search_roots():
@@ -34,25 +75,38 @@ def search_roots():
 def available_gin_files():
     """Runnable and includable gin files that ship with the project, as `gin/...` paths."""
     found = set()
-    for root in search_roots():
-        gin_dir = os.path.join(root, "gin")
-        for dirpath, _, files in os.walk(gin_dir):
-            for f in files:
-                if f.endswith(".gin"):
-                    found.add(os.path.relpath(os.path.join(dirpath, f), root))
+    for root in search_roots()[1:] or search_roots():
+        for dirpath, _, files in os.walk(os.path.join(root, "gin")):
+            found.update(os.path.relpath(os.path.join(dirpath, f), root) for f in files if f.endswith(".gin"))
     return sorted(found)
+
+
+def _exists(path):
+    if "://" in path:
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        return tf.io.gfile.exists(path)
+    return os.path.isfile(path)
+
+
+def _read(path):
+    if "://" in path:
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        with tf.io.gfile.GFile(path) as f:
+            return f.read()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def resolve_gin_file(path):
     """Returns a readable path for `path`, or raises UserError naming the candidates."""
-    import tensorflow as tf  # Deferred: `--help` should not pay for importing TF.
-
-    if tf.io.gfile.exists(path):
+    if _exists(path):
         return path
     if not os.path.isabs(path) and "://" not in path:
         for root in search_roots():
             candidate = os.path.join(root, path)
-            if os.path.exists(candidate):
+            if os.path.isfile(candidate):
                 return candidate
     known = available_gin_files()
     close = difflib.get_close_matches(path, known, n=1)
@@ -62,134 +116,171 @@ def resolve_gin_file(path):
         f"Gin files shipped with the project: {', '.join(known) or 'none'}.")
 
 
-def _known_names():
-    """Every configurable name and every `configurable.parameter` gin knows about."""
-    import inspect
+class _Recorder(gin.config.ParserDelegate):
+    """Gin's parser delegate, recording the macros and configurables the values refer to."""
 
-    names = set()
-    for selector, configurable in gin.config._REGISTRY.items():  # pylint: disable=protected-access
-        short = selector.split(".")[-1]
-        names.update({selector, short})
+    def __init__(self):
+        super().__init__(skip_unknown=True)
+        self.macros = []
+        self.references = []
+
+    def macro(self, name):
+        self.macros.append(name)
+        return super().macro(name)
+
+    def configurable_reference(self, scoped_selector, evaluate):
+        self.references.append(scoped_selector.rsplit("/", 1)[-1])
+        return super().configurable_reference(scoped_selector, evaluate)
+
+
+class _Expanded:
+    """Gin files and bindings with includes expanded, and what their statements bind and use."""
+
+    def __init__(self):
+        self.text = []  # Gin text, includes replaced by the included files' text.
+        self.bindings = []  # (statement, where) for every `selector.param = value`.
+        self.defined = {}  # macro -> where it was (last) defined.
+        self.used = {}  # macro -> where it was first used.
+        self.references = []  # (selector, where)
+
+    def add(self, text, source, depth=0):
+        if depth > 20:
+            raise UserError(f"Invalid gin configuration: {source} includes itself (include depth over 20).")
+        lines = text.splitlines(keepends=True)
+        recorder = _Recorder()
+        include_lines = {}
         try:
-            params = inspect.signature(configurable.wrapped).parameters
-        except (TypeError, ValueError):
+            statements = list(config_parser.ConfigParser(text, recorder))
+        except SyntaxError as err:
+            line = f", line {err.lineno}" if err.lineno else ""
+            raise UserError(f"Invalid gin configuration: {source}{line}: {err.msg}: {(err.text or '').strip()}") \
+                from None
+        except Exception as err:  # tokenize.TokenError: an unclosed bracket.
+            raise UserError(f"Invalid gin configuration: {source}: {err}") from None
+        for statement in statements:
+            where = f"{source}, line {statement.location.line_num}"
+            if isinstance(statement, config_parser.IncludeStatement):
+                include_lines[statement.location.line_num] = statement.filename
+            elif isinstance(statement, config_parser.BindingStatement):
+                if not statement.arg_name and "." not in statement.selector and not statement.scope:
+                    self.defined[statement.selector] = where
+                else:
+                    self.bindings.append((statement, where))
+        # Macros and references are recorded per text, not per statement: attribute them to the source.
+        for name in recorder.macros:
+            self.used.setdefault(name, source)
+        self.references += [(selector, source) for selector in recorder.references]
+        for number, line in enumerate(lines, start=1):
+            if number in include_lines:
+                path = resolve_gin_file(include_lines[number])
+                self.add(_read(path), path, depth + 1)
+                self.text.append("\n")
+            else:
+                self.text.append(line if line.endswith("\n") else line + "\n")
+
+
+def _match(selector):
+    """The registered configurables `selector` names (gin matches any dotted suffix)."""
+    if selector in registry.CONFIGURABLES:
+        return [selector]
+    return [s for s in registry.CONFIGURABLES if s.endswith("." + selector)]
+
+
+def _nearest(name, candidates):
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _check(expanded):
+    """Raises UserError for the first unknown name or unused/undefined macro."""
+    params = {f"{s}.{p}" for s in registry.CONFIGURABLES for p in (registry.parameters(s) or [])}
+    builtin = ("gin.", "macro", "constant", "singleton")
+    for statement, where in expanded.bindings:
+        selector = statement.selector
+        if selector.startswith(builtin):
             continue
-        for p in params:
-            names.update({f"{selector}.{p}", f"{short}.{p}"})
-    return sorted(names)
+        matches = _match(selector)
+        full = f"{selector}.{statement.arg_name}"
+        if not matches:
+            raise UserError(f"Invalid gin configuration: {where}: no configurable named '{selector}' "
+                            f"(in '{statement.location.line_content.strip()}').{_nearest(full, params)}")
+        if len(matches) > 1:
+            raise UserError(f"Invalid gin configuration: {where}: '{selector}' could be any of "
+                            f"{', '.join(matches)}: write it in full.")
+        accepted = registry.parameters(matches[0])
+        if accepted is not None and statement.arg_name not in accepted:
+            raise UserError(f"Invalid gin configuration: {where}: '{matches[0]}' has no parameter "
+                            f"'{statement.arg_name}'.{_nearest(f'{matches[0]}.{statement.arg_name}', params)} "
+                            f"It takes: {', '.join(accepted)}.")
+    for selector, where in expanded.references:
+        if not selector.startswith(builtin) and not _match(selector):
+            raise UserError(f"Invalid gin configuration: {where}: '@{selector}' is not a configurable."
+                            f"{_nearest(selector, registry.CONFIGURABLES)}")
+    for name, where in expanded.used.items():
+        if name not in expanded.defined:
+            raise UserError(f"Invalid gin configuration: the macro %{name} is used ({where}) but never defined."
+                            f"{_nearest(name, expanded.defined)}".replace("Did you mean '", "Did you mean '%"))
+    for name, where in expanded.defined.items():
+        if name not in expanded.used:
+            raise UserError(f"Invalid gin configuration: {where}: the macro {name} is set but no gin file uses "
+                            f"it.{_nearest(name, expanded.used)}")
 
 
-def _explain_gin_error(err):
-    """Turns a gin parse error into a one-paragraph message with the nearest known name."""
-    message = str(err).strip()
-    bad = None
-    m = re.search(r"No configurable matching '([^']+)'", message)
-    if m:
-        bad = m.group(1)
-    m = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", message)
-    if m:
-        bad = f"{m.group(1)}.{m.group(2)}"
-    if bad:
-        close = difflib.get_close_matches(bad, _known_names(), n=1, cutoff=0.6)
-        if close:
-            message += f"\nDid you mean '{close[0]}'?"
-    return f"Invalid gin configuration: {message}"
+def check_macros():
+    """Checks the type and range of every UPPER_CASE macro users edit that is defined.
 
-
-# Modules that register gin configurables; imported before any gin file is parsed.
-CONFIGURABLE_MODULES = (
-    "trainer.strategy",
-    "trainer.data.pipeline",
-    "trainer.data.augment",
-    "trainer.models.blocks",
-    "trainer.models.builder",
-    "trainer.train",
-)
-
-
-def register_configurables():
-    """Imports every module that defines gin configurables (this imports TensorFlow)."""
-    for module in CONFIGURABLE_MODULES:
-        importlib.import_module(module)
-
-
-def _use_gfile_reader():
-    """Gin reads files through tf.io.gfile (gs:// works), and only so.
-
-    Gin's fallback reader looks for files inside Python packages and logs an
-    ERROR for every search path an include does not match; the search roots
-    above already cover the installed package.
+    Raises:
+      UserError: naming the macro, what it must be and what it is.
     """
-    import tensorflow as tf
-
-    gin.config._FILE_READERS[:] = [(tf.io.gfile.GFile, tf.io.gfile.exists)]  # pylint: disable=protected-access
+    for name, (_, check) in MACROS.items():
+        try:
+            value = gin.query_parameter(f"%{name}")
+        except ValueError:
+            continue  # Not defined in this configuration.
+        expected = check(value)
+        if expected:
+            raise UserError(f"{name} must be {expected}, got {value!r}.")
 
 
 def parse_gin(gin_files, gin_bindings=(), model_dir=None, defaults=()):
-    """Parses gin files then bindings (later wins); `model_dir` overrides MODEL_DIR.
+    """Checks, then parses gin files and bindings (later wins); `model_dir` overrides MODEL_DIR.
+
+    The modules defining the configurables must be imported first (the entry
+    points import `trainer.train`, which imports them all).
 
     Args:
-      gin_files: gin file paths (see module docstring for how they resolve).
+      gin_files: gin file paths (see the module docstring for how they resolve).
       gin_bindings: extra bindings, applied after the files.
       model_dir: if set, binds the `MODEL_DIR` macro after everything else.
       defaults: bindings applied *before* the files (e.g. a default
         `NUM_CLASSES` for tools that read a model file on its own).
 
     Raises:
-      UserError: a missing file, a syntax error or an unknown name, with the
-        file, the line and the nearest known name.
+      UserError: a missing file, a syntax error, an unknown name or an unused
+        macro (with the file, the line and the nearest known name), or a macro
+        of the wrong type or range.
     """
-    register_configurables()
-    _use_gfile_reader()
-    for root in search_roots():
-        gin.add_config_file_search_path(root)
-    files = [resolve_gin_file(f) for f in gin_files]
-    bindings = list(gin_bindings)
+    expanded = _Expanded()
+    for i, binding in enumerate(defaults):
+        expanded.add(binding, f"default binding {i + 1}")
+    for path in gin_files:
+        resolved = resolve_gin_file(path)
+        expanded.add(_read(resolved), resolved)
+    for binding in gin_bindings:
+        expanded.add(binding, f"--gin_bindings={binding!r}")
     if model_dir:
-        bindings.append(f"MODEL_DIR = {model_dir!r}")
+        expanded.add(f"MODEL_DIR = {model_dir!r}", "--model_dir")
+    for name in [n for n in ("NUM_CLASSES",) if n in expanded.defined and n not in expanded.used]:
+        if any(name in d for d in defaults):  # A tool's default for a file that may not need it.
+            expanded.used[name] = "defaults"
+    _check(expanded)
     try:
-        for binding in defaults:
-            gin.parse_config(binding)
-        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
-    except IOError as err:
-        raise UserError(f"Invalid gin configuration: {err}") from None
-    except (ValueError, SyntaxError, TypeError) as err:
-        raise UserError(_explain_gin_error(err)) from None
-    except Exception as err:  # tokenize.TokenError and friends: report, don't trace.
-        if type(err).__module__.startswith(("gin", "tokenize")):
-            raise UserError(_explain_gin_error(err)) from None
-        raise
+        gin.parse_config("".join(expanded.text))
+    except (ValueError, TypeError, SyntaxError) as err:
+        raise UserError(f"Invalid gin configuration: {str(err).strip()}") from None
+    check_macros()
 
 
-def explain_missing_value(err):
-    """A UserError for gin's "No values supplied" TypeError (undefined macro, missing REQUIRED), else None."""
-    message = str(err)
-    if "No values supplied by Gin or caller" not in message:
-        return None
-    macro = re.search(r"configurable 'macro' .* in scope '([^']+)'", message)
-    if macro:
-        defined = [scope for scope, selector in gin.config._CONFIG if selector == "gin.macro"]  # pylint: disable=protected-access
-        close = difflib.get_close_matches(macro.group(1), defined, n=1)
-        hint = f" Did you mean '%{close[0]}'?" if close else ""
-        return UserError(f"Invalid gin configuration: the macro %{macro.group(1)} is used but never defined.{hint}")
-    missing = re.search(r"No values supplied by Gin or caller for arguments: (\[[^\]]*\])", message)
-    where = re.search(r"In call to configurable '([^']+)'", message)
-    return UserError(f"Invalid gin configuration: {where.group(1) if where else 'a configurable'} needs a value for "
-                     f"{missing.group(1) if missing else 'a required argument'}; bind it in a gin file or with --gin_bindings.")
-
-
-def run_main(main_fn, argv):
-    """Runs an absl main, printing UserError as one paragraph and exiting 1."""
-    try:
-        try:
-            return main_fn(argv)
-        except TypeError as err:
-            raise explain_missing_value(err) or err
-    except UserError as err:
-        # Gin appends "In call to configurable ..." to exceptions raised inside configurables.
-        message = str(err).split("\n  In call to configurable")[0]
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
-    except Exception:  # pragma: no cover - unexpected: keep the full traceback.
-        traceback.print_exc()
-        sys.exit(2)
+def describe_macros():
+    """The macros users edit, one line each, for `trainer.main --help`."""
+    return "\n".join(f"  {name:<12} {what}" for name, (what, _) in MACROS.items())

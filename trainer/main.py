@@ -1,48 +1,37 @@
-"""Entry point: `python -m trainer.main --gin_file=gin/phase64_aug.gin`.
+"""Trains one phase: `python -m trainer.main --gin_file=gin/phase64_aug.gin`.
 
 Flags:
   --gin_file      gin files, repeatable; later files win (default: gin/quickstart.gin).
-  --gin_bindings  gin bindings, repeatable; applied after the files.
+  --gin_bindings  gin bindings, repeatable; applied after the files, e.g. --gin_bindings="EPOCHS = 3".
   --model_dir     overrides the gin macro MODEL_DIR.
 """
 
-import logging
-import os
+from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TF's C++ start-up chatter off the console.
+from trainer import cli, config
 
-from absl import app  # pylint: disable=wrong-import-position
-from absl import flags  # pylint: disable=wrong-import-position
-
-from trainer import config  # pylint: disable=wrong-import-position
-
-flags.DEFINE_multi_string("gin_file", ["gin/quickstart.gin"], "Gin files; later files win.")
-flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files, e.g. \"EPOCHS = 3\".")
-flags.DEFINE_string("model_dir", None, "Overrides the MODEL_DIR macro of the gin files.")
+cli.define_gin_flags(default_files=["gin/quickstart.gin"])
 FLAGS = flags.FLAGS
 
 
+def _help():
+    files = "\n".join(f"  {f}" for f in config.available_gin_files() if f.count("/") == 1 and
+                      not f.endswith("common.gin"))
+    return (f"{__doc__}\nRunnable gin files:\n{files}\n\nMacros users edit (set them with --gin_bindings):\n"
+            f"{config.describe_macros()}\n")
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    config.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.model_dir)
-    _quiet_tensorflow_info()
+    cli.no_arguments(argv)
+    cli.parse_gin_flags(model_dir=FLAGS.model_dir)
     from trainer import train  # pylint: disable=import-outside-toplevel
 
     train.train()
 
 
-def _quiet_tensorflow_info():
-    """Drops TensorFlow's own INFO lines (checkpoint sharding, SavedModel export), keeps its warnings."""
-    def keep(record):
-        return record.levelno >= logging.WARNING or f"{os.sep}tensorflow{os.sep}" not in record.pathname
-
-    logging.getLogger("tensorflow").setLevel(logging.WARNING)
-    logging.getLogger("absl").addFilter(keep)
-
-
 def run():
-    app.run(lambda argv: config.run_main(main, argv))
+    """Console script `tiny-train`."""
+    cli.run(main, usage=_help)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,9 @@ import urllib.error
 import urllib.request
 import zipfile
 
-from absl import app
 from absl import flags
 
-from trainer.config import run_main
+from trainer import cli
 from trainer.data import tiny_imagenet
 from trainer.errors import UserError
 
@@ -259,6 +258,11 @@ def main(argv):
     download(f.dest, url=f.url, size=f.size, md5=f.md5)
 
 
-if __name__ == "__main__":
+def run():
+    """Console script `tiny-download`."""
     _define_flags()
-    app.run(lambda argv: run_main(main, argv))
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

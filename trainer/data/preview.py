@@ -3,7 +3,7 @@
     python -m trainer.data.preview --gin_file=gin/phase64_aug.gin --out grid.png [--n 64]
 
 The samples come from the training pipeline exactly as configured
-(`make_dataset(split='train', training=True)`: dataset, resolution,
+(`trainer.data` and its training pipeline: dataset, resolution,
 augmentation policy, seed), except that nothing is cached and the shuffle
 buffer is small (--shuffle_buffer), so the first grid appears after decoding
 a few hundred images rather than the whole training set.
@@ -12,13 +12,10 @@ a few hundred images rather than the whole training set.
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TF's C++ start-up chatter off the console.
-
-from absl import app  # pylint: disable=wrong-import-position
+from trainer import cli  # noqa: I001  (first: it quiets TensorFlow's start-up)
 from absl import flags  # pylint: disable=wrong-import-position
 import tensorflow as tf  # pylint: disable=wrong-import-position
 
-from trainer import config  # pylint: disable=wrong-import-position
 from trainer.errors import UserError  # pylint: disable=wrong-import-position
 
 _PAD_VALUE = 255  # White lines between tiles: black is what coarse dropout draws.
@@ -69,9 +66,12 @@ def sample_training_images(n, shuffle_buffer=512):
     Returns:
       float32 [n, S, S, 3] in [0, 1].
     """
+    import dataclasses  # pylint: disable=import-outside-toplevel
+
     from trainer.data import pipeline  # pylint: disable=import-outside-toplevel
 
-    dataset = pipeline.make_dataset(split="train", training=True, cache=None, shuffle_buffer=shuffle_buffer)
+    settings = dataclasses.replace(pipeline.data(), cache=None, shuffle_buffer=shuffle_buffer)
+    dataset = settings.train()
     images = dataset.unbatch().map(lambda image, label: image).take(n)
     return tf.stack(list(images))
 
@@ -102,8 +102,7 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
     """Defined only when run as a program: the trainer imports `make_grid` beside its own flags."""
-    flags.DEFINE_multi_string("gin_file", [], "Gin files; later files win.")
-    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files.")
+    cli.define_gin_flags(model_dir=False)
     flags.DEFINE_string("out", "preview.png", "PNG file to write (local or gs://).")
     flags.DEFINE_integer("n", 64, "Number of samples.", lower_bound=1)
     flags.DEFINE_integer("cols", 8, "Samples per row.", lower_bound=1)
@@ -116,12 +115,17 @@ def main(argv):
     if not FLAGS.gin_file:
         raise UserError("Give the configuration to preview with --gin_file, "
                         "e.g. --gin_file=gin/phase64_aug.gin.")
-    config.parse_gin(FLAGS.gin_file, FLAGS.gin_bindings)
+    cli.parse_gin_flags()
     grid = write_preview(FLAGS.out, FLAGS.n, FLAGS.cols, FLAGS.shuffle_buffer)
     print(f"Wrote {FLAGS.out}: {FLAGS.n} augmented training samples "
           f"({grid.shape[1]}x{grid.shape[0]} px).")
 
 
-if __name__ == "__main__":
+def run():
+    """Console script `tiny-preview`."""
     _define_flags()
-    app.run(lambda argv: config.run_main(main, argv))
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

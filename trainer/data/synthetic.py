@@ -23,13 +23,12 @@ import json
 import os
 import uuid
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from trainer.config import run_main
+from trainer import cli
 from trainer.data import tiny_imagenet
 from trainer.errors import UserError
 
@@ -430,6 +429,11 @@ def main(argv):
           f"--gin_bindings=\"DATA_DIR='{out}'\" --gin_bindings=\"NUM_CLASSES={f.classes}\".")
 
 
-if __name__ == "__main__":
+def run():
+    """Console script `tiny-synthetic`."""
     _define_flags()
-    app.run(lambda argv: run_main(main, argv))
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

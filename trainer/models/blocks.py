@@ -6,30 +6,38 @@ tensor, or a list of them for the merge kinds (`concat`, `add`). Every layer
 a block makes is named `<name>_<part>`, so `model.summary()` reads block by
 block.
 
-Every factory is gin-configurable under its kind: a binding sets the default
-for every block of that kind, a key in a block's dict overrides it for that
-block. The defaults are the reference network's effective settings (see
-DESIGN.md §2). For example:
+Every factory is gin-configurable as `trainer.blocks.<kind>`: a binding sets
+the default for every block of that kind, a key in a block's dict overrides
+it for that block. The defaults are the reference network's effective
+settings (docs/reference_recipe.md). A model file scopes the defaults its
+network needs under the network's name, so they reach no other network:
 
-    sepconv.l2 = 1e-4                          # the he_normal + L2 variant ...
-    sepconv.kernel_initializer = 'he_normal'   # ... of the reference's sepconvs
-    batch_norm.synchronized = True             # sync BN across replicas
-    conv.activation = 'swish'
+    reference/trainer.blocks.sepconv.l2 = 1e-4                         # the he_normal + L2 variant ...
+    reference/trainer.blocks.sepconv.kernel_initializer = 'he_normal'  # ... of the reference's sepconvs
+    small/trainer.blocks.batch_norm.momentum = 0.9
+
+Whether BatchNorm synchronises its statistics over replicas is the strategy's
+setting (`synchronized_batch_norm`), applied while the trainer builds the
+network (`synchronized_batch_norm(...)`).
+
+List the kinds and their arguments: `python -m trainer.models.blocks --list`.
 
 Kinds: conv, sepconv, transition, bn_relu, dense_unit, residual_basic,
 residual_bottleneck, max_pool, avg_pool, global_avg_pool, global_max_pool,
 concat, add, dropout, dense, classifier.
 """
 
+import contextlib
 import dataclasses
+import inspect
 from typing import Callable
 
-import gin
 import keras
 
+from trainer import registry
 from trainer.errors import UserError
 
-_GIN_MODULE = "trainer.models.blocks"
+GIN_MODULE = "trainer.blocks"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +73,7 @@ def register(kind: str, multi_input: bool = False):
     """
 
     def decorator(fn):
-        configurable = gin.configurable(kind, module=_GIN_MODULE)(fn)
+        configurable = registry.configurable(GIN_MODULE, name=kind)(fn)
         KINDS[kind] = Kind(kind, configurable, fn, multi_input)
         return configurable
 
@@ -75,9 +83,9 @@ def register(kind: str, multi_input: bool = False):
 # --- Shared settings: BatchNorm, activation, regularisation -------------------
 
 
-@gin.configurable(module=_GIN_MODULE)
+@registry.configurable(GIN_MODULE)
 def batch_norm(name: str, momentum: float = 0.99, epsilon: float = 1e-3,
-               synchronized: bool = False) -> keras.layers.Layer:
+               synchronized: bool | None = None) -> keras.layers.Layer:
     """The BatchNormalization layer every block uses.
 
     Args:
@@ -85,13 +93,28 @@ def batch_norm(name: str, momentum: float = 0.99, epsilon: float = 1e-3,
       momentum: moving-statistics momentum (Keras default, as the reference).
       epsilon: variance epsilon (Keras default, as the reference).
       synchronized: compute batch statistics across all replicas of a
-        `tf.distribute` strategy (see DESIGN.md §3).
+        `tf.distribute` strategy; None: as the strategy says (see
+        `synchronized_batch_norm`).
 
     Returns:
       A `keras.layers.BatchNormalization`.
     """
     return keras.layers.BatchNormalization(
-        momentum=momentum, epsilon=epsilon, synchronized=synchronized, name=name)
+        momentum=momentum, epsilon=epsilon, name=name,
+        synchronized=_SYNCHRONIZED[-1] if synchronized is None else synchronized)
+
+
+_SYNCHRONIZED = [False]
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(enabled):
+    """Within this context, BatchNorm layers synchronise their statistics over replicas if `enabled`."""
+    _SYNCHRONIZED.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _SYNCHRONIZED.pop()
 
 
 def _activation(x, activation, name):
@@ -541,3 +564,14 @@ def classifier(x, *, name: str, units: int, head: str = "dense", pooling: str = 
     if head == "conv":
         return pools[pooling](x, name=name)
     return dense(x, name=name, units=units)
+
+
+def describe_kinds():
+    """One line per block kind: `kind(arguments)  what it is`."""
+    lines = []
+    for kind in sorted(KINDS):
+        fn = KINDS[kind].signature_of
+        params = [str(p) for p in inspect.signature(fn).parameters.values() if p.name not in ("x", "xs")]
+        doc = (inspect.getdoc(fn) or "").split("\n")[0]
+        lines.append(f"{kind}({', '.join(params)})\n    {doc}")
+    return "\n".join(lines)

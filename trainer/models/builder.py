@@ -2,7 +2,7 @@
 
 A declaration is a list of dicts, read top to bottom like a design table:
 
-    build_network.blocks = [
+    trainer.network.blocks = [
         {'name': 'stem', 'kind': 'sepconv', 'filters': 32},
         {'name': 's0_dense1', 'kind': 'dense_unit', 'filters': 64},
         ...
@@ -29,6 +29,7 @@ import keras
 
 from trainer.errors import UserError
 from trainer.models import blocks as blocks_lib
+from trainer.registry import configurable
 
 INPUT_NAME = "image"
 _MERGES = ("concat", "add")
@@ -60,14 +61,18 @@ class Network:
     blocks: list
 
 
-@gin.configurable(module="trainer.models.builder")
-def build_network(image_size: int, blocks=gin.REQUIRED, name: str = "network") -> keras.Model:
-    """Builds the network declared by `blocks`.
+@configurable("trainer", name="network", denylist=["image_size"])
+def build_network(image_size: int, name: str, blocks) -> keras.Model:
+    """Builds the network declared by `blocks`, inside the gin scope `name`.
+
+    A model file declares both arguments and scopes the block defaults its
+    network needs under its name (`small/trainer.blocks.batch_norm.momentum =
+    0.9`), so they reach that network's blocks and nothing else.
 
     Args:
       image_size: side of the square RGB input (float32 in [0, 1]).
+      name: the network's name: the Keras model's name and the gin scope its blocks are built in.
       blocks: the declaration (see the module docstring).
-      name: the Keras model's name.
 
     Returns:
       A functional `keras.Model` mapping [B, S, S, 3] images to float32
@@ -77,6 +82,19 @@ def build_network(image_size: int, blocks=gin.REQUIRED, name: str = "network") -
       UserError: a malformed declaration or a wiring error, naming the block.
     """
     return assemble(image_size, blocks, name).model
+
+
+def declared():
+    """The declared network's (name, blocks) from gin, without building it.
+
+    Raises:
+      UserError: no network is declared.
+    """
+    bindings = gin.get_bindings("trainer.network")
+    if "blocks" not in bindings or "name" not in bindings:
+        raise UserError("No network is declared: include a gin/models/*.gin file (it binds trainer.network.name "
+                        "and trainer.network.blocks).")
+    return bindings["name"], bindings["blocks"]
 
 
 def assemble(image_size: int, blocks, name: str = "network") -> Network:
@@ -95,8 +113,16 @@ def assemble(image_size: int, blocks, name: str = "network") -> Network:
     """
     if not isinstance(blocks, (list, tuple)) or not blocks:
         raise UserError(
-            "build_network.blocks must be a non-empty list of block dicts (include a "
+            "trainer.network.blocks must be a non-empty list of block dicts (include a "
             f"gin/models/*.gin file), got {blocks!r}.")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise UserError(f"trainer.network.name must be an identifier (it is the gin scope of the network's "
+                        f"block defaults), got {name!r}.")
+    with gin.config_scope(name):
+        return _assemble(image_size, blocks, name)
+
+
+def _assemble(image_size, blocks, name):
     image = keras.Input((image_size, image_size, 3), dtype="float32", name=INPUT_NAME)
     outputs = {INPUT_NAME: image}
     built = []
@@ -151,11 +177,11 @@ def _check_all_used(built):
 def _check_spec(spec, index, outputs):
     """Validates a block dict's name and kind; returns them."""
     if not isinstance(spec, dict):
-        raise UserError(f"Block #{index + 1} of build_network.blocks must be a dict, got {spec!r}.")
+        raise UserError(f"Block #{index + 1} of trainer.network.blocks must be a dict, got {spec!r}.")
     block_name = spec.get("name")
     if not isinstance(block_name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", block_name):
         raise UserError(
-            f"Block #{index + 1} of build_network.blocks needs a 'name' made of letters, digits, "
+            f"Block #{index + 1} of trainer.network.blocks needs a 'name' made of letters, digits, "
             f"'_', '.' or '-', got {block_name!r} in {spec!r}.")
     if block_name in outputs:
         raise UserError(f"Block '{block_name}': the name is already used by an earlier block "
@@ -228,11 +254,13 @@ def _check_kwargs(registered, kwargs):
 
 
 def _gin_bound(kind, param):
-    try:
-        gin.query_parameter(f"{blocks_lib.__name__}.{kind}.{param}")
-    except ValueError:
-        return False
-    return True
+    """True if gin binds `param` of the block kind, in the current scope or unscoped."""
+    selector = f"{blocks_lib.GIN_MODULE}.{kind}"
+    scope = gin.current_scope_str()
+    for candidate in ([f"{scope}/{selector}"] if scope else []) + [selector]:
+        if param in gin.get_bindings(candidate):
+            return True
+    return False
 
 
 def _check_output(output):

@@ -66,7 +66,7 @@ def make_plan(image_size: int, blocks=None) -> Plan:
 
     Args:
       image_size: side of the square input.
-      blocks: a declaration; None takes the gin-bound `build_network.blocks`.
+      blocks: a declaration; None takes the declared network (`trainer.network`).
 
     Returns:
       A `Plan`.
@@ -74,9 +74,10 @@ def make_plan(image_size: int, blocks=None) -> Plan:
     Raises:
       UserError: no declaration is bound, or it does not build.
     """
+    name = "network"
     if blocks is None:
-        blocks = _bound_blocks()
-    network = builder.assemble(image_size, blocks, name="plan")
+        name, blocks = builder.declared()
+    network = builder.assemble(image_size, blocks, name=name)
     stats = {id(network.model.inputs[0]): (1, 1)}
     rows = []
     for block in network.blocks:
@@ -115,7 +116,7 @@ def plan_text(image_size: int, blocks=None) -> str:
 
     Args:
       image_size: side of the square input.
-      blocks: a declaration; None takes the gin-bound `build_network.blocks`.
+      blocks: a declaration; None takes the declared network (`trainer.network`).
 
     Returns:
       Markdown text.
@@ -159,15 +160,6 @@ def _short(count):
 
 def _format_stride(stride):
     return str(int(stride)) if float(stride).is_integer() else f"{stride:g}"
-
-
-def _bound_blocks():
-    """The declaration bound to `build_network.blocks`, macros resolved."""
-    blocks = gin.get_bindings(builder.build_network).get("blocks")
-    if blocks is None:
-        raise UserError("No network is declared: bind build_network.blocks (include a "
-                        "gin/models/*.gin file).")
-    return blocks
 
 
 def _operations_of(block):

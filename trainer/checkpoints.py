@@ -1,0 +1,225 @@
+"""Checkpoints of a phase: save, resume, keep the best apart, and carry weights from a previous phase.
+
+Layout of a model directory:
+
+    checkpoints/ckpt-<step>   the last few (`trainer.train.keep_checkpoints`)
+    best/ckpt-<step>          the best epoch so far by the selection metric
+
+A checkpoint holds the network's variables keyed by their Keras path (block
+names from the gin declaration, so they survive a change of resolution), the
+optimizer, the phase's step and the best metric so far.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer.errors import UserError
+
+
+def weights_by_path(model):
+    """The model's variables keyed by their Keras path ('block/kernel'), which names them in checkpoints.
+
+    Raises:
+      UserError: two variables share a path (blocks need unique names).
+    """
+    weights = {}
+    for w in model.weights:
+        if w.path in weights:
+            raise UserError(f"Two variables of the network share the path {w.path!r}: give its blocks unique names.")
+        weights[w.path] = w
+    return weights
+
+
+class Checkpoints:
+    """The phase's checkpoints: the last `keep` in model_dir/checkpoints, the best in model_dir/best.
+
+    Every worker of a MultiWorkerMirroredStrategy has to save; the chief's
+    copies are the model directory's, the others go to model_dir/workertemp_<id>
+    (one kept), and every worker resumes from the chief's copies. Under that
+    strategy SIGTERM goes through tf.distribute's PreemptionCheckpointHandler,
+    which makes every worker save at the same step and then calls `on_preempted`.
+    """
+
+    def __init__(self, checkpoint, model, model_dir, keep, distribution, on_preempted):
+        """Sets up the managers (nothing is restored or written yet).
+
+        Args:
+          checkpoint: the `tf.train.Checkpoint` to save and restore.
+          model: the network (its weights are checked to be finite before a save).
+          model_dir: the model directory.
+          keep: how many recent checkpoints to keep.
+          distribution: the `strategy.Distribution`.
+          on_preempted: called after the preemption handler saved (multi-worker only).
+        """
+        self.directory = os.path.join(model_dir, "checkpoints")
+        write_dir = model_dir if distribution.chief else os.path.join(model_dir, f"workertemp_{distribution.task_id}")
+        self._checkpoint = checkpoint
+        self._latest = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "checkpoints"),
+                                                  keep if distribution.chief else 1)
+        self._best = tf.train.CheckpointManager(checkpoint, os.path.join(write_dir, "best"), 1)
+        self._model = model
+        self._model_dir = model_dir
+        self._saved_step = None
+        self._distribution = distribution
+        self._on_preempted = on_preempted
+        self._preemption = None
+
+    @property
+    def latest(self):
+        """Path of the newest checkpoint of this phase, or None."""
+        return tf.train.latest_checkpoint(self.directory)
+
+    @property
+    def best(self):
+        """Path of the best checkpoint of this phase, or None."""
+        return tf.train.latest_checkpoint(os.path.join(self._model_dir, "best"))
+
+    def latest_step(self):
+        """The step of the newest checkpoint, or None."""
+        return _step_of(self.latest)
+
+    def best_step(self):
+        """The step of the best checkpoint, or None."""
+        return _step_of(self.best)
+
+    def remove_partial_saves(self):
+        """Removes what a save killed midway left behind (`ckpt-N_temp` directories), in checkpoints/ and best/."""
+        for directory in (self.directory, os.path.join(self._model_dir, "best")):
+            for leftover in tf.io.gfile.glob(os.path.join(directory, "*_temp*")):
+                logging.warning("Removing %s, left by a save that was killed midway.", leftover)
+                if tf.io.gfile.isdir(leftover):
+                    tf.io.gfile.rmtree(leftover)
+                else:
+                    tf.io.gfile.remove(leftover)
+
+    def restore(self):
+        """Restores the newest checkpoint of this phase, if there is one.
+
+        Returns:
+          Its path, or None when the phase starts fresh.
+
+        Raises:
+          UserError: the checkpoint belongs to another network or optimizer.
+        """
+        path = self.latest
+        if path:
+            try:
+                self._checkpoint.restore(path).assert_existing_objects_matched()
+            except (ValueError, AssertionError, tf.errors.OpError) as err:
+                raise UserError(
+                    f"{self._model_dir} holds checkpoints of another network or optimizer ({path}: "
+                    f"{str(err).splitlines()[0][:300]}). Use a new --model_dir, or start from those weights "
+                    "with trainer.train.init_from (and trainer.train.allow_partial_init = True).") from None
+        if self._distribution.multi_worker:
+            # It restores the same checkpoint again and adds its run counter to the checkpoint.
+            self._preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
+                self._distribution.strategy.cluster_resolver, self._checkpoint, checkpoint_dir=self.directory,
+                termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=self._on_preempted))
+        return path
+
+    def save(self, step, best=False):
+        """Saves `step` (and as the best so far if `best`), after checking the weights are finite.
+
+        Raises:
+          UserError: a weight is not finite (nothing is saved).
+        """
+        bad = [w.path for w in self._model.weights if not np.all(np.isfinite(w.numpy()))]
+        if bad:
+            raise UserError(f"The weights became non-finite ({', '.join(bad[:3])}, ...) by step {step}: "
+                            f"the run stopped without saving them. The last good checkpoint is kept: "
+                            f"{self.latest or 'none yet'}. Lower the learning rate and run the same command.")
+        if step != self._saved_step:
+            self._latest.save(checkpoint_number=step)
+            self._saved_step = step
+        if best:
+            self._best.save(checkpoint_number=step)
+
+    def save_if_preempted(self, step):
+        """MultiWorkerMirroredStrategy: saves at the step the workers agreed on after a SIGTERM."""
+        if self._preemption:
+            self._preemption.save_checkpoint_if_preempted(checkpoint_number=step)
+
+
+def _step_of(path):
+    return int(path.rsplit("-", 1)[1]) if path else None
+
+
+def find_init_checkpoint(init_from, previous_phase=None):
+    """The checkpoint `init_from` names: a model directory's latest one, or a checkpoint path.
+
+    Raises:
+      UserError: there is none; the message names the phase to run first.
+    """
+    path = init_from
+    if tf.io.gfile.isdir(init_from):
+        path = (tf.train.latest_checkpoint(os.path.join(init_from, "checkpoints"))
+                or tf.train.latest_checkpoint(init_from))
+    if not path or not tf.io.gfile.glob(path + "*"):
+        run_first = (f" Run the previous phase first: python -m trainer.main --gin_file={previous_phase}."
+                     if previous_phase else "")
+        raise UserError(f"trainer.train.init_from = {init_from!r} holds no checkpoint to start this phase from."
+                        f"{run_first} Or set trainer.train.init_from = None to start from scratch.")
+    return path
+
+
+def _checkpoint_key(path, attribute="weights"):
+    """The name `tf.train.Checkpoint(<attribute>={path: variable})` gives a variable inside the checkpoint."""
+    return f"{attribute}/" + path.replace(".", "..").replace("/", ".S") + "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def transfer_weights(weights, init_from, previous_phase=None, allow_partial=False):
+    """Loads a previous phase's weights by name and returns a transfer report.
+
+    Args:
+      weights: {path: variable} of the model being trained (`weights_by_path`).
+      init_from: a model directory (its latest checkpoint) or a checkpoint path.
+      previous_phase: gin file of the phase that writes `init_from` (for the error).
+      allow_partial: accept variables missing from the checkpoint or of another shape.
+
+    Returns:
+      A multi-line report: variables restored, missing, shape mismatches, unused.
+
+    Raises:
+      UserError: no checkpoint at `init_from`, or a partial load not allowed.
+    """
+    path = find_init_checkpoint(init_from, previous_phase)
+    reader = tf.train.load_checkpoint(path)
+    stored = reader.get_variable_to_shape_map()
+    restored, missing, mismatched = [], [], []
+    for name, var in weights.items():
+        k = _checkpoint_key(name)
+        if k not in stored:
+            missing.append(name)
+        elif list(stored[k]) != list(var.shape):
+            mismatched.append(f"{name} {list(stored[k])} -> {list(var.shape)}")
+        else:
+            var.assign(reader.get_tensor(k))
+            restored.append(name)
+    used = {_checkpoint_key(n) for n in restored}
+    unused = [k for k in stored if k.startswith("weights/") and k not in used]
+    report = (f"Transfer from {path}: {len(restored)} of {len(weights)} variables restored, "
+              f"{len(missing)} missing from the checkpoint, {len(mismatched)} of another shape, "
+              f"{len(unused)} checkpoint variables unused.")
+    details = "".join(f"\n  missing: {n}" for n in missing[:20]) + "".join(f"\n  shape: {m}" for m in mismatched[:20])
+    if (missing or mismatched) and not allow_partial:
+        raise UserError(report + details
+                        + "\nRefusing a partial load: set trainer.train.allow_partial_init = True to accept it.")
+    logging.info("%s", report + details)
+    return report + details
+
+
+def restore_weights(model, path):
+    """Restores only the network's weights from a checkpoint (for evaluation and export).
+
+    Raises:
+      UserError: the checkpoint does not hold this network's weights.
+    """
+    try:
+        tf.train.Checkpoint(weights=weights_by_path(model)).restore(path).expect_partial() \
+            .assert_existing_objects_matched()
+    except (ValueError, AssertionError, tf.errors.OpError) as err:
+        raise UserError(f"{path} does not hold the weights of this network: {str(err).splitlines()[0][:300]}") \
+            from None

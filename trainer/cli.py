@@ -1,0 +1,133 @@
+"""What every command-line entry point shares: quiet TensorFlow, gin flags, one-line errors, exit codes.
+
+    from trainer import cli
+    cli.define_gin_flags()
+    def main(argv): ...
+    if __name__ == "__main__":
+        cli.run(main)
+
+Nothing here imports TensorFlow, so `--help` is fast. A `UserError` prints as
+one `error: ...` paragraph and exits 1; a run stopped by a signal after its
+checkpoint (`Interrupted`) exits 128 + the signal's number, as shells expect.
+"""
+
+import contextlib
+import importlib
+import logging
+import os
+import sys
+import traceback
+
+# TensorFlow's C++ start-up lines (CUDA probing, CPU features) stay off the console
+# unless the user asks for them by setting TF_CPP_MIN_LOG_LEVEL.
+_QUIET = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# The modules that define gin configurables (`trainer.registry`), imported before gin files are read.
+CONFIGURABLE_MODULES = ("trainer.train", "trainer.data.pipeline")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from trainer.errors import UserError  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+class Interrupted(UserError):
+    """A signal stopped the run after a checkpoint; the same command resumes it."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+
+
+def define_gin_flags(default_files=None, model_dir=True):
+    """Defines --gin_file (repeatable), --gin_bindings (repeatable) and optionally --model_dir."""
+    flags.DEFINE_multi_string("gin_file", default_files, "Gin files, repeatable; later files win.")
+    flags.DEFINE_multi_string("gin_bindings", [], 'Gin bindings, repeatable, applied after the files, e.g. '
+                              '"EPOCHS = 3".')
+    if model_dir:
+        flags.DEFINE_string("model_dir", None, "Overrides the MODEL_DIR macro of the gin files.")
+
+
+def register_configurables():
+    """Imports every module that defines gin configurables (this imports TensorFlow)."""
+    with _quiet_stderr():
+        for module in CONFIGURABLE_MODULES:
+            importlib.import_module(module)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Sends file descriptor 2 to /dev/null while TensorFlow's C++ runtime starts (it logs before
+    TF_CPP_MIN_LOG_LEVEL applies); Python exceptions still reach the console afterwards."""
+    if not _QUIET or "tensorflow" in sys.modules:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def parse_gin_flags(defaults=(), model_dir=None):
+    """Parses the --gin_file and --gin_bindings flags (see `trainer.config.parse_gin`)."""
+    from trainer import config  # pylint: disable=import-outside-toplevel
+
+    register_configurables()
+    config.parse_gin(FLAGS.gin_file or [], FLAGS.gin_bindings, model_dir=model_dir, defaults=defaults)
+
+
+def quiet_tensorflow():
+    """Drops TensorFlow's own Python INFO lines (checkpoint sharding, SavedModel export), keeps its warnings."""
+    def keep(record):
+        return record.levelno >= logging.WARNING or f"{os.sep}tensorflow{os.sep}" not in record.pathname
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("absl").addFilter(keep)
+
+
+def run(main, usage=None):
+    """Runs `main(argv)` as an absl program with the project's error handling.
+
+    Args:
+      main: `main(argv)`.
+      usage: a function returning the text `--help` prints before the flags.
+    """
+    def wrapped(argv):
+        quiet_tensorflow()
+        try:
+            return main(argv)
+        except Interrupted as err:
+            print(f"stopped: {err}", file=sys.stderr)
+            sys.exit(128 + err.signum)
+        except UserError as err:
+            message = str(err).split("\n  In call to configurable")[0]  # Gin's call-site suffix.
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            print("stopped: interrupted (no checkpoint written)", file=sys.stderr)
+            sys.exit(130)
+        except Exception:  # pragma: no cover - unexpected: keep the full traceback.
+            traceback.print_exc()
+            sys.exit(2)
+
+    if usage is not None and any(a in ("--help", "-h", "--helpfull", "-?") for a in sys.argv[1:]):
+        print(usage())
+    app.run(wrapped)
+
+
+def no_arguments(argv):
+    """Rejects positional arguments (absl passes them through)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")

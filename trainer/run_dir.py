@@ -1,0 +1,168 @@
+"""The model directory of a run: one run at a time (a lock with a heartbeat), signals, the operative config.
+
+Two runs never write one model directory at once: the first takes `LOCK`
+(host and pid, created with O_EXCL) and refreshes its modification time while
+it trains. A second run is refused while the holder is alive; it takes over
+a lock whose holder is provably gone: a dead process on this host, or a lock
+on another host that has not been refreshed for `STALE_AFTER_SECONDS`.
+"""
+
+import os
+import signal
+import socket
+import time
+
+import tensorflow as tf
+from absl import logging
+
+from trainer.errors import UserError
+
+HEARTBEAT_SECONDS = 30
+STALE_AFTER_SECONDS = 600  # 20 missed heartbeats.
+
+
+class ModelDirLock:
+    """A lock file that stops a second run from writing the same model directory.
+
+    Local files only (`os.open` with O_EXCL, which tf.io.gfile lacks): on gs://
+    the model directory is not locked.
+    """
+
+    def __init__(self, model_dir):
+        self.path = os.path.join(model_dir, "LOCK")
+        self._last_beat = 0.0
+        self._held = False
+        if "://" in self.path:
+            logging.warning("Model directory %s is not locked against a second run (remote filesystem).",
+                            model_dir)
+            return
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._stale():
+                    logging.warning("Taking over the stale lock %s (%s).", self.path, self._holder())
+                    try:
+                        os.remove(self.path)
+                    except FileNotFoundError:  # Another run took it over first.
+                        pass
+                    continue
+                raise UserError(self._in_use_message(model_dir)) from None
+            except OSError as err:
+                raise UserError(f"Cannot write the model directory {model_dir}: {err.strerror} ({self.path}). "
+                                "Use a writable --model_dir.") from None
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+            os.close(fd)
+            self._held = True
+            self._last_beat = time.time()
+            return
+        raise UserError(f"Could not take the lock {self.path}: another run keeps taking it.")
+
+    def _in_use_message(self, model_dir):
+        holder = self._holder()
+        host = holder.split()[0] if holder.split() else "unknown"
+        if host == socket.gethostname():
+            how = "that process is alive"
+        else:
+            age = self._age()
+            how = (f"it runs on {host}: check there with `ps -p <pid>`; its lock was refreshed {age:.0f} s ago and "
+                   f"is taken over automatically once {STALE_AFTER_SECONDS} s pass without a refresh")
+        return (f"Model directory {model_dir} is in use by another run (host and pid: {holder}; {how}). "
+                f"Wait for it or use another --model_dir.")
+
+    def _holder(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError:
+            return "unknown"
+
+    def _age(self):
+        try:
+            return time.time() - os.path.getmtime(self.path)
+        except OSError:
+            return 0.0
+
+    def _stale(self):
+        try:
+            host, pid = self._holder().split()
+        except ValueError:
+            return True  # Empty or garbled: its writer died between creating and writing it.
+        if host != socket.gethostname():
+            return self._age() > STALE_AFTER_SECONDS  # Its heartbeat stopped.
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    def heartbeat(self):
+        """Refreshes the lock's modification time (at most every HEARTBEAT_SECONDS)."""
+        now = time.time()
+        if self._held and now - self._last_beat >= HEARTBEAT_SECONDS:
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+            self._last_beat = now
+
+    def release(self):
+        if self._held and self._holder() == f"{socket.gethostname()} {os.getpid()}":
+            os.remove(self.path)
+        self._held = False
+
+
+class StopSignals:
+    """SIGTERM (preemption) or SIGINT: the loop finishes its current execution, checkpoints and stops.
+
+    A second signal stops at once (KeyboardInterrupt), without a checkpoint.
+    `received` is the first signal's number, or None.
+    """
+
+    def __init__(self, signals):
+        self.received = None
+        self.saved = False  # True if tf.distribute's PreemptionCheckpointHandler already saved.
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # Not the main thread (e.g. under a test runner thread).
+                pass
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def preempted(self):
+        """Called by the PreemptionCheckpointHandler after it saved (multi-worker SIGTERM)."""
+        self.received, self.saved = signal.SIGTERM, True
+
+    @property
+    def name(self):
+        return signal.Signals(self.received).name if self.received else None
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def write_text(path, text):
+    """Writes a small file atomically (temp file, then rename); gs:// paths are written directly."""
+    if "://" in path:
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(text)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"Cannot write {path}: {err.strerror}. Free some space or use another --model_dir; "
+                        "nothing else was changed.") from None
