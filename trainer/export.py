@@ -34,6 +34,7 @@ import datetime
 import inspect
 import json
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TF's C++ start-up chatter off the console.
 
@@ -62,7 +63,7 @@ class _Serving(tf.Module):
     def __init__(self, model, image_size, wnids, class_names, top_k, resize_method):
         super().__init__(name="serving")
         self.model_variables = list(model.variables)  # Tracked: saved with the SavedModel.
-        self._model = model
+        self._forward = lambda images: model(images, training=False)  # A closure: the Keras object is not saved.
         self._size = image_size
         self._wnids = tf.constant(wnids, tf.string)
         self._names = tf.constant(class_names, tf.string)
@@ -85,7 +86,7 @@ class _Serving(tf.Module):
     def _serve(self, images):
         pixels = tf.map_fn(self._prepare, images, fn_output_signature=tf.TensorSpec(
             [self._size, self._size, 3], tf.uint8))
-        logits = tf.cast(self._model(tf.cast(pixels, tf.float32) * INPUT_SCALE, training=False), tf.float32)
+        logits = tf.cast(self._forward(tf.cast(pixels, tf.float32) * INPUT_SCALE), tf.float32)
         probabilities = tf.nn.softmax(logits, axis=-1)
         top_p, top_i = tf.math.top_k(probabilities, k=self._top_k)
         return {"probabilities": probabilities, "top_k_indices": top_i, "top_k_probabilities": top_p,
@@ -374,6 +375,8 @@ def _best_top1(path):
 def export_checkpoint(model_dir, checkpoint="best", export_dir=None, top_k=5):
     """Exports a run's checkpoint from its model directory alone (its operative_config.gin and checkpoints).
 
+    The gin configuration in force is replaced by the run's operative config.
+
     The class list comes from the dataset bound in the run's gin config
     (`open_dataset.data_dir`), or, when that dataset is gone, from a previous
     export's classes.json.
@@ -392,6 +395,7 @@ def export_checkpoint(model_dir, checkpoint="best", export_dir=None, top_k=5):
     """
     from trainer import config
 
+    gin.clear_config()  # The run's configuration alone.
     model_dir = _local(model_dir)
     export_dir = _local(export_dir) if export_dir else os.path.join(model_dir, "export")
     operative = os.path.join(model_dir, "operative_config.gin")
@@ -500,6 +504,10 @@ def run():
                         required=True)
     flags.DEFINE_string("checkpoint", "best", "'best' (best val top-1), 'latest', or a checkpoint path.")
     flags.DEFINE_string("export_dir", None, "Where to export (default: <model_dir>/export).")
+    if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):  # absl's own --help exits with status 1.
+        flags.FLAGS.mark_as_parsed()
+        app.usage(shorthelp=True, writeto_stdout=True)
+        sys.exit(0)
     app.run(lambda argv: config.run_main(main, argv))
 
 
