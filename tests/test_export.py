@@ -256,3 +256,18 @@ def test_cli_help_and_one_line_error(tmp_path):
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "operative_config.gin" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_export_trained_under_mixed_precision_exports_float32(trained_run, tmp_path):
+    """As the trainer calls it at a phase's end: the gin config in force, maybe a mixed-precision policy."""
+    config.parse_gin([os.path.join(trained_run, "operative_config.gin")])
+    classes = read_json(os.path.join(trained_run, "export", "classes.json"))
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        meta = export.export_trained(trained_run, IMAGE_SIZE, classes["wnids"], classes["names"],
+                                     export_dir=str(tmp_path / "export"))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert meta["source"]["step"] == BEST_STEP
+    model = keras.saving.load_model(tmp_path / "export" / "model.keras")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}

@@ -487,11 +487,23 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
+    _quiet_tensorflow_info()
     flag_values = flags.FLAGS
     metadata = export_checkpoint(flag_values.model_dir, flag_values.checkpoint, flag_values.export_dir)
     source = metadata["source"]
     export_dir = flag_values.export_dir or os.path.join(flag_values.model_dir, "export")
     print(f"Exported the {source['kind']} checkpoint {source['checkpoint']} (step {source['step']}) to {export_dir}.")
+
+
+def _quiet_tensorflow_info():
+    """Drops TensorFlow's own INFO lines (SavedModel writing), keeps its warnings (as trainer.main does)."""
+    import logging as std_logging
+
+    def keep(record):
+        return record.levelno >= std_logging.WARNING or f"{os.sep}tensorflow{os.sep}" not in record.pathname
+
+    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+    std_logging.getLogger("absl").addFilter(keep)
 
 
 def run():
