@@ -482,10 +482,10 @@ def read_classes(export_dir):
 
 def main(argv):
     """The command line: exports --checkpoint of --model_dir."""
-    from absl import app, flags
+    from absl import flags
 
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if len(argv) > 1:  # (Not app.UsageError: run_main would print it as a traceback.)
+        raise UserError(f"Unexpected arguments: {' '.join(argv[1:])}; expected flags only (see --help).")
     logging.set_verbosity(logging.INFO)
     _quiet_tensorflow_info()
     flag_values = flags.FLAGS
