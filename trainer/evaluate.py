@@ -19,6 +19,7 @@ would clash with the one the trainer imports.
 """
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TF's C++ start-up chatter off the console.
 
@@ -91,8 +92,17 @@ def run_evaluation(evaluator, model_dir, checkpoint, split):
         keras.mixed_precision.set_global_policy(policy)
 
 
+_HELP_FLAGS = {"--help", "--helpshort", "--helpfull", "-?"}
+
+
 def run():
-    app.run(lambda argv: config.run_main(main, argv))
+    """Runs the command; `--help` exits 0 (absl's help flags exit 1)."""
+    try:
+        app.run(lambda argv: config.run_main(main, argv))
+    except SystemExit as exit_:
+        if exit_.code == 1 and _HELP_FLAGS & set(sys.argv[1:]):
+            raise SystemExit(0) from None
+        raise
 
 
 if __name__ == "__main__":

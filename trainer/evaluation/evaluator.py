@@ -370,8 +370,7 @@ def _report(result, dataset, checkpoint_path, name, step, best_top1, split, imag
 
 
 def _relative(path, root):
-    root = root.rstrip("/") + "/"
-    return path[len(root):] if path.startswith(root) else path
+    return path.removeprefix(root.rstrip("/") + "/")
 
 
 def _prediction_rows(result, dataset, scored_files, labels):
