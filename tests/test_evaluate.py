@@ -21,15 +21,13 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import config
+from trainer import train as train_lib
+from trainer.data import pipeline
 from trainer.errors import UserError
-
-config.register_configurables()
-from trainer import train as train_lib  # noqa: E402  pylint: disable=wrong-import-position
-from trainer.data import pipeline  # noqa: E402  pylint: disable=wrong-import-position
-from trainer.evaluation import evaluator  # noqa: E402  pylint: disable=wrong-import-position
-from trainer.evaluation import gradcam as gradcam_lib  # noqa: E402  pylint: disable=wrong-import-position
-from trainer.evaluation import metrics  # noqa: E402  pylint: disable=wrong-import-position
-from trainer.models import builder  # noqa: E402  pylint: disable=wrong-import-position
+from trainer.evaluation import evaluator  # Also registers its gin configurable.
+from trainer.evaluation import gradcam as gradcam_lib
+from trainer.evaluation import metrics
+from trainer.models import builder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
@@ -266,13 +264,20 @@ def test_report_equals_numpy_recomputation_and_the_logged_best_top1(train_base_g
     assert tta["metrics"]["top1"] == pytest.approx(np.mean(probs.argmax(axis=1) == labels), abs=1e-12)
 
 
-def test_cli_reads_the_operative_config_and_writes_the_reports(trained_run):
-    result = evaluate_cli(f"--model_dir={trained_run}", "--checkpoint=latest")
+def test_cli_reads_the_operative_config_and_runs_under_two_mirrored_replicas(trained_run):
+    """The latest checkpoint, evaluated over 2 replicas (MirroredStrategy on logical CPUs), as the run logged it."""
+    result = evaluate_cli(f"--model_dir={trained_run}", "--checkpoint=latest",
+                          "--gin_bindings=make_strategy.kind = 'mirrored'",
+                          "--gin_bindings=make_strategy.logical_cpus = 2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ckpt-30 on val: 100 images" in result.stdout
     out = trained_run / "eval" / "ckpt-30"
     assert {"report.json", "report.md", "predictions.csv"} <= set(os.listdir(out))
     assert IMAGE_TAGS <= set(event_tags(out).Tags()["tensors"])
+    with open(trained_run / "metrics.csv", encoding="utf-8") as f:
+        logged = {int(r["step"]): float(r["val_top1"]) for r in csv.DictReader(f)}
+    report = json.loads((out / "report.json").read_text())
+    assert report["replicas"] == 2 and abs(report["metrics"]["top1"] - logged[30]) <= 1e-6
 
 
 def test_cli_help_and_missing_checkpoint(train_base_gin, tmp_path):

@@ -274,7 +274,7 @@ def evaluate_checkpoint(model, checkpoint_path, dataset, split, image_size, batc
         step, best_top1 = _checkpoint_values(checkpoint_path)
         report = _report(result, dataset, checkpoint_path, name, step, best_top1, split, image_size, batch_size,
                          tta_flip, layer.name, files, scored_files, labels, num_confused)
-        report["out_dir"] = out_dir
+        report["out_dir"], report["replicas"] = out_dir, strategy.num_replicas_in_sync
         tf.io.gfile.makedirs(out_dir)
         reports.write_atomic(os.path.join(out_dir, "report.json"), reports.to_json(report))
         reports.write_atomic(os.path.join(out_dir, "report.md"), reports.markdown(report))
