@@ -215,7 +215,7 @@ def _val_logits(model):
 
 def test_report_equals_numpy_recomputation_and_the_logged_best_top1(train_base_gin, trained_run):
     _parse(train_base_gin, trained_run)
-    report = evaluator.evaluate_model_dir(str(trained_run), "best")
+    report = evaluator.evaluate_best_of_phase(str(trained_run), pipeline.open_dataset(), 32, 20)
 
     model = builder.build_network(32)
     evaluator.restore_weights(model, report["checkpoint"])

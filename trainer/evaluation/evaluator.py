@@ -322,6 +322,33 @@ def evaluate_model_dir(model_dir, checkpoint="best", split="val", image_size=Non
                                os.path.join(model_dir, "eval"), writer=writer, strategy=strategy)
 
 
+def evaluate_best_of_phase(model_dir, dataset, image_size, batch_size, model=None, strategy=None):
+    """The trainer's end-of-phase call: evaluates model_dir/best into model_dir/eval/best-<step>/ (chief only).
+
+    Under MultiWorkerMirroredStrategy the chief evaluates alone, on a fresh
+    single-device copy of the network (the other workers may have exited).
+
+    Args:
+      model_dir: the phase's model directory.
+      dataset: the `TinyImageNet` reader.
+      image_size: the phase's resolution.
+      batch_size: the phase's global batch size.
+      model: the trained model (its weights are put back afterwards), or None for a fresh one.
+      strategy: the strategy `model` was built under.
+
+    Returns:
+      The report dict, or None when the phase saved no best checkpoint.
+    """
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "best"))
+    if not path:
+        logging.warning("No best checkpoint in %s/best: nothing to evaluate.", model_dir)
+        return None
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        model, strategy = None, None
+    return evaluate_checkpoint(model, path, dataset, "val", image_size, batch_size, os.path.join(model_dir, "eval"),
+                               strategy=strategy)
+
+
 def gin_value(name, default=UserError):
     """A gin parameter's value, with macros (`%IMAGE_SIZE`) resolved.
 
