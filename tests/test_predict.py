@@ -1,0 +1,173 @@
+"""trainer.predict: classifying image files with an export alone, and the SavedModel without `trainer`.
+
+The export is test_export's trained small network (5 synthetic classes, 32 px),
+made once per session.
+"""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from test_export import exported_run  # Shares test_export's run (made once per session).
+
+from trainer import predict
+from trainer.data.tiny_imagenet import TinyImageNet
+from trainer.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, synthetic_dir):
+    """A run's model directory holding export/ (test_export's trained small network)."""
+    return exported_run(tmp_path_factory.mktemp("export_run"), synthetic_dir)
+
+
+@pytest.fixture(scope="session")
+def predictor(run_dir):
+    return predict.Predictor(predict.find_export(run_dir))
+
+
+def run_predict(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "trainer.predict", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def val_image(synthetic_dir, index=0):
+    return Image.open(TinyImageNet(synthetic_dir).files("val")[0][index]).convert("RGB")
+
+
+def save(image, path, fmt, **kwargs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path, fmt, **kwargs)
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path, synthetic_dir):
+    """Every kind of input: JPEG, PNG, greyscale JPEG, CMYK JPEG, 17x23, 300x200 RGBA PNG; a corrupt file."""
+    rgb = val_image(synthetic_dir)
+    d = tmp_path / "images"
+    files = {
+        "rgb": save(rgb, str(d / "a.jpg"), "JPEG", quality=95),
+        "png": save(rgb, str(d / "b.PNG"), "PNG"),
+        "grey": save(rgb.convert("L"), str(d / "nested" / "c.JPEG"), "JPEG"),
+        "cmyk": save(rgb.convert("CMYK"), str(d / "nested" / "deeper" / "d.jpeg"), "JPEG", quality=95),
+        "small": save(rgb.resize((17, 23)), str(d / "e.jpg"), "JPEG"),
+        "large": save(rgb.resize((300, 200)).convert("RGBA"), str(d / "f.png"), "PNG"),
+    }
+    (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    (d / "notes.txt").write_text("not an image, not listed")
+    return d, files
+
+
+def test_cmyk_and_greyscale_jpegs_decode_to_rgb(tmp_path, synthetic_dir):
+    rgb = val_image(synthetic_dir)
+    for mode in ("CMYK", "L"):
+        path = save(rgb.convert(mode), str(tmp_path / f"{mode}.jpg"), "JPEG", quality=95)
+        decoded = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False).numpy()
+        expected = np.asarray(Image.open(path).convert("RGB"), np.float32)
+        assert decoded.shape == (64, 64, 3)
+        assert np.abs(decoded.astype(np.float32) - expected).mean() < 3  # Same colours (not inverted), up to IDCT.
+
+
+def test_every_kind_of_image_and_a_corrupt_one(image_dir, run_dir, predictor, tmp_path):
+    d, files = image_dir
+    out_csv = tmp_path / "out.csv"
+    result = run_predict(f"--model_dir={run_dir}", str(d), "--top_k=3", f"--output={out_csv}")
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(d / "corrupt.jpg") in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert sorted(line.split(": ")[0] for line in lines) == sorted(files.values())
+    for line in lines:
+        assert len(line.split(": ", 1)[1].split(", ")) == 3  # top 3: "name probability" each.
+
+    rows = list(csv.DictReader(out_csv.open()))
+    assert sorted(r["file"] for r in rows) == sorted(files.values())
+    assert list(rows[0]) == ["file"] + [f"{f}_{i}" for i in (1, 2, 3) for f in ("wnid", "name", "probability")]
+    expected, failures = predict.predict_files(predictor, list(files.values()), top_k=3)
+    assert not failures
+    by_file = {p.file: p for p in expected}
+    for row in rows:
+        p = by_file[row["file"]]
+        assert [row[f"wnid_{i}"] for i in (1, 2, 3)] == p.wnids
+        assert [row[f"name_{i}"] for i in (1, 2, 3)] == p.names
+        np.testing.assert_allclose([float(row[f"probability_{i}"]) for i in (1, 2, 3)], p.probabilities, atol=1e-5)
+        assert p.probabilities == sorted(p.probabilities, reverse=True) and sum(p.probabilities) <= 1 + 1e-5
+    # The same picture through every format and colour model: the PNG is lossless, so it equals the 64 px source.
+    assert by_file[files["png"]].wnids[0] == by_file[files["rgb"]].wnids[0] == by_file[files["cmyk"]].wnids[0]
+
+
+def test_bad_files_fail_alone_in_process(predictor, image_dir):
+    d, files = image_dir
+    paths = [str(d / "corrupt.jpg"), files["rgb"], str(d / "missing.jpg"), files["png"]]
+    images, problems = predict.list_images(paths)
+    assert problems == [(str(d / "missing.jpg"), "no such file or directory")]
+    predictions, failures = predict.predict_files(predictor, images, top_k=2, batch_size=1)
+    assert [p.file for p in predictions] == [files["rgb"], files["png"]]
+    assert [f for f, _ in failures] == [str(d / "corrupt.jpg")]
+    assert "Op:" not in failures[0][1] and failures[0][1]
+
+
+def test_test_split_file(run_dir, synthetic_dir, tmp_path):
+    result = run_predict(f"--model_dir={run_dir}", "--split=test", f"--data_dir={synthetic_dir}")
+    assert result.returncode == 0, result.stderr
+    path = os.path.join(run_dir, predict.TEST_PREDICTIONS)
+    assert path in result.stdout
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    dataset = TinyImageNet(synthetic_dir)
+    test_files = dataset.files("test")[0]
+    assert len(lines) == len(test_files) == 12
+    assert [line.split(" ")[0] for line in lines] == sorted(os.path.basename(p) for p in test_files)
+    assert all(len(line.split(" ")) == 2 and line.split(" ")[1] in dataset.wnids for line in lines)
+
+
+def test_savedmodel_alone_agrees_with_predict(run_dir, synthetic_dir, predictor, tmp_path):
+    """A fresh process that never imports `trainer` gets predict's top-1 for every val image from raw JPEG bytes."""
+    val_files = TinyImageNet(synthetic_dir).files("val")[0]
+    script = textwrap.dedent(f"""
+        import json, sys
+        import tensorflow as tf
+        serve = tf.saved_model.load({os.path.join(run_dir, 'export', 'saved_model')!r}).signatures['serving_default']
+        files = {val_files!r}
+        out = serve(images=tf.constant([open(f, 'rb').read() for f in files]))
+        assert 'trainer' not in sys.modules, sorted(m for m in sys.modules if m.startswith('trainer'))
+        print(json.dumps({{f: w.decode() for f, w in zip(files, out['top_k_wnids'].numpy()[:, 0])}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=ENV, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    alone = json.loads(result.stdout.strip().splitlines()[-1])
+    predictions, failures = predict.predict_files(predictor, val_files, top_k=1, batch_size=7)
+    assert not failures and len(val_files) == 50
+    assert {p.file: p.wnids[0] for p in predictions} == alone
+
+
+def test_missing_export_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"No export in .*python -m trainer.export --model_dir="):
+        predict.find_export(str(tmp_path))
+
+
+def test_predict_empty_batch_and_top_k_above_classes(predictor, image_dir):
+    _, files = image_dir
+    assert predictor.probabilities([]).shape == (0, 5)
+    [p], _ = predict.predict_files(predictor, [files["rgb"]], top_k=50)
+    assert len(p.wnids) == 5 and sum(p.probabilities) == pytest.approx(1, abs=1e-5)
+
+
+def test_image_bytes_from_memory(predictor):
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 10), (10, 200, 30)).save(buffer, "JPEG")
+    assert predictor.probabilities([buffer.getvalue()] * 3).shape == (3, 5)

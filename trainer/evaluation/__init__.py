@@ -1,0 +1,1 @@
+"""Helpers of `trainer.evaluate`: numpy metrics, Grad-CAM, matplotlib figures."""

@@ -1,0 +1,452 @@
+"""Evaluates one checkpoint of a training run: metrics, reports, TensorBoard pictures, Grad-CAM.
+
+`evaluate_checkpoint` scores every image of a split with a checkpoint's
+weights and writes, in `<eval_dir>/<name>/` (name: `best-45`, `ckpt-30`,
+with `-train` for the training split and `-flip` with flip TTA):
+
+  report.json      everything, machine-readable
+  report.md        summary, the worst classes, the most confused pairs
+  predictions.csv  file, true wnid, predicted wnid, probability, top-5 wnids
+  events.out.*     TensorBoard: scalars, the confusion matrix (classes ordered
+                   so confusions cluster), misclassified images, Grad-CAM
+                   overlays, a reliability diagram, a per-class table
+
+The images are decoded and scaled exactly as `pipeline.make_dataset(split,
+training=False)` does (`pipeline.decode`, then / 255), in batches of the
+training batch size padded the same way, so with flip TTA off the top-1 is
+the number the trainer's per-epoch evaluation logs for the same weights.
+"""
+
+import os
+import re
+
+import gin
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer.data import pipeline
+from trainer.errors import UserError
+from trainer.evaluation import figures
+from trainer.evaluation import gradcam as gradcam_lib
+from trainer.evaluation import metrics
+from trainer.evaluation import reports
+
+SPLITS = ("val", "train")
+CHECKPOINT_DIRS = {"best": "best", "latest": "checkpoints"}
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+def find_checkpoint(model_dir, checkpoint="best"):
+    """The checkpoint path `checkpoint` names.
+
+    Args:
+      model_dir: a training run's model directory.
+      checkpoint: 'best' (model_dir/best), 'latest' (model_dir/checkpoints) or
+        a checkpoint path such as runs/x/checkpoints/ckpt-30.
+
+    Returns:
+      The checkpoint path (prefix of its .index and .data files).
+
+    Raises:
+      UserError: no such checkpoint.
+    """
+    if checkpoint in CHECKPOINT_DIRS:
+        directory = os.path.join(os.path.expanduser(model_dir or ""), CHECKPOINT_DIRS[checkpoint])
+        path = tf.train.latest_checkpoint(directory)
+        if not path:
+            raise UserError(f"--checkpoint={checkpoint}: expected a checkpoint in {directory}, found none. Is "
+                            f"{model_dir!r} the model directory of a training run that finished an epoch?")
+        return path
+    path = os.path.expanduser(checkpoint)
+    if tf.io.gfile.isdir(path):
+        path = tf.train.latest_checkpoint(path) or path
+    if not tf.io.gfile.exists(path + ".index"):
+        raise UserError(f"--checkpoint={checkpoint}: expected 'best', 'latest' or a checkpoint path (the prefix of "
+                        f"a .index file, e.g. runs/x/checkpoints/ckpt-30), but {path}.index does not exist.")
+    return path
+
+
+def checkpoint_name(path):
+    """'best-45' for model_dir/best/ckpt-45, else the file name ('ckpt-30')."""
+    base = os.path.basename(path)
+    step = re.search(r"-(\d+)$", base)
+    if os.path.basename(os.path.dirname(path)) == "best" and step:
+        return f"best-{step.group(1)}"
+    return base
+
+
+def _checkpoint_values(path):
+    """(step, best_top1) stored in a training checkpoint; None for what it lacks."""
+    reader = tf.train.load_checkpoint(path)
+    stored = reader.get_variable_to_shape_map()
+
+    def value(name):
+        key = f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
+        return reader.get_tensor(key).item() if key in stored else None
+
+    step = value("step")
+    if step is None:
+        match = re.search(r"-(\d+)$", path)
+        step = int(match.group(1)) if match else 0
+    best = value("best_top1")
+    return int(step), (float(best) if best is not None and best >= 0 else None)
+
+
+def restore_weights(model, path):
+    """Loads a training checkpoint's weights into `model`, checking that every weight was found.
+
+    Raises:
+      UserError: the checkpoint lacks some of the model's weights or has other shapes.
+    """
+    status = tf.train.Checkpoint(weights={w.path: w for w in model.weights}).restore(path)
+    try:
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as err:
+        raise UserError(f"Checkpoint {path} does not hold the weights of network '{model.name}' as configured "
+                        f"({str(err).splitlines()[0][:300]}): expected a checkpoint of a run with the same "
+                        "gin network declaration.") from None
+    status.expect_partial()  # The optimizer's slots and the counters are not needed.
+
+
+def load_images(paths, image_size):
+    """Decodes image files as the evaluation pipeline does: float32 [N, S, S, 3] in [0, 1]."""
+    return np.stack([(tf.cast(pipeline.decode(p, image_size), tf.float32) / 255.0).numpy() for p in paths])
+
+
+def _scoring_dataset(files, image_size, batch_size):
+    """(images, index) batches of `batch_size`, the last padded with zero images of index -1.
+
+    A file that cannot be decoded is skipped (its index never appears).
+    """
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(files), tf.range(len(files), dtype=tf.int32)))
+    ds = ds.map(lambda f, i: (pipeline.decode(f, image_size), i), num_parallel_calls=_AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors(log_warning=True)
+
+    def finish(images, index):
+        missing = batch_size - tf.shape(index)[0]
+        images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
+        index = tf.pad(index, [[0, missing]], constant_values=-1)
+        images = tf.ensure_shape(images, [batch_size, image_size, image_size, 3])
+        return tf.cast(images, tf.float32) / 255.0, tf.ensure_shape(index, [batch_size])
+
+    return ds.batch(batch_size).map(finish, num_parallel_calls=_AUTOTUNE).prefetch(_AUTOTUNE)
+
+
+def score(model, files, image_size, batch_size, strategy=None, tta_flip=False):
+    """Runs the model over image files.
+
+    Args:
+      model: maps float32 [B, S, S, 3] in [0, 1] to logits.
+      files: image paths.
+      image_size: the resolution images are resized to.
+      batch_size: the global batch size (a multiple of the strategy's replicas).
+      strategy: a tf.distribute strategy the model was built under (None: the default one).
+      tta_flip: also score each image flipped left-right.
+
+    Returns:
+      (index, logits, flipped_logits): index int [M] of the files that decoded,
+      in file order; float32 logits [M, K]; flipped_logits [M, K] or None.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+
+    def replica_step(images, index):
+        outputs = [tf.cast(model(images, training=False), tf.float32), index]
+        if tta_flip:
+            outputs.append(tf.cast(model(tf.image.flip_left_right(images), training=False), tf.float32))
+        return tuple(outputs)
+
+    @tf.function
+    def step(batch):
+        return strategy.run(replica_step, args=batch)
+
+    parts = []
+    for batch in strategy.experimental_distribute_dataset(_scoring_dataset(files, image_size, batch_size)):
+        parts.append([np.concatenate([t.numpy() for t in strategy.experimental_local_results(out)])
+                      for out in step(batch)])
+    if not parts:
+        raise UserError(f"None of the {len(files)} images could be decoded: nothing to evaluate.")
+    logits, index = (np.concatenate([p[i] for p in parts]) for i in range(2))
+    flipped = np.concatenate([p[2] for p in parts]) if tta_flip else None
+    keep = index >= 0
+    order = np.argsort(index[keep], kind="stable")
+    return index[keep][order], logits[keep][order], (flipped[keep][order] if tta_flip else None)
+
+
+def compute_metrics(logits, labels, num_classes, flipped_logits=None, num_confused=20):
+    """Every number of the report from logits and labels.
+
+    Without `flipped_logits`, predictions and top-k come from the logits
+    themselves (as the trainer's evaluation); with them, from the mean of the
+    two softmax probabilities.
+
+    Args:
+      logits: [N, K] float32.
+      labels: [N] int class indices.
+      num_classes: K.
+      flipped_logits: optional [N, K] logits of the flipped images.
+      num_confused: how many (true, predicted) pairs to list.
+
+    Returns:
+      A dict: 'probabilities' [N, K], 'predictions' [N], 'losses' [N],
+      'loss', 'top1', 'top5', 'top_k', 'confusion' [K, K], 'per_class' (dict of
+      arrays), 'ece', 'reliability' (bins), 'most_confused' [(true, pred, count)].
+    """
+    labels = np.asarray(labels)
+    probabilities = metrics.softmax(logits)
+    if flipped_logits is None:
+        scores, losses = np.asarray(logits), metrics.cross_entropy(logits, labels)
+    else:
+        probabilities = (probabilities + metrics.softmax(flipped_logits)) / 2
+        scores = probabilities
+        losses = -np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-300))
+    predictions = np.argmax(scores, axis=1)
+    k = min(5, num_classes)
+    confusion = metrics.confusion_matrix(labels, predictions, num_classes)
+    confidences = probabilities[np.arange(len(labels)), predictions]
+    ece, bins = metrics.reliability(confidences, predictions == labels)
+    return {"probabilities": probabilities, "predictions": predictions, "losses": losses,
+            "loss": float(losses.mean()), "top1": float(np.mean(predictions == labels)),
+            "top5": float(np.mean(metrics.in_top_k(scores, labels, k))), "top_k": k, "confusion": confusion,
+            "per_class": metrics.per_class(confusion), "ece": ece, "reliability": bins,
+            "most_confused": metrics.most_confused(confusion, num_confused)}
+
+
+@gin.configurable(denylist=["model", "checkpoint_path", "dataset", "split", "image_size", "batch_size",
+                            "eval_dir", "writer", "strategy"])
+def evaluate_checkpoint(model, checkpoint_path, dataset, split, image_size, batch_size, eval_dir, writer=None,
+                        strategy=None, tta_flip=False, gradcam_layer=None, num_misclassified=24, num_gradcam=8,
+                        num_confused=20):
+    """Evaluates one checkpoint and writes its reports and TensorBoard summaries.
+
+    Args:
+      model: the network (built for `image_size`), or None to build it from gin
+        (`builder.build_network`) under `strategy`. A given model gets its
+        weights back afterwards: the trainer may pass the model it trains.
+      checkpoint_path: a training checkpoint (`find_checkpoint`).
+      dataset: the `TinyImageNet` reader (`pipeline.open_dataset()`).
+      split: 'val' or 'train'.
+      image_size: the resolution images are resized to (the phase's).
+      batch_size: images per model call (the phase's global batch size).
+      eval_dir: the files go to `<eval_dir>/<name>/` (`model_dir/eval` for a run).
+      writer: a `tf.summary` writer; None = one writing to `<eval_dir>/<name>/`.
+      strategy: the tf.distribute strategy `model` was built under (None: the default one).
+      tta_flip: average the softmax probabilities of each image and its left-right mirror.
+      gradcam_layer: the block (or Keras layer) Grad-CAM looks at; None = the
+        last layer with a 4-D output.
+      num_misclassified: misclassified images shown (the most confident mistakes).
+      num_gradcam: how many of those get a Grad-CAM overlay.
+      num_confused: (true, predicted) pairs listed.
+
+    Returns:
+      The report (the content of report.json) as a dict.
+
+    Raises:
+      UserError: an unknown split, a checkpoint of another network, classes that
+        do not match the dataset, no decodable image, an unknown Grad-CAM layer.
+    """
+    if split not in SPLITS:
+        raise UserError(f"Evaluation split must be one of {', '.join(SPLITS)}, got {split!r}.")
+    strategy = strategy or tf.distribute.get_strategy()
+    if batch_size % strategy.num_replicas_in_sync:
+        raise UserError(f"Evaluation batch size {batch_size} does not split over "
+                        f"{strategy.num_replicas_in_sync} replicas: use a multiple of them.")
+    if model is None:
+        from trainer.models import builder  # pylint: disable=import-outside-toplevel
+        with strategy.scope():
+            model = builder.build_network(image_size)
+        saved = None
+    else:
+        saved = [w.numpy() for w in model.weights]
+    if model.output_shape[-1] != dataset.num_classes:
+        raise UserError(f"The network outputs {model.output_shape[-1]} classes but the dataset at "
+                        f"{dataset.data_dir} has {dataset.num_classes}: expected the NUM_CLASSES of the run.")
+    layer = gradcam_lib.find_layer(model, gradcam_layer)  # Fails early on a bad name.
+    name = checkpoint_name(checkpoint_path) + ("-train" if split == "train" else "") + ("-flip" if tta_flip else "")
+    out_dir = os.path.join(eval_dir, name)
+    try:
+        restore_weights(model, checkpoint_path)
+        files, labels = dataset.files(split)
+        index, logits, flipped = score(model, files, image_size, batch_size, strategy, tta_flip)
+        labels = np.asarray(labels)[index]
+        scored_files = [files[i] for i in index]
+        result = compute_metrics(logits, labels, dataset.num_classes, flipped, num_confused)
+        step, best_top1 = _checkpoint_values(checkpoint_path)
+        report = _report(result, dataset, checkpoint_path, name, step, best_top1, split, image_size, batch_size,
+                         tta_flip, layer.name, files, scored_files, labels, num_confused)
+        report["out_dir"], report["replicas"] = out_dir, strategy.num_replicas_in_sync
+        tf.io.gfile.makedirs(out_dir)
+        reports.write_atomic(os.path.join(out_dir, "report.json"), reports.to_json(report))
+        reports.write_atomic(os.path.join(out_dir, "report.md"), reports.markdown(report))
+        reports.write_atomic(os.path.join(out_dir, "predictions.csv"),
+                             reports.predictions_csv(_prediction_rows(result, dataset, scored_files, labels)))
+        own_writer = writer is None
+        writer = writer or tf.summary.create_file_writer(out_dir)
+        _summaries(writer, step, report, result, model, layer, dataset, scored_files, labels, image_size,
+                   num_misclassified, num_gradcam)
+        writer.flush()
+        if own_writer:
+            writer.close()
+    finally:
+        if saved is not None:
+            for w, value in zip(model.weights, saved):
+                w.assign(value)
+    logging.info("Evaluated %s on %s (%d images): loss %.4f, top-1 %.4f, top-%d %.4f, ECE %.4f. Reports in %s.",
+                 name, split, len(index), report["metrics"]["loss"], report["metrics"]["top1"],
+                 report["metrics"]["top_k"], report["metrics"]["top5"], report["metrics"]["ece"], out_dir)
+    return report
+
+
+def evaluate_model_dir(model_dir, checkpoint="best", split="val", image_size=None, batch_size=None, model=None,
+                       strategy=None, writer=None):
+    """Evaluates a run's checkpoint into `model_dir/eval/<name>/` (gin must be parsed).
+
+    Args:
+      model_dir: the run's model directory.
+      checkpoint: 'best', 'latest' or a checkpoint path (`find_checkpoint`).
+      split: 'val' or 'train'.
+      image_size: defaults to gin's `train.image_size`.
+      batch_size: defaults to gin's `train.batch_size`.
+      model: passed to `evaluate_checkpoint` (None: a fresh network from gin).
+      strategy: passed to `evaluate_checkpoint`.
+      writer: passed to `evaluate_checkpoint`.
+
+    Returns:
+      The report dict.
+    """
+    model_dir = os.path.expanduser(model_dir)
+    path = find_checkpoint(model_dir, checkpoint)
+    image_size = image_size or gin_value("train.image_size")
+    batch_size = batch_size or gin_value("train.batch_size")
+    return evaluate_checkpoint(model, path, pipeline.open_dataset(), split, image_size, batch_size,
+                               os.path.join(model_dir, "eval"), writer=writer, strategy=strategy)
+
+
+def evaluate_best_of_phase(model_dir, dataset, image_size, batch_size, model=None, strategy=None):
+    """The trainer's end-of-phase call: evaluates model_dir/best into model_dir/eval/best-<step>/ (chief only).
+
+    Under MultiWorkerMirroredStrategy the chief evaluates alone, on a fresh
+    single-device copy of the network (the other workers may have exited).
+
+    Args:
+      model_dir: the phase's model directory.
+      dataset: the `TinyImageNet` reader.
+      image_size: the phase's resolution.
+      batch_size: the phase's global batch size.
+      model: the trained model (its weights are put back afterwards), or None for a fresh one.
+      strategy: the strategy `model` was built under.
+
+    Returns:
+      The report dict, or None when the phase saved no best checkpoint.
+    """
+    path = tf.train.latest_checkpoint(os.path.join(model_dir, "best"))
+    if not path:
+        logging.warning("No best checkpoint in %s/best: nothing to evaluate.", model_dir)
+        return None
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        model, strategy = None, None
+    return evaluate_checkpoint(model, path, dataset, "val", image_size, batch_size, os.path.join(model_dir, "eval"),
+                               strategy=strategy)
+
+
+def gin_value(name, default=UserError):
+    """A gin parameter's value, with macros (`%IMAGE_SIZE`) resolved.
+
+    Raises:
+      UserError: the parameter is not bound and no default is given.
+    """
+    try:
+        value = gin.query_parameter(name)
+        while isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
+            value = value.scoped_configurable_fn()
+    except ValueError:
+        if default is UserError:
+            raise UserError(f"Evaluation needs {name} from the gin configuration, but it is not bound: give the "
+                            "run's gin files (or its operative_config.gin) or bind it.") from None
+        return default
+    return value
+
+
+def _report(result, dataset, checkpoint_path, name, step, best_top1, split, image_size, batch_size, tta_flip,
+            layer_name, files, scored_files, labels, num_confused):
+    names, wnids = dataset.class_names, dataset.wnids
+    counts = result["per_class"]
+    support = counts["support"]
+    skipped = sorted(set(files) - set(scored_files))
+    return {
+        "checkpoint": checkpoint_path, "checkpoint_name": name, "checkpoint_step": step,
+        "checkpoint_best_top1": best_top1, "split": split, "image_size": image_size, "batch_size": batch_size,
+        "tta_flip": tta_flip, "gradcam_layer": layer_name, "num_confused": num_confused,
+        "data": {"data_dir": dataset.data_dir, "num_files": len(files), "num_scored": len(scored_files),
+                 "num_skipped": len(skipped), "skipped_files": skipped},
+        "metrics": {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"], "top_k": result["top_k"],
+                    "ece": result["ece"], "ece_bins": len(result["reliability"]),
+                    "mean_per_class_accuracy": float(np.nanmean(counts["accuracy"])) if support.any() else None},
+        "per_class": [{"index": i, "wnid": wnids[i], "name": names[i], "support": int(support[i]),
+                       "predicted": int(counts["predicted"][i]), "accuracy": float(counts["accuracy"][i]),
+                       "precision": float(counts["precision"][i]), "recall": float(counts["recall"][i])}
+                      for i in range(dataset.num_classes)],
+        "most_confused": [{"true": t, "predicted": p, "true_wnid": wnids[t], "true_name": names[t],
+                           "predicted_wnid": wnids[p], "predicted_name": names[p], "count": c,
+                           "fraction": c / support[t]} for t, p, c in result["most_confused"]],
+        "reliability": result["reliability"],
+        "class_names": names, "wnids": wnids,
+        "confusion_matrix": result["confusion"].tolist(),
+        "confusion_order": metrics.cluster_order(result["confusion"]),
+    }
+
+
+def _relative(path, root):
+    return path.removeprefix(root.rstrip("/") + "/")
+
+
+def _prediction_rows(result, dataset, scored_files, labels):
+    probabilities, wnids = result["probabilities"], dataset.wnids
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :result["top_k"]]
+    return [{"file": _relative(f, dataset.data_dir), "true_wnid": wnids[labels[i]],
+             "predicted_wnid": wnids[result["predictions"][i]],
+             "probability": f"{probabilities[i, result['predictions'][i]]:.6f}",
+             "top5_wnids": " ".join(wnids[j] for j in top[i])} for i, f in enumerate(scored_files)]
+
+
+def _image_summary(name, png):
+    tf.summary.image(name, tf.image.decode_png(png, channels=3)[None], max_outputs=1)
+
+
+def _summaries(writer, step, report, result, model, layer, dataset, scored_files, labels, image_size,
+               num_misclassified, num_gradcam):
+    """Scalars, the confusion matrix, misclassified images, Grad-CAM, reliability, per-class table."""
+    names, m = dataset.class_names, report["metrics"]
+    title = f"{report['checkpoint_name']} on {report['split']}"
+    predictions, probabilities = result["predictions"], result["probabilities"]
+    confidence = probabilities[np.arange(len(labels)), predictions]
+    wrong = np.flatnonzero(predictions != labels)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:num_misclassified]  # Most confident first.
+    # Grad-CAM on the mistakes; with none, on the least confident right answers.
+    explained = wrong[:num_gradcam] if len(wrong) else np.argsort(confidence, kind="stable")[:num_gradcam]
+    images = load_images([scored_files[i] for i in np.union1d(wrong, explained)], image_size)
+    lookup = {int(i): images[n] for n, i in enumerate(np.union1d(wrong, explained))}
+
+    def caption(i):
+        return f"true: {names[labels[i]][:16]}\npred: {names[predictions[i]][:16]} {confidence[i]:.2f}"
+
+    with writer.as_default(step=step):
+        for key in ("loss", "top1", "top5", "ece"):
+            tf.summary.scalar(f"eval/{key}", m[key])
+        _image_summary("eval/confusion_matrix", figures.confusion_matrix(
+            result["confusion"], names, report["confusion_order"], f"Confusion matrix, {title}"))
+        if len(wrong):
+            grid = figures.image_grid([lookup[int(i)] for i in wrong], [caption(i) for i in wrong],
+                                      f"Most confident mistakes, {title}")
+        else:
+            grid = figures.message(f"Misclassified images, {title}", "No misclassified images.")
+        _image_summary("eval/misclassified", grid)
+        if len(explained):
+            batch = np.stack([lookup[int(i)] for i in explained])
+            cams = gradcam_lib.gradcam(model, batch, predictions[explained], layer)
+            _image_summary("eval/gradcam", figures.image_grid(
+                batch, [caption(i) for i in explained],
+                f"Grad-CAM of the predicted class at '{layer.name}', {title}", overlays=cams))
+        _image_summary("eval/reliability", figures.reliability_diagram(result["reliability"], m["ece"],
+                                                                       f"Reliability, {title}"))
+        tf.summary.text("eval/per_class_accuracy", reports.per_class_table(report["per_class"]))

@@ -1,0 +1,140 @@
+"""The evaluation's pictures, drawn with matplotlib (Agg, no pyplot state) and returned as PNG bytes.
+
+Every function builds its own `matplotlib.figure.Figure` on an Agg canvas, so
+nothing depends on (or changes) the process's pyplot backend.
+"""
+
+import io
+import math
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+MAX_NAMED_CLASSES = 30  # Above this many classes the confusion matrix's axes carry no names.
+
+
+def to_png(fig):
+    """Renders a figure to PNG bytes."""
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=fig.dpi)
+    return buffer.getvalue()
+
+
+def _short(name, width=18):
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
+def confusion_matrix(confusion, names, order, title, max_named=MAX_NAMED_CLASSES):
+    """The confusion matrix as row-normalised rates, classes in `order` on both axes.
+
+    Args:
+      confusion: [K, K] counts (row = true class).
+      names: K class names.
+      order: a permutation of range(K) (e.g. `metrics.cluster_order`).
+      title: the figure's title.
+      max_named: classes are named on the axes up to this many classes.
+
+    Returns:
+      PNG bytes.
+    """
+    confusion = np.asarray(confusion, np.float64)[np.ix_(order, order)]
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1.0)
+    k = len(order)
+    side = 6.0 if k > max_named else max(4.0, 2.5 + 0.25 * k)
+    fig = Figure(figsize=(side + 1.5, side), dpi=100)
+    ax = fig.add_subplot()
+    image = ax.imshow(rates, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if k <= max_named:
+        labels = [_short(names[i]) for i in order]
+        ax.set_xticks(range(k), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(k), labels, fontsize=7)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def image_grid(images, titles, suptitle, overlays=None, cols=6):
+    """A grid of images with a title each; with `overlays`, each image is followed by its heat-map overlay.
+
+    Args:
+      images: [N, H, W, 3] float in [0, 1].
+      titles: N strings.
+      suptitle: the figure's title.
+      overlays: optional [N, H, W] maps in [0, 1] drawn over a copy of each image.
+      cols: tiles per row.
+
+    Returns:
+      PNG bytes.
+    """
+    tiles = len(images) * (2 if overlays is not None else 1)
+    if not tiles:
+        return message(suptitle, "Nothing to show.")
+    cols = min(cols, tiles)
+    rows = math.ceil(tiles / cols)
+    fig = Figure(figsize=(1.9 * cols, 2.2 * rows + 0.4), dpi=100)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    step = 2 if overlays is not None else 1
+    for i, (image, title) in enumerate(zip(images, titles)):
+        ax = axes[step * i]
+        ax.imshow(np.clip(image, 0.0, 1.0), interpolation="nearest")
+        ax.set_title(title, fontsize=7)
+        if overlays is not None:
+            ax = axes[step * i + 1]
+            ax.imshow(np.clip(image, 0.0, 1.0), interpolation="nearest")
+            ax.imshow(overlays[i], cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0, interpolation="bilinear")
+            ax.set_title("Grad-CAM", fontsize=7)
+    fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def reliability_diagram(rows, ece, title):
+    """Accuracy against confidence per bin (bars), the diagonal, and the share of images per bin.
+
+    Args:
+      rows: `metrics.reliability` bins.
+      ece: the expected calibration error.
+      title: the figure's title.
+
+    Returns:
+      PNG bytes.
+    """
+    lower = np.array([r["lower"] for r in rows])
+    width = np.array([r["upper"] - r["lower"] for r in rows])
+    accuracy = np.array([r["accuracy"] if r["count"] else 0.0 for r in rows])
+    confidence = np.array([r["confidence"] if r["count"] else 0.0 for r in rows])
+    counts = np.array([r["count"] for r in rows], np.float64)
+    fig = Figure(figsize=(5.0, 6.0), dpi=100)
+    top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    top.bar(lower, accuracy, width=width, align="edge", edgecolor="black", color="tab:blue", label="accuracy")
+    top.bar(lower, confidence - accuracy, bottom=accuracy, width=width, align="edge", color="tab:red",
+            alpha=0.3, label="gap to confidence")
+    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(f"{title}\nECE {ece:.4f} ({len(rows)} bins)", fontsize=10)
+    bottom.bar(lower, counts / max(counts.sum(), 1.0), width=width, align="edge", edgecolor="black", color="grey")
+    bottom.set_xlabel("confidence (probability of the predicted class)")
+    bottom.set_ylabel("share of images")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def message(title, text):
+    """A small figure holding one line of text (e.g. 'no misclassified images')."""
+    fig = Figure(figsize=(4.0, 1.5), dpi=100)
+    fig.text(0.5, 0.6, title, ha="center", fontsize=10)
+    fig.text(0.5, 0.3, text, ha="center", fontsize=9)
+    return to_png(fig)

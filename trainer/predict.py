@@ -1,0 +1,329 @@
+"""Classifies image files with an exported network: `python -m trainer.predict --model_dir=runs/x a.jpg dir/`.
+
+Works from the export directory alone (`<model_dir>/export`, or `--model_dir`
+itself when it holds `saved_model/`): it loads the SavedModel written by
+`trainer.export` with TensorFlow and reads its classes.json; it never builds
+the network, reads gin files or opens the dataset.
+
+Images are files or directories (searched recursively for .jpg, .jpeg and
+.png, any case). Each image's top-k classes are printed, one line per image:
+
+    images/cat.jpg: tabby 0.8123, tiger cat 0.1002, ...
+
+A file that cannot be read or decoded gets one `error:` line on stderr naming
+it; every other image is still classified, and the exit status is 1 (0 when
+every image was classified).
+
+`--output=FILE` also writes a CSV: a header, then one row per classified
+image: file, then wnid_i, name_i, probability_i for ranks i = 1..k.
+
+`--split=test --data_dir=DIR` classifies every image of DIR/test/images and
+writes the Tiny ImageNet test-set predictions file, one `file_name wnid` line
+per image (sorted by file name), to --output, by default
+`<model_dir>/predictions_test.txt` (next to the run it comes from).
+
+Flags:
+  --model_dir   a run's model directory (uses its export/) or an export directory.
+  --top_k       classes shown per image (default 5).
+  --output      CSV file for images; the predictions file for --split.
+  --split       'test': predict the dataset's test split (needs --data_dir).
+  --data_dir    the Tiny ImageNet directory, for --split.
+  --batch_size  images per call of the SavedModel (default 32).
+"""
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TF's C++ start-up chatter off the console.
+
+import numpy as np  # pylint: disable=wrong-import-position
+import tensorflow as tf  # pylint: disable=wrong-import-position
+
+from trainer.errors import UserError  # pylint: disable=wrong-import-position
+
+# The layout trainer.export writes.
+SAVED_MODEL = "saved_model"
+CLASSES_FILE = "classes.json"
+SIGNATURE = "serving_default"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+TEST_PREDICTIONS = "predictions_test.txt"
+
+
+@dataclasses.dataclass
+class Prediction:
+    """The top-k classes of one image.
+
+    Attributes:
+      file: the image path as found.
+      wnids: class ids, most probable first.
+      names: their names.
+      probabilities: their probabilities.
+    """
+
+    file: str
+    wnids: list
+    names: list
+    probabilities: list
+
+
+def find_export(model_dir):
+    """The export directory of `model_dir`: `model_dir` itself if it holds saved_model/, else model_dir/export.
+
+    Raises:
+      UserError: neither holds an export.
+    """
+    model_dir = model_dir if "://" in model_dir else os.path.expanduser(model_dir)
+    for candidate in (model_dir, os.path.join(model_dir, "export")):
+        if tf.io.gfile.isdir(os.path.join(candidate, SAVED_MODEL)):
+            return candidate
+    raise UserError(f"No export in {model_dir}: expected {os.path.join(model_dir, 'export', SAVED_MODEL)} (or "
+                    f"--model_dir pointing at an export directory holding {SAVED_MODEL}/). Export the run first: "
+                    f"python -m trainer.export --model_dir={model_dir}")
+
+
+class Predictor:
+    """An exported network, loaded with TensorFlow alone.
+
+    Attributes:
+      export_dir: the export directory.
+      wnids: class ids in label order.
+      names: class names in label order.
+    """
+
+    def __init__(self, export_dir):
+        """Loads export_dir/saved_model and export_dir/classes.json.
+
+        Raises:
+          UserError: a missing or unreadable export.
+        """
+        self.export_dir = export_dir
+        path = os.path.join(export_dir, SAVED_MODEL)
+        try:
+            self._serve = tf.saved_model.load(path).signatures[SIGNATURE]
+        except (OSError, KeyError, ValueError, tf.errors.OpError) as err:
+            raise UserError(f"Cannot load the SavedModel {path} (expected one written by trainer.export, with a "
+                            f"{SIGNATURE!r} signature): {_reason(err)}") from None
+        classes_path = os.path.join(export_dir, CLASSES_FILE)
+        try:
+            with tf.io.gfile.GFile(classes_path) as f:
+                classes = json.load(f)
+            self.wnids, self.names = list(classes["wnids"]), list(classes["names"])
+        except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as err:
+            raise UserError(f"Cannot read {classes_path} (expected JSON {{'wnids': [...], 'names': [...]}} written "
+                            f"by trainer.export): {_reason(err)}") from None
+
+    def probabilities(self, encoded):
+        """Class probabilities of encoded images.
+
+        Args:
+          encoded: a list of encoded image bytes (JPEG, PNG, ...), each decodable.
+
+        Returns:
+          float32 [N, C].
+        """
+        if not encoded:
+            return np.zeros([0, len(self.wnids)], np.float32)
+        return self._serve(images=tf.constant(encoded, tf.string))["probabilities"].numpy()
+
+    def top_k(self, probabilities, k):
+        """(wnids, names, probabilities) of the k most probable classes of one image, most probable first."""
+        order = np.argsort(-probabilities, kind="stable")[:k]
+        return ([self.wnids[i] for i in order], [self.names[i] for i in order],
+                [float(probabilities[i]) for i in order])
+
+
+def list_images(paths):
+    """Expands files and directories (recursively: .jpg, .jpeg, .png, any case) into image paths.
+
+    Args:
+      paths: file and directory paths.
+
+    Returns:
+      (images, problems): image paths (each directory's sorted), and (path, reason) for paths that do not exist
+      or directories without images.
+    """
+    images, problems = [], []
+    for path in paths:
+        if tf.io.gfile.isdir(path):
+            found = sorted(os.path.join(root, name) for root, _, names in tf.io.gfile.walk(path) for name in names
+                           if name.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                problems.append((path, f"no {', '.join(IMAGE_SUFFIXES)} images in this directory"))
+            images += found
+        elif tf.io.gfile.exists(path):
+            images.append(path)  # Named explicitly: tried whatever its suffix.
+        else:
+            problems.append((path, "no such file or directory"))
+    return images, problems
+
+
+def predict_files(predictor, files, top_k=5, batch_size=32):
+    """Classifies image files, each decoded on its own first so that one bad file fails alone.
+
+    Args:
+      predictor: a `Predictor`.
+      files: image paths.
+      top_k: classes kept per image.
+      batch_size: images per call of the SavedModel.
+
+    Returns:
+      (predictions, failures): a `Prediction` per classified image, in the order of `files`, and
+      (file, reason) for each file that could not be read or decoded.
+    """
+    predictions, failures = [], []
+    batch = []
+
+    def flush():
+        try:
+            rows = predictor.probabilities([data for _, data in batch])
+        except tf.errors.OpError:  # Should not happen after the check: fall back to one image at a time.
+            rows = []
+            for file, data in batch:
+                try:
+                    rows.append(predictor.probabilities([data])[0])
+                except tf.errors.OpError as err:
+                    failures.append((file, _reason(err)))
+                    rows.append(None)
+        for (file, _), row in zip(batch, rows):
+            if row is not None:
+                predictions.append(Prediction(file, *predictor.top_k(row, top_k)))
+        batch.clear()
+
+    for file in files:
+        try:
+            with tf.io.gfile.GFile(file, "rb") as f:
+                data = f.read()
+            tf.io.decode_image(data, channels=3, expand_animations=False)  # What the signature does first.
+        except (OSError, tf.errors.OpError) as err:
+            failures.append((file, _reason(err)))
+            continue
+        batch.append((file, data))
+        if len(batch) >= batch_size:
+            flush()
+    if batch:
+        flush()
+    return predictions, failures
+
+
+def format_prediction(prediction):
+    """One line: `file: name probability, name probability, ...`."""
+    return f"{prediction.file}: " + ", ".join(
+        f"{name} {p:.4f}" for name, p in zip(prediction.names, prediction.probabilities))
+
+
+def write_csv(predictions, path):
+    """Writes one CSV row per image: file, then wnid_i, name_i, probability_i for each rank i."""
+    k = max((len(p.wnids) for p in predictions), default=0)
+    header = ["file"] + [f"{field}_{i}" for i in range(1, k + 1) for field in ("wnid", "name", "probability")]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for p in predictions:
+        writer.writerow([p.file] + [v for triple in zip(p.wnids, p.names, p.probabilities)
+                                    for v in (triple[0], triple[1], f"{triple[2]:.6f}")])
+    _write_text(path, buffer.getvalue())
+
+
+def predict_test_split(predictor, data_dir, output, batch_size=32):
+    """Classifies every image of <data_dir>/test/images and writes `file_name wnid` lines to `output`.
+
+    Args:
+      predictor: a `Predictor`.
+      data_dir: the Tiny ImageNet directory.
+      output: the predictions file to write.
+      batch_size: images per call of the SavedModel.
+
+    Returns:
+      (predictions, failures) as `predict_files` returns them.
+
+    Raises:
+      UserError: no test/images directory in data_dir.
+    """
+    test_dir = os.path.join(data_dir if "://" in data_dir else os.path.expanduser(data_dir), "test", "images")
+    if not tf.io.gfile.isdir(test_dir):
+        raise UserError(f"No test images in {data_dir}: expected the Tiny ImageNet layout with {test_dir}/.")
+    files = [os.path.join(test_dir, n.rstrip("/")) for n in sorted(tf.io.gfile.listdir(test_dir))
+             if n.lower().endswith(IMAGE_SUFFIXES)]
+    predictions, failures = predict_files(predictor, files, top_k=1, batch_size=batch_size)
+    _write_text(output, "".join(f"{os.path.basename(p.file)} {p.wnids[0]}\n" for p in predictions))
+    return predictions, failures
+
+
+def _write_text(path, text):
+    try:
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(text)
+    except (OSError, tf.errors.OpError) as err:
+        raise UserError(f"Cannot write {path}: {_reason(err)}. Choose another --output.") from None
+
+
+def _reason(err):
+    """A TensorFlow or OS error as one short line (no op names, no function-node prefixes)."""
+    if isinstance(err, tf.errors.OpError):
+        message = err.message
+    elif isinstance(err, OSError) and err.strerror:
+        message = err.strerror
+    else:
+        message = str(err)
+    message = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", message)
+    return " ".join(message.split()) or type(err).__name__
+
+
+def main(argv):
+    """The command line (see the module docstring). Returns the exit status."""
+    from absl import flags
+
+    flag_values = flags.FLAGS
+    paths = argv[1:]
+    if flag_values.split and paths:
+        raise UserError(f"Give image files and directories, or --split=test, not both (got --split and {paths[0]}).")
+    if not flag_values.split and not paths:
+        raise UserError("Nothing to classify: expected image files or directories (or --split=test --data_dir=DIR).")
+    if flag_values.split and not flag_values.data_dir:
+        raise UserError("--split=test needs --data_dir: the Tiny ImageNet directory holding test/images.")
+    predictor = Predictor(find_export(flag_values.model_dir))
+    if flag_values.split:
+        output = flag_values.output or os.path.join(flag_values.model_dir, TEST_PREDICTIONS)
+        predictions, failures = predict_test_split(predictor, flag_values.data_dir, output, flag_values.batch_size)
+        print(f"Wrote {len(predictions)} predictions ({flag_values.split} split) to {output}.")
+    else:
+        files, failures = list_images(paths)
+        more, bad = predict_files(predictor, files, flag_values.top_k, flag_values.batch_size)
+        failures += bad
+        for prediction in more:
+            print(format_prediction(prediction))
+        if flag_values.output:
+            write_csv(more, flag_values.output)
+    for file, reason in failures:
+        print(f"error: cannot classify {file}: {reason}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def run():
+    """`python -m trainer.predict`: exit status 1 if any image failed, or on a UserError (one `error:` line)."""
+    from absl import app, flags
+
+    from trainer import config
+
+    flags.DEFINE_string("model_dir", None, "A run's model directory (its export/ is used) or an export directory.",
+                        required=True)
+    flags.DEFINE_integer("top_k", 5, "Classes shown per image.", lower_bound=1)
+    flags.DEFINE_string("output", None, "CSV file for images; for --split, the predictions file "
+                        f"(default <model_dir>/{TEST_PREDICTIONS}).")
+    flags.DEFINE_enum("split", None, ["test"], "Classify this split of --data_dir instead of image arguments.")
+    flags.DEFINE_string("data_dir", None, "The Tiny ImageNet directory, for --split.")
+    flags.DEFINE_integer("batch_size", 32, "Images per call of the SavedModel.", lower_bound=1)
+    if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):  # absl's own --help exits with status 1.
+        flags.FLAGS.mark_as_parsed()
+        app.usage(shorthelp=True, writeto_stdout=True)
+        sys.exit(0)
+    app.run(lambda argv: config.run_main(main, argv))
+
+
+if __name__ == "__main__":
+    run()
