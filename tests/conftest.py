@@ -1,9 +1,12 @@
-"""Shared fixtures: one small synthetic dataset in Tiny ImageNet's layout per test session."""
+"""Shared fixtures: small synthetic datasets in Tiny ImageNet's layout, a clean gin config per test."""
 
 import gin
 import pytest
 
+from trainer import cli
 from trainer.data import synthetic
+
+cli.register_configurables()  # Every gin configurable, before any test parses a gin file.
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +42,7 @@ def train_base_gin(tmp_path_factory, train_synthetic_dir):
     path.write_text(f"""
 include 'gin/common.gin'
 include 'gin/models/small.gin'
+include 'gin/strategy/default.gin'
 DATA_DIR = '{train_synthetic_dir}'
 IMAGE_SIZE = 32
 BATCH_SIZE = 20
@@ -46,10 +50,10 @@ EPOCHS = 1
 NUM_CLASSES = 5
 MODEL_DIR = None
 AUGMENT = None
-make_dataset.deterministic = True
-train.seed = 1
-train.steps_per_execution = 5
-train.log_every_steps = 1
-train.export = False
+SEED = 1
+trainer.data.deterministic = True
+trainer.train.steps_per_execution = 5
+trainer.train.log_every_steps = 1
+trainer.train.export = False
 """)
     return str(path)

@@ -1,10 +1,13 @@
 """Tests for trainer/models/blocks.py: each kind's layers, settings and shapes."""
 
+import subprocess
+import sys
 import gin
 import keras
 import pytest
 
 from trainer.errors import UserError
+from trainer import registry
 from trainer.models import blocks
 
 
@@ -58,9 +61,12 @@ def test_transition_is_conv1x1_with_bias_he_normal_l2_then_bn_relu():
 def test_batch_norm_defaults_and_gin_settings():
     bn = blocks.batch_norm(name="bn")
     assert (bn.momentum, bn.epsilon, bn.synchronized) == (0.99, 1e-3, False)
-    gin.parse_config("batch_norm.momentum = 0.9\nbatch_norm.synchronized = True")
+    gin.parse_config("trainer.blocks.batch_norm.momentum = 0.9")
     bn = blocks.batch_norm(name="bn")
-    assert (bn.momentum, bn.synchronized) == (0.9, True)
+    assert (bn.momentum, bn.synchronized) == (0.9, False)
+    with blocks.synchronized_batch_norm(True):  # The strategy's setting, applied while the trainer builds.
+        assert blocks.batch_norm(name="bn").synchronized
+    assert not blocks.batch_norm(name="bn").synchronized
 
 
 def test_conv_activation_and_preactivation_order():
@@ -154,5 +160,19 @@ def test_every_kind_is_registered_once_and_gin_configurable():
         "residual_bottleneck", "max_pool", "avg_pool", "global_avg_pool", "global_max_pool",
         "concat", "add", "dropout", "dense", "classifier"}
     for kind in blocks.KINDS.values():
-        assert gin.config._REGISTRY.get_match(f"trainer.models.blocks.{kind.name}")  # pylint: disable=protected-access
+        assert gin.get_configurable(f"trainer.blocks.{kind.name}")
+        assert f"trainer.blocks.{kind.name}" in registry.CONFIGURABLES
     assert [k for k, v in blocks.KINDS.items() if v.multi_input] == ["concat", "add"]
+
+
+def test_list_prints_every_kind_with_its_arguments():
+    result = subprocess.run([sys.executable, "-m", "trainer.models.blocks", "--list"], capture_output=True,
+                            text=True, check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for kind in blocks.KINDS:
+        assert f"\n{kind}(" in "\n" + result.stdout
+    assert "conv(name: str, filters: int, kernel_size: int = 3" in result.stdout
+    assert "cuda" not in result.stderr.lower()  # TensorFlow's start-up lines stay off the console.
+    help_result = subprocess.run([sys.executable, "-m", "trainer.models.blocks", "--help"], capture_output=True,
+                                 text=True, check=False, timeout=60)
+    assert help_result.returncode == 0 and "--list" in help_result.stdout

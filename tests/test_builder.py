@@ -49,8 +49,8 @@ def test_output_is_float32_logits_under_mixed_precision():
 def test_declaration_from_gin_with_macro_inside_dicts():
     gin.parse_config("""
         NUM_CLASSES = 7
-        build_network.name = 'tiny'
-        build_network.blocks = [
+        trainer.network.name = 'tiny'
+        trainer.network.blocks = [
             {'name': 'stem', 'kind': 'conv', 'filters': 4},
             {'name': 'head', 'kind': 'classifier', 'units': %NUM_CLASSES},
         ]
@@ -102,9 +102,9 @@ def test_gin_bound_required_argument_counts_as_given():
      r"^Block 'd_a': its layer name 'd_a_sepconv' is also used by another block"),
     ([{"name": "a", "kind": "conv", "filters": 4}, {"name": "b", "kind": "conv", "filters": 4, "inputs": ["image"]}]
      + HEAD, r"^Block 'a' \(kind 'conv'\): its output is not used: the next block 'b' takes other inputs"),
-    ([{"kind": "conv", "filters": 4}], r"^Block #1 of build_network.blocks needs a 'name'"),
+    ([{"kind": "conv", "filters": 4}], r"^Block #1 of trainer.network.blocks needs a 'name'"),
     ([{"name": "a/b", "kind": "conv", "filters": 4}], r"^Block #1 .* needs a 'name'"),
-    ([], r"^build_network.blocks must be a non-empty list"),
+    ([], r"^trainer.network.blocks must be a non-empty list"),
 ])
 def test_wiring_errors_are_one_line_and_name_the_block(blocks, pattern):
     with pytest.raises(UserError) as err:
@@ -117,7 +117,7 @@ def test_wiring_errors_are_one_line_and_name_the_block(blocks, pattern):
 def test_wiring_error_through_gin_starts_with_the_same_line():
     # Gin appends "In call to configurable 'build_network'" on a new line to
     # exceptions raised inside a configurable; the first line is ours.
-    config.parse_gin([], ["build_network.blocks = [{'name': 'a', 'kind': 'conv', 'filters': 4, "
+    config.parse_gin([], ["trainer.network.blocks = [{'name': 'a', 'kind': 'conv', 'filters': 4, "
                           "'inputs': ['stme']}]"])
     with pytest.raises(UserError) as err:
         builder.build_network(8)

@@ -40,7 +40,7 @@ def test_gin_typo_names_file_line_and_nearest_name(tmp_path):
         config.parse_gin([str(bad)])
     message = str(err.value)
     assert str(bad) in message and "line 3" in message
-    assert "Did you mean 'train.epochs'?" in message
+    assert "Did you mean 'trainer.train.epochs'?" in message
 
 
 def test_later_files_and_bindings_win_and_model_dir_overrides():
@@ -90,7 +90,7 @@ def scalar(event):
 
 
 def test_undefined_macro_is_a_clear_error(tmp_path):
-    result = run_main("--gin_file=gin/quickstart.gin", "--gin_bindings=train.epochs = %EPOCH",
+    result = run_main("--gin_file=gin/quickstart.gin", "--gin_bindings=trainer.train.epochs = %EPOCH",
                       f"--gin_bindings=DATA_DIR='{tmp_path}/data'", f"--model_dir={tmp_path}/run")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "the macro %EPOCH is used but never defined. Did you mean '%EPOCHS'?" in result.stderr
@@ -98,7 +98,7 @@ def test_undefined_macro_is_a_clear_error(tmp_path):
 
 def test_wiring_error_is_one_line_naming_the_block(tmp_path):
     result = run_main("--gin_file=gin/quickstart.gin", f"--gin_bindings=DATA_DIR='{tmp_path}/data'",
-                      "--gin_bindings=build_network.blocks = [{'name': 'a', 'kind': 'conv', 'filters': 4, "
+                      "--gin_bindings=trainer.network.blocks = [{'name': 'a', 'kind': 'conv', 'filters': 4, "
                       "'inputs': ['nope']}]", f"--model_dir={tmp_path}/run")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     [line] = [l for l in result.stderr.splitlines() if l.startswith("error:")]

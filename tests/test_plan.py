@@ -103,7 +103,7 @@ def test_plan_reads_the_gin_declaration_and_image_size():
     assert plan.default_image_size() == 64
     config.parse_gin([], [
         "IMAGE_SIZE = 16", "NUM_CLASSES = 5",
-        "build_network.blocks = [{'name': 'c', 'kind': 'conv', 'filters': 4},"
+        "trainer.network.blocks = [{'name': 'c', 'kind': 'conv', 'filters': 4},"
         " {'name': 'head', 'kind': 'classifier', 'units': %NUM_CLASSES}]"])
     assert plan.default_image_size() == 16
     result = plan.make_plan(plan.default_image_size())
@@ -130,7 +130,7 @@ def test_command_plans_a_model_file_with_default_num_classes():
 
 def test_command_reports_a_wiring_error_on_one_line():
     done = _run_plan("--gin_file=gin/models/small.gin",
-                     "--gin_bindings=build_network.blocks = [{'name': 'a', 'kind': 'convv'}]")
+                     "--gin_bindings=trainer.network.blocks = [{'name': 'a', 'kind': 'convv'}]")
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [errors[0]] and errors[0].startswith(

@@ -83,7 +83,7 @@ def test_command_line_writes_the_grid(data_dir, tmp_path):
 
 def test_command_line_bad_policy_is_one_paragraph(data_dir, tmp_path):
     bindings = [f"--gin_bindings={b}" for b in _bindings(data_dir)]
-    typo = "--gin_bindings=make_dataset.augment = 'flp(0.5)'"
+    typo = "--gin_bindings=trainer.data.augment = 'flp(0.5)'"
     result = _run_preview("--gin_file=gin/phase32.gin", *bindings, typo, f"--out={tmp_path / 'grid.png'}")
     assert result.returncode == 1
     assert "Did you mean 'flip'" in result.stderr and "Traceback" not in result.stderr

@@ -18,11 +18,11 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from trainer import config
+from trainer import cli, config
 from trainer import strategy as strategy_lib
 from trainer.errors import UserError
 
-config.register_configurables()
+cli.register_configurables()
 from trainer import train  # pylint: disable=wrong-import-position
 from trainer.models import builder  # pylint: disable=wrong-import-position
 
@@ -83,7 +83,7 @@ def test_two_mirrored_cpu_replicas_match_one_device(train_base_gin, tmp_path):
     logs = {}
     for name, extra in (("one", []), ("two", ["--gin_file=gin/strategy/mirrored_cpu.gin"])):
         result = subprocess.run(
-            main_command(train_base_gin, tmp_path / name, *extra, "--gin_bindings=train.steps_per_execution = 1"),
+            main_command(train_base_gin, tmp_path / name, *extra, "--gin_bindings=trainer.train.steps_per_execution = 1"),
             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         logs[name] = result.stderr
@@ -144,7 +144,7 @@ def test_two_workers_preempted_then_resumed_end_with_identical_weights(train_bas
     model_dir = tmp_path / "run"
     command = main_command(train_base_gin, model_dir, "--gin_file=gin/strategy/multi_worker.gin",
                            "--gin_bindings=batch_norm.synchronized = True", "--gin_bindings=EPOCHS = 2",
-                           "--gin_bindings=train.steps_per_execution = 1")
+                           "--gin_bindings=trainer.train.steps_per_execution = 1")
     workers = _start_workers(command, model_dir, "preempted")
     deadline = time.time() + 300
     while time.time() < deadline and workers[1][0].poll() is None:

@@ -22,10 +22,10 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from trainer import config
+from trainer import cli, config
 from trainer.errors import UserError
 
-config.register_configurables()
+cli.register_configurables()
 from trainer import train as train_lib  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,8 +191,8 @@ def test_phase_32_then_64_carries_weights(train_base_gin, tmp_path):
     """A 64 px phase started from the 32 px phase's weights is far ahead of one started from scratch."""
     phase32 = train_in_process(train_base_gin, tmp_path / "p32", "EPOCHS = 8")
     assert phase32["top1"] > 0.7, phase32  # Chance: 0.2.
-    phase64 = train_in_process(train_base_gin, tmp_path / "p64", "IMAGE_SIZE = 64", "train.first_epoch = 9",
-                               f"train.init_from = '{tmp_path / 'p32'}'", "train.previous_phase = 'p32.gin'")
+    phase64 = train_in_process(train_base_gin, tmp_path / "p64", "IMAGE_SIZE = 64", "trainer.train.first_epoch = 9",
+                               f"trainer.train.init_from = '{tmp_path / 'p32'}'", "trainer.train.previous_phase = 'p32.gin'")
     scratch = train_in_process(train_base_gin, tmp_path / "scratch64", "IMAGE_SIZE = 64")
     assert phase64["top1"] > 0.55 and phase64["top1"] > scratch["top1"] + 0.2, (phase64, scratch)
 
@@ -212,8 +212,8 @@ def test_phase_32_then_64_carries_weights(train_base_gin, tmp_path):
 def test_missing_previous_phase_is_named_before_anything_is_written(train_base_gin, tmp_path):
     with pytest.raises(UserError, match=r"Run the previous phase first: python -m trainer.main "
                                         r"--gin_file=gin/phase32\.gin"):
-        train_in_process(train_base_gin, tmp_path / "run", f"train.init_from = '{tmp_path / 'none'}'",
-                         "train.previous_phase = 'gin/phase32.gin'")
+        train_in_process(train_base_gin, tmp_path / "run", f"trainer.train.init_from = '{tmp_path / 'none'}'",
+                         "trainer.train.previous_phase = 'gin/phase32.gin'")
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -222,7 +222,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_base_gin, tmp_p
     assert latest_step(tmp_path / "run") == STEPS_PER_EPOCH
     # Resumed with a learning rate that blows up: gin's rate replaces the checkpoint's.
     with pytest.raises(UserError, match=r"loss became nan \(not finite\) in steps 16-20.*ckpt-15"):
-        train_in_process(train_base_gin, tmp_path / "run", "EPOCHS = 2", "make_optimizer.learning_rate = 1e30")
+        train_in_process(train_base_gin, tmp_path / "run", "EPOCHS = 2", "trainer.optim.constant.learning_rate = 1e30")
     assert [os.path.basename(p) for p in glob.glob(str(tmp_path / "run" / "checkpoints" / "*.index"))] == [
         "ckpt-15.index"]
     reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "ckpt-15"))
@@ -233,7 +233,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_base_gin, tmp_p
 
 def test_resuming_a_model_dir_of_another_network_is_a_user_error(train_base_gin, tmp_path):
     train_in_process(train_base_gin, tmp_path / "run")
-    wider = "build_network.blocks = [{'name': 'stem', 'kind': 'conv', 'filters': 8}, " \
+    wider = "trainer.network.blocks = [{'name': 'stem', 'kind': 'conv', 'filters': 8}, " \
             "{'name': 'head', 'kind': 'classifier', 'units': %NUM_CLASSES}]"
     with pytest.raises(UserError, match=r"holds checkpoints of another network or optimizer.*--model_dir"):
         train_in_process(train_base_gin, tmp_path / "run", "EPOCHS = 2", wider)
@@ -265,12 +265,12 @@ def test_lock_refuses_a_live_run_and_takes_over_a_stale_one(train_base_gin, tmp_
 
 
 def test_mixed_precision_and_xla_switches(train_base_gin, tmp_path):
-    train_in_process(train_base_gin, tmp_path / "mixed", "train.mixed_precision = 'mixed_float16'",
+    train_in_process(train_base_gin, tmp_path / "mixed", "trainer.train.mixed_precision = 'mixed_float16'",
                      stop_after_steps=5)
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / "mixed" / "checkpoints")))
     assert "optimizer/dynamic_scale/.ATTRIBUTES/VARIABLE_VALUE" in reader.get_variable_to_shape_map()
     assert keras.mixed_precision.global_policy().name == "float32"  # Restored after the run.
-    train_in_process(train_base_gin, tmp_path / "xla", "train.jit_compile = True", stop_after_steps=5)
+    train_in_process(train_base_gin, tmp_path / "xla", "trainer.train.jit_compile = True", stop_after_steps=5)
     [events] = event_files(tmp_path / "xla", "train")
     [(step, loss)] = scalars(events, "loss")
     assert step == 5 and np.isfinite(loss)
@@ -278,13 +278,13 @@ def test_mixed_precision_and_xla_switches(train_base_gin, tmp_path):
 
 # --- Whole runs of `python -m trainer.main` ------------------------------------------
 
-KILL_BINDINGS = ("EPOCHS = 3", "train.steps_per_execution = 1", "train.checkpoint_every_steps = 4", AUGMENT)
+KILL_BINDINGS = ("EPOCHS = 3", "trainer.train.steps_per_execution = 1", "trainer.train.checkpoint_every_steps = 4", AUGMENT)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(train_base_gin, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    returncode, log = run_until(main_command(train_base_gin, model_dir, *KILL_BINDINGS, "train.export = True"))
+    returncode, log = run_until(main_command(train_base_gin, model_dir, *KILL_BINDINGS, "trainer.train.export = True"))
     assert returncode == 0, log[-3000:]
     return model_dir
 
@@ -299,7 +299,7 @@ def test_tensorboard_csv_and_export_of_a_run(uninterrupted_run):
     assert train_acc.SummaryMetadata("augmented_inputs").plugin_data.plugin_name == "images"
     assert train_acc.SummaryMetadata("network/plan").plugin_data.plugin_name == "text"
     config_text = tf.make_ndarray(train_acc.Tensors("config/operative_gin")[0].tensor_proto).item().decode()
-    assert "train.checkpoint_every_steps = 4" in config_text
+    assert "trainer.train.checkpoint_every_steps = 4" in config_text
     assert [s for s, _ in scalars(val_events, "top1")] == [15, 30, 45]
     assert [s for s, _ in scalars(train_events, "epoch_time")] == [15, 30, 45]
     with open(uninterrupted_run / "metrics.csv", encoding="utf-8") as f:

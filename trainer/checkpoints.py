@@ -104,6 +104,8 @@ class Checkpoints:
         Raises:
           UserError: the checkpoint belongs to another network or optimizer.
         """
+        if self._distribution.chief:
+            self.remove_partial_saves()
         path = self.latest
         if path:
             try:

@@ -6,22 +6,17 @@
     if __name__ == "__main__":
         cli.run(main)
 
-Nothing here imports TensorFlow, so `--help` is fast. A `UserError` prints as
+Nothing here imports TensorFlow, so `--help` is fast (`trainer/__init__.py`
+keeps TensorFlow's C++ start-up lines off the console). A `UserError` prints as
 one `error: ...` paragraph and exits 1; a run stopped by a signal after its
 checkpoint (`Interrupted`) exits 128 + the signal's number, as shells expect.
 """
 
-import contextlib
 import importlib
 import logging
 import os
 import sys
 import traceback
-
-# TensorFlow's C++ start-up lines (CUDA probing, CPU features) stay off the console
-# unless the user asks for them by setting TF_CPP_MIN_LOG_LEVEL.
-_QUIET = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # The modules that define gin configurables (`trainer.registry`), imported before gin files are read.
 CONFIGURABLE_MODULES = ("trainer.train", "trainer.data.pipeline")
@@ -53,31 +48,8 @@ def define_gin_flags(default_files=None, model_dir=True):
 
 def register_configurables():
     """Imports every module that defines gin configurables (this imports TensorFlow)."""
-    with _quiet_stderr():
-        for module in CONFIGURABLE_MODULES:
-            importlib.import_module(module)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Sends file descriptor 2 to /dev/null while TensorFlow's C++ runtime starts (it logs before
-    TF_CPP_MIN_LOG_LEVEL applies); Python exceptions still reach the console afterwards."""
-    if not _QUIET or "tensorflow" in sys.modules:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    for module in CONFIGURABLE_MODULES:
+        importlib.import_module(module)
 
 
 def parse_gin_flags(defaults=(), model_dir=None):

@@ -221,9 +221,9 @@ def _check(expanded):
             raise UserError(f"Invalid gin configuration: the macro %{name} is used ({where}) but never defined."
                             f"{_nearest(name, expanded.defined)}".replace("Did you mean '", "Did you mean '%"))
     for name, where in expanded.defined.items():
-        if name not in expanded.used:
+        if name not in expanded.used and name not in MACROS:  # (Tools read the known macros: plan, IMAGE_SIZE.)
             raise UserError(f"Invalid gin configuration: {where}: the macro {name} is set but no gin file uses "
-                            f"it.{_nearest(name, expanded.used)}")
+                            f"it.{_nearest(name, set(expanded.used) | set(MACROS))}")
 
 
 def check_macros():
@@ -270,15 +270,31 @@ def parse_gin(gin_files, gin_bindings=(), model_dir=None, defaults=()):
         expanded.add(binding, f"--gin_bindings={binding!r}")
     if model_dir:
         expanded.add(f"MODEL_DIR = {model_dir!r}", "--model_dir")
-    for name in [n for n in ("NUM_CLASSES",) if n in expanded.defined and n not in expanded.used]:
-        if any(name in d for d in defaults):  # A tool's default for a file that may not need it.
-            expanded.used[name] = "defaults"
     _check(expanded)
     try:
         gin.parse_config("".join(expanded.text))
     except (ValueError, TypeError, SyntaxError) as err:
         raise UserError(f"Invalid gin configuration: {str(err).strip()}") from None
     check_macros()
+
+
+def require(*selectors):
+    """Checks that gin binds every argument without a default of the configurables `selectors`.
+
+    Raises:
+      UserError: naming the configurable and the arguments that have no value.
+    """
+    import inspect  # pylint: disable=import-outside-toplevel
+
+    for selector in selectors:
+        fn = registry.CONFIGURABLES[selector]
+        bound = gin.get_bindings(selector)
+        missing = [name for name, p in inspect.signature(fn).parameters.items()
+                   if p.default is inspect.Parameter.empty and name not in bound and name not in registry.DENIED[selector]]
+        if missing:
+            raise UserError(f"Invalid gin configuration: {selector} needs a value for {', '.join(missing)}: include "
+                            "gin/common.gin and define its macros (as the runnable files in gin/ do), or bind them "
+                            "with --gin_bindings.")
 
 
 def describe_macros():

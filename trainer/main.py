@@ -17,13 +17,14 @@ FLAGS = flags.FLAGS
 def _help():
     files = "\n".join(f"  {f}" for f in config.available_gin_files() if f.count("/") == 1 and
                       not f.endswith("common.gin"))
-    return (f"{__doc__}\nRunnable gin files:\n{files}\n\nMacros users edit (set them with --gin_bindings):\n"
+    return (f"Runnable gin files:\n{files}\n\nMacros users edit (set them with --gin_bindings):\n"
             f"{config.describe_macros()}\n")
 
 
 def main(argv):
     cli.no_arguments(argv)
     cli.parse_gin_flags(model_dir=FLAGS.model_dir)
+    config.require("trainer.train", "trainer.data")
     from trainer import train  # pylint: disable=import-outside-toplevel
 
     train.train()

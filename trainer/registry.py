@@ -12,6 +12,7 @@ import inspect
 import gin
 
 CONFIGURABLES = {}  # Full selector ('trainer.blocks.conv') -> the undecorated function or class.
+DENIED = {}  # Full selector -> the parameters only the caller sets.
 
 
 def configurable(module, name=None, denylist=None):
@@ -30,6 +31,7 @@ def configurable(module, name=None, denylist=None):
             return fn
         short = name or fn.__name__
         CONFIGURABLES[f"{module}.{short}"] = fn
+        DENIED[f"{module}.{short}"] = tuple(denylist or ())
         return gin.configurable(short, module=module, denylist=denylist)(fn)
     return decorator
 
@@ -40,7 +42,7 @@ def parameters(selector):
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None  # Takes anything.
-    return [p for p in params if p not in ("self", "args")]
+    return [p for p in params if p not in ("self", "args") and p not in DENIED[selector]]
 
 
 def describe(selector):

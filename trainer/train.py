@@ -169,22 +169,24 @@ def train(model_dir,
         network_plan = plan.make_plan(data.image_size)
         summaries.banner(data, _network_summary(model, network_plan), distribution, model_dir, epochs,
                          first_epoch, start)
-        if distribution.chief:
-            _write_run_start(model_dir, writers, data, network_plan, offset + done)
-            _republish(model_dir, rows, writers, checkpoints)  # After a crash: CSV, val points, best/.
-
-        # --- 4. The loop. ---------------------------------------------------------------------------------------
         if done % steps_per_epoch == 0 and 0 < done and not _committed(rows, done):
             # A checkpoint landed on an epoch's last step but the run died before the epoch was committed.
             rows = _commit(rows, done, None, _means(evaluate(val_data)), 0.0, opt, first_epoch, steps_per_epoch,
                            offset, history, checkpoints, writers, model_dir, distribution)
         train_data = iter(distribution.strategy.distribute_datasets_from_function(
             lambda ctx: data.train(ctx, resume_step=done, decoded_counter=decoded))) if done < total_steps else None
+        # At a phase's start, a batch shows what the augmentation does (every worker takes it; none trains on it).
+        preview = (distribution.strategy.experimental_local_results(next(train_data)[0])[0][:32]
+                   if done == 0 and train_data else None)
+        if distribution.chief:
+            _write_run_start(model_dir, writers, network_plan, offset + done, preview)
+            _republish(model_dir, rows, writers, checkpoints)  # After a crash: CSV, val points, best/.
         if init_from and not resumed_from and done == 0:
             carried = _means(evaluate(val_data))
             writers.scalars("val", offset, carried)
             logging.info("Carried-over weights at %d px, before training: val loss %.4f, top-1 %.4f, top-5 %.4f.",
                          data.image_size, carried["loss"], carried["top1"], carried["top5"])
+        # --- 4. The loop. ---------------------------------------------------------------------------------------
         compiled = False
         while done < total_steps:
             epoch = done // steps_per_epoch
@@ -409,19 +411,19 @@ def _history_of(checkpoint_path):
         return []
 
 
-def _write_run_start(model_dir, writers, data, network_plan, global_step):
+def _write_run_start(model_dir, writers, network_plan, global_step, preview):
     """Operative gin config (file + TensorBoard text), network plan, a grid of augmented images."""
     import gin  # pylint: disable=import-outside-toplevel
 
-    from trainer.data import preview  # pylint: disable=import-outside-toplevel
+    from trainer.data import preview as preview_lib  # pylint: disable=import-outside-toplevel
 
     operative = gin.operative_config_str()
     run_dir.write_text(os.path.join(model_dir, "operative_config.gin"), operative)
     run_dir.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
     writers.text("train", global_step, "config/operative_gin", summaries.markdown_code(operative))
     writers.text("train", global_step, "network/plan", summaries.markdown_code(plan.format_plan(network_plan)))
-    images, _ = next(iter(data.train().take(1)))
-    writers.image("train", global_step, "augmented_inputs", preview.make_grid(images[:32]))
+    if preview is not None:
+        writers.image("train", global_step, "augmented_inputs", preview_lib.make_grid(preview))
     writers.flush()
 
 
@@ -450,7 +452,6 @@ def _commit(rows, done, train_means, val, seconds, opt, first_epoch, steps_per_e
 def _republish(model_dir, rows, writers, checkpoints):
     """After a crash: rewrites the CSV from the history, and restores best/ if its save was lost."""
     del writers
-    checkpoints.remove_partial_saves()
     if rows:
         summaries.CsvLog(os.path.join(model_dir, "metrics.csv")).write(rows)
         best = _best(rows)

@@ -575,3 +575,23 @@ def describe_kinds():
         doc = (inspect.getdoc(fn) or "").split("\n")[0]
         lines.append(f"{kind}({', '.join(params)})\n    {doc}")
     return "\n".join(lines)
+
+
+def main(argv=None):
+    """`python -m trainer.models.blocks --list`: the block kinds, their arguments and one line each."""
+    import argparse  # pylint: disable=import-outside-toplevel
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.models.blocks",
+                                     description="The block kinds a network declaration can use.")
+    parser.add_argument("--list", action="store_true", help="print every block kind with its arguments")
+    args = parser.parse_args(argv)
+    if not args.list:
+        parser.print_help()
+        return
+    from trainer.models import blocks as library  # pylint: disable=import-outside-toplevel,import-self
+
+    print(library.describe_kinds())
+
+
+if __name__ == "__main__":
+    main()

@@ -62,7 +62,7 @@ class Network:
 
 
 @configurable("trainer", name="network", denylist=["image_size"])
-def build_network(image_size: int, name: str, blocks) -> keras.Model:
+def build_network(image_size: int, blocks, name: str = "network") -> keras.Model:
     """Builds the network declared by `blocks`, inside the gin scope `name`.
 
     A model file declares both arguments and scopes the block defaults its
@@ -91,10 +91,10 @@ def declared():
       UserError: no network is declared.
     """
     bindings = gin.get_bindings("trainer.network")
-    if "blocks" not in bindings or "name" not in bindings:
+    if "blocks" not in bindings:
         raise UserError("No network is declared: include a gin/models/*.gin file (it binds trainer.network.name "
                         "and trainer.network.blocks).")
-    return bindings["name"], bindings["blocks"]
+    return bindings.get("name", "network"), bindings["blocks"]
 
 
 def assemble(image_size: int, blocks, name: str = "network") -> Network:
