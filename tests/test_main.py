@@ -103,20 +103,3 @@ def test_wiring_error_is_one_line_naming_the_block(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     [line] = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert line == "error: Block 'a': unknown input 'nope'; inputs must name earlier blocks or 'image'."
-
-
-@pytest.mark.parametrize("model_file", ["gin/models/resnet18.gin", "gin/models/densenet_bc.gin"])
-def test_including_a_model_file_swaps_the_network_only(model_file):
-    from trainer.models import builder
-
-    config.parse_gin(["gin/quickstart.gin", model_file])
-    swapped = builder.build_network(32)
-    data_dir, batch = gin.query_parameter("%DATA_DIR"), gin.query_parameter("%BATCH_SIZE")
-    gin.clear_config()
-    config.parse_gin([model_file], defaults=["NUM_CLASSES = 10"])
-    alone = builder.build_network(32)
-    assert swapped.count_params() == alone.count_params()
-    assert [l.name for l in swapped.layers] == [l.name for l in alone.layers]
-    gin.clear_config()
-    config.parse_gin(["gin/quickstart.gin"])
-    assert (gin.query_parameter("%DATA_DIR"), gin.query_parameter("%BATCH_SIZE")) == (data_dir, batch)

@@ -90,3 +90,34 @@ def test_one_training_step_on_cpu(model_file):
     unchanged = [v.path for b, v in zip(before, model.weights)
                  if v.name != "bias" and np.array_equal(b, v.numpy())]
     assert not unchanged
+
+
+def _config_after(*gin_files):
+    """The declared network's get_config() after parsing `gin_files` (10 classes), layer by layer."""
+    gin.clear_config()
+    keras.backend.clear_session()
+    config.parse_gin(list(gin_files), ["NUM_CLASSES = 10"])
+    return builder.build_network(32).get_config()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_file", MODEL_FILES)
+def test_a_model_file_declares_its_network_whatever_was_included_before(model_file):
+    """Block defaults are scoped under the network's name: no model file leaks into another."""
+    alone = _config_after(model_file)
+    assert _config_after("gin/quickstart.gin", model_file) == alone
+    for other in MODEL_FILES:
+        if other != model_file:
+            assert _config_after(other, model_file) == alone, f"{other} leaks into {model_file}"
+
+
+def test_scoped_block_defaults_reach_their_network_only():
+    gin.clear_config()
+    config.parse_gin(["gin/models/small.gin"], ["NUM_CLASSES = 10"])
+    small = builder.build_network(32)
+    assert {layer.momentum for layer in small.layers if isinstance(layer, keras.layers.BatchNormalization)} == {0.9}
+    gin.clear_config()
+    keras.backend.clear_session()
+    config.parse_gin(["gin/models/small.gin", "gin/models/resnet18.gin"], ["NUM_CLASSES = 10"])
+    resnet = builder.build_network(32)
+    assert {layer.momentum for layer in resnet.layers if isinstance(layer, keras.layers.BatchNormalization)} == {0.99}

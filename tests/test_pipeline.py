@@ -13,20 +13,18 @@ from trainer.data import pipeline
 
 @pytest.fixture
 def bind(synthetic_dir):
-    """Binds the dataset and returns a function to bind more."""
+    """Returns `make(**settings)`: a `pipeline.Data` on the synthetic dataset (5 classes, 200 train, 50 val)."""
 
-    def _bind(**params):
-        gin.bind_parameter("open_dataset.data_dir", params.pop("data_dir", synthetic_dir))
-        for key, value in params.items():
-            gin.bind_parameter(f"make_dataset.{key}", value)
+    def _make(**settings):
+        return pipeline.data(settings.pop("data_dir", synthetic_dir), **settings)
 
-    return _bind
+    return _make
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_training_batches_shapes_dtypes_ranges(bind, image_size):
-    bind(image_size=image_size, batch_size=16, augment="flip(0.5) | zoom(0.5, 1.5)")
-    images, labels = next(iter(pipeline.make_dataset("train", training=True)))
+    data = bind(image_size=image_size, batch_size=16, augment="flip(0.5) | zoom(0.5, 1.5)")
+    images, labels = next(iter(data.train()))
     assert images.shape == (16, image_size, image_size, 3) and images.dtype == tf.float32
     assert labels.shape == (16, 5) and labels.dtype == tf.float32
     assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
@@ -35,48 +33,46 @@ def test_training_batches_shapes_dtypes_ranges(bind, image_size):
 
 
 def test_training_repeats_and_drops_partial_batches(bind):
-    bind(image_size=32, batch_size=64)  # 200 images: 3 full batches an epoch.
-    sizes = [int(x.shape[0]) for x, _ in pipeline.make_dataset("train", training=True).take(7)]
+    data = bind(image_size=32, batch_size=64)  # 200 images: 3 full batches an epoch.
+    sizes = [int(x.shape[0]) for x, _ in data.train().take(7)]
     assert sizes == [64] * 7
 
 
 def test_eval_is_one_ordered_pass_padded_to_whole_batches(bind, synthetic_dir):
-    bind(image_size=64, batch_size=16)  # 50 val images: 3 full batches and 2 real rows in a 4th.
-    batches = list(pipeline.make_dataset("val", training=False))
+    data = bind(image_size=64, batch_size=16)  # 50 val images: 3 full batches and 2 real rows in a 4th.
+    batches = list(data.eval("val"))
     assert [int(x.shape[0]) for x, _ in batches] == [16] * 4
     labels = np.concatenate([y.numpy() for _, y in batches])
     real = labels.sum(axis=-1)
     assert real[:50].tolist() == [1.0] * 50 and real[50:].tolist() == [0.0] * 14
-    _, expected = pipeline.open_dataset().files("val")
+    _, expected = data.reader.files("val")
     assert labels[:50].argmax(axis=-1).tolist() == expected
     assert float(tf.reduce_max(batches[-1][0][2:])) == 0.0  # Padding images are blank.
 
 
 def test_test_split_has_no_labels(bind):
-    bind(image_size=32, batch_size=8)
-    labels = np.concatenate([y.numpy() for _, y in pipeline.make_dataset("test", training=False)])
+    data = bind(image_size=32, batch_size=8)
+    labels = np.concatenate([y.numpy() for _, y in data.eval("test")])
     assert labels.shape == (16, 5) and labels.sum() == 0.0
 
 
 def test_seed_makes_training_order_and_augmentation_repeatable(bind):
-    bind(image_size=32, batch_size=8, augment="flip(0.5) | zoom(0.5, 1.5)", seed=3, deterministic=True)
-    first = [x.numpy() for x, _ in pipeline.make_dataset("train", training=True).take(3)]
-    again = [x.numpy() for x, _ in pipeline.make_dataset("train", training=True).take(3)]
+    settings = dict(image_size=32, batch_size=8, augment="flip(0.5) | zoom(0.5, 1.5)", deterministic=True)
+    first = [x.numpy() for x, _ in bind(seed=3, **settings).train().take(3)]
+    again = [x.numpy() for x, _ in bind(seed=3, **settings).train().take(3)]
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
-    gin.bind_parameter("make_dataset.seed", 4)
-    other = next(iter(pipeline.make_dataset("train", training=True))).__getitem__(0).numpy()
+    other = next(iter(bind(seed=4, **settings).train()))[0].numpy()
     assert not np.array_equal(first[0], other)
 
 
 def test_cache_to_file_is_per_split_and_size(bind, tmp_path):
-    bind(image_size=32, batch_size=10, cache=str(tmp_path / "cache"))
-    train_rows = sum(int(y.numpy().sum()) for _, y in pipeline.make_dataset("train", training=False))
-    val_rows = sum(int(y.numpy().sum()) for _, y in pipeline.make_dataset("val", training=False))
-    assert (train_rows, val_rows) == (200, 50)  # The val pipeline did not read the train cache.
-    again = sum(int(y.numpy().sum()) for _, y in pipeline.make_dataset("val", training=False))
-    assert again == 50
-    assert {p.name.split(".")[0] for p in tmp_path.iterdir()} == {"cache-train-32px-0of1", "cache-val-32px-0of1"}
+    for size in (32, 16):
+        data = bind(image_size=size, batch_size=10, shuffle_buffer=50, cache=str(tmp_path / "cache"))
+        for _ in range(2):  # The second pass reads the cache file.
+            labels = np.concatenate([y.numpy() for _, y in data.train().take(20)])
+            assert labels.shape == (200, 5) and labels.sum() == 200
+    assert {p.name.split(".")[0] for p in tmp_path.iterdir()} == {"cache-train-32px-0of1", "cache-train-16px-0of1"}
 
 
 def test_corrupt_images_are_skipped_and_counted(bind, synthetic_dir, tmp_path):
@@ -84,11 +80,15 @@ def test_corrupt_images_are_skipped_and_counted(bind, synthetic_dir, tmp_path):
     shutil.copytree(synthetic_dir, data)
     for name in sorted(os.listdir(data / "val" / "images"))[:3]:
         (data / "val" / "images" / name).write_bytes(b"not a jpeg")
-    bind(data_dir=str(data), image_size=32, batch_size=10)
+    for name in sorted(os.listdir(data / "train" / os.listdir(data / "train")[0] / "images"))[:2]:
+        wnid = name.split("_")[0]
+        (data / "train" / wnid / "images" / name).write_bytes(b"not a jpeg")
+    settings = bind(data_dir=str(data), image_size=32, batch_size=10)
+    labels = np.concatenate([y.numpy() for _, y in settings.eval("val")])
+    assert labels.sum() == 47
     counter = tf.Variable(0, dtype=tf.int64)
-    labels = np.concatenate([y.numpy() for _, y in
-                             pipeline.make_dataset("val", training=False, decoded_counter=counter)])
-    assert labels.sum() == 47 and int(counter.numpy()) == 47
+    labels = np.concatenate([y.numpy() for _, y in settings.train(decoded_counter=counter).take(19)])
+    assert labels.sum() == 190 and int(counter.numpy()) == 198  # Decoded once, into memory.
 
 
 def test_greyscale_jpegs_decode_to_three_channels(synthetic_dir):
@@ -100,3 +100,63 @@ def test_greyscale_jpegs_decode_to_three_channels(synthetic_dir):
     image = pipeline.decode(os.path.join(folder, grey[0]), 32)
     assert image.shape == (32, 32, 3) and image.dtype == tf.uint8
     np.testing.assert_array_equal(image[..., 0], image[..., 2])
+
+
+def test_resize_method_and_standardisation(bind):
+    nearest = bind(image_size=32, batch_size=50, resize="nearest")
+    images = np.concatenate([x.numpy() for x, _ in nearest.eval("val")])
+    full = np.concatenate([x.numpy() for x, _ in bind(image_size=64, batch_size=50).eval("val")])
+    np.testing.assert_array_equal(images, full[:, 1::2, 1::2, :])  # Nearest, pixel centres: as PIL picks.
+    bilinear = np.concatenate([x.numpy() for x, _ in bind(image_size=32, batch_size=50).eval("val")])
+    assert not np.array_equal(images, bilinear)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    standard = np.concatenate([x.numpy() for x, _ in bind(image_size=32, batch_size=50, resize="nearest",
+                                                          mean=mean, std=std).eval("val")])
+    np.testing.assert_allclose(standard, (images - np.array(mean)) / np.array(std), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(image_size=7, batch_size=8), r"IMAGE_SIZE .* in \[8, 1024\], got 7"),
+    (dict(image_size="32", batch_size=8), r"IMAGE_SIZE .*integer.*got '32'"),
+    (dict(image_size=32, batch_size=0), r"BATCH_SIZE .*\[1, .*got 0"),
+    (dict(image_size=32, batch_size=8, resize="lanczos7"), "resize must be one of"),
+    (dict(image_size=32, batch_size=8, mean=(0.5,)), "mean and std"),
+])
+def test_bad_settings_are_one_line_errors(bind, settings, message):
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        bind(**settings)
+
+
+@pytest.fixture(scope="module")
+def many_classes(tmp_path_factory):
+    """50 classes x 20 training images at 32 px, listed class by class as the reader lists them."""
+    from trainer.data import synthetic
+
+    out = tmp_path_factory.mktemp("many") / "tiny-imagenet-200"
+    return synthetic.write_synthetic(str(out), num_classes=50, per_class=20, val_per_class=1, test_images=1,
+                                     image_size=32)
+
+
+def test_every_epoch_is_a_full_permutation(many_classes):
+    """Batches mix classes as a full permutation does, from the first batch of every epoch on.
+
+    Under a full permutation of 1,000 images (50 classes x 20), a batch of 32
+    holds 50 * (1 - C(980, 32) / C(1000, 32)) = 23.9 distinct classes on
+    average, and the first 4 batches (128 images) cover 46.4 classes. A
+    shuffle buffer of 100 over the class-sorted file list gives about 12 and 15.
+    """
+    data = pipeline.data(many_classes, image_size=32, batch_size=32, seed=5)
+    per_epoch = data.steps_per_epoch  # 31
+    labels = [y.numpy().argmax(-1) for _, y in data.train().take(3 * per_epoch)]
+    distinct = [len(set(batch)) for batch in labels]
+    assert 22.0 <= np.mean(distinct) <= 25.5, np.mean(distinct)
+    for epoch in range(3):
+        early = set(np.concatenate(labels[epoch * per_epoch:epoch * per_epoch + 4]))
+        assert len(early) >= 40, (epoch, len(early))
+    epoch_images = np.concatenate(labels[:per_epoch])
+    assert np.bincount(epoch_images, minlength=50).max() <= 20  # No image twice within an epoch.
+    buffered = pipeline.data(many_classes, image_size=32, batch_size=32, seed=5, shuffle_buffer=100)
+    small = [len(set(y.numpy().argmax(-1))) for _, y in buffered.train().take(per_epoch)]
+    assert np.mean(small) < 15  # What a small buffer over class-sorted files gives instead.
