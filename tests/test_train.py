@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from trainer import cli, config
+from trainer import checkpoints, cli, config, optim, summaries
 from trainer.errors import UserError
 
 cli.register_configurables()
@@ -101,23 +101,39 @@ def latest_step(model_dir):
 # --- Optimizer, loss, metrics ----------------------------------------------------
 
 
-def test_make_optimizer_variants():
-    adam = train_lib.make_optimizer(10, 5)
+def test_optimizers_and_schedules_are_gin_configurables():
+    adam = optim.adam(optim.constant(10, 5))
     assert isinstance(adam, keras.optimizers.Adam) and adam.epsilon == 1e-8
     assert float(adam.learning_rate.numpy()) == pytest.approx(1e-3)
-    adamw = train_lib.make_optimizer(10, 5, name="adamw", weight_decay=0.05)
+    adamw = optim.adamw(1e-3, weight_decay=0.05)
     assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == pytest.approx(0.05)
-    sgd = train_lib.make_optimizer(10, 5, name="sgd", learning_rate=0.4, schedule="cosine", warmup_epochs=1,
-                                   end_learning_rate_fraction=0.1, momentum=0.8, nesterov=True)
+    schedule = optim.cosine(10, 5, learning_rate=0.4, warmup_epochs=1, end_fraction=0.1)
+    sgd = optim.sgd(schedule, momentum=0.8, nesterov=True)
     assert isinstance(sgd, keras.optimizers.SGD) and sgd.momentum == 0.8 and sgd.nesterov
-    schedule = sgd._learning_rate  # pylint: disable=protected-access
     values = [float(schedule(s)) for s in (0, 5, 10, 30, 50)]
     assert values[0] == 0.0 and values[1] == pytest.approx(0.2) and values[2] == pytest.approx(0.4)
     assert 0.04 < values[3] < 0.4 and values[4] == pytest.approx(0.04)  # Cosine down to 10% of the peak.
-    with pytest.raises(UserError, match="'adam', 'adamw' or 'sgd'"):
-        train_lib.make_optimizer(10, 5, name="adagrad")
-    with pytest.raises(UserError, match="'constant' or 'cosine'"):
-        train_lib.make_optimizer(10, 5, schedule="step")
+    step = optim.step(10, 5, learning_rate=0.1, boundaries=(1, 3), factor=0.5)
+    assert [float(step(s)) for s in (0, 9, 10, 29, 30)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+    exponential = optim.exponential(10, 5, learning_rate=1.0, decay_per_epoch=0.5)
+    assert [float(exponential(s)) for s in (0, 10, 20)] == pytest.approx([1.0, 0.5, 0.25])
+    with pytest.raises(UserError, match="positive number"):
+        optim.constant(10, 5, learning_rate=-1)
+    with pytest.raises(UserError, match="increasing positive epochs"):
+        optim.step(10, 5, boundaries=(3, 1))
+    gin.parse_config("trainer.train.optimizer = @trainer.optim.sgd\ntrainer.optim.sgd.momentum = 0.5")
+    assert gin.query_parameter("trainer.optim.sgd.momentum") == 0.5
+
+
+def test_class_weighted_cross_entropy():
+    labels, logits = tf.one_hot([0, 1], 2), tf.constant([[2.0, 0.0], [0.0, 1.0]])
+    plain = optim.cross_entropy(2)(labels, logits).numpy()
+    weighted = optim.cross_entropy(2, class_weights=[1.0, 3.0])(labels, logits).numpy()
+    np.testing.assert_allclose(weighted, plain * [1.0, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(optim.cross_entropy(2, class_weights=[1.0, 3.0])(labels, logits, training=False),
+                               plain, rtol=1e-6)  # Validation loss stays the plain one.
+    with pytest.raises(UserError, match="3 weights for 2 classes"):
+        optim.cross_entropy(2, class_weights=[1.0, 1.0, 1.0])
 
 
 def test_step_minimises_mean_loss_plus_l2_with_label_smoothing_and_ignores_padding():
@@ -139,7 +155,7 @@ def test_step_minimises_mean_loss_plus_l2_with_label_smoothing_and_ignores_paddi
 
     strategy = tf.distribute.get_strategy()
     train_steps, evaluate = train_lib.build_steps(strategy, model, optimizer, step, batch_size=4, num_classes=3,
-                                                  label_smoothing=0.2)
+                                                  per_example_loss=optim.cross_entropy(3, label_smoothing=0.2))
     data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, labels)).repeat())
     totals = train_steps(iter(data), tf.constant(1)).numpy()
     assert int(step.numpy()) == 1
@@ -160,10 +176,12 @@ def test_step_minimises_mean_loss_plus_l2_with_label_smoothing_and_ignores_paddi
 
 def test_progress_is_a_bar_with_eta_on_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    progress = train_lib._Progress(3, steps=10, batch_size=20, log_every_steps=5)  # pylint: disable=protected-access
+    progress = summaries.Progress(3, 10, steps=10, batch_size=20, log_every_steps=5)
     progress.update(5, {"loss": 1.5, "top1": 0.25}, images_per_second=100.0)
     assert capsys.readouterr().out == ("\r[===============               ] "
-                                       "epoch 3 5/10 loss 1.5000 top1 0.2500 100 img/s ETA 1s")
+                                       "epoch 3/10 step 5/10 loss 1.5000 top1 0.2500 100 img/s ETA 1s\x1b[K")
+    progress.update(6, {"loss": 1.5, "top1": 0.25}, images_per_second=None)  # The call that compiled.
+    assert "compiling" in capsys.readouterr().out
 
 
 # --- Phases ---------------------------------------------------------------------
@@ -173,7 +191,7 @@ def _small_weights(num_classes, image_size=32):
     gin.clear_config()
     config.parse_gin(["gin/models/small.gin"], [f"NUM_CLASSES = {num_classes}"])
     from trainer.models import builder  # pylint: disable=import-outside-toplevel
-    return train_lib._weights_by_path(builder.build_network(image_size))  # pylint: disable=protected-access
+    return checkpoints.weights_by_path(builder.build_network(image_size))
 
 
 def test_partial_init_is_refused_unless_allowed(tmp_path):
@@ -181,8 +199,8 @@ def test_partial_init_is_refused_unless_allowed(tmp_path):
     tf.train.Checkpoint(weights=source).save(str(tmp_path / "checkpoints" / "ckpt"))
     target = _small_weights(6)  # Another head width: head/kernel and head/bias do not fit.
     with pytest.raises(UserError, match=r"(?s)2 of another shape.*head.*allow_partial_init = True"):
-        train_lib.transfer_weights(target, str(tmp_path))
-    report = train_lib.transfer_weights(target, str(tmp_path), allow_partial=True)
+        checkpoints.transfer_weights(target, str(tmp_path))
+    report = checkpoints.transfer_weights(target, str(tmp_path), allow_partial=True)
     assert f"{len(target) - 2} of {len(target)} variables restored" in report
     np.testing.assert_array_equal(target["stem_conv/kernel"].numpy(), source["stem_conv/kernel"].numpy())
 
@@ -190,16 +208,17 @@ def test_partial_init_is_refused_unless_allowed(tmp_path):
 def test_phase_32_then_64_carries_weights(train_base_gin, tmp_path):
     """A 64 px phase started from the 32 px phase's weights is far ahead of one started from scratch."""
     phase32 = train_in_process(train_base_gin, tmp_path / "p32", "EPOCHS = 8")
-    assert phase32["top1"] > 0.7, phase32  # Chance: 0.2.
+    assert phase32["val_top1"] > 0.7, phase32  # Chance: 0.2.
     phase64 = train_in_process(train_base_gin, tmp_path / "p64", "IMAGE_SIZE = 64", "trainer.train.first_epoch = 9",
                                f"trainer.train.init_from = '{tmp_path / 'p32'}'", "trainer.train.previous_phase = 'p32.gin'")
     scratch = train_in_process(train_base_gin, tmp_path / "scratch64", "IMAGE_SIZE = 64")
-    assert phase64["top1"] > 0.55 and phase64["top1"] > scratch["top1"] + 0.2, (phase64, scratch)
+    assert phase64["val_top1"] > 0.55 and phase64["val_top1"] > scratch["val_top1"] + 0.2, (phase64, scratch)
 
     [val_events] = event_files(tmp_path / "p64", "val")
     top1 = dict(scalars(val_events, "top1"))
-    assert sorted(top1) == [0, STEPS_PER_EPOCH]  # The carried weights are evaluated before training.
-    assert top1[STEPS_PER_EPOCH] == pytest.approx(phase64["top1"])
+    end32 = 8 * STEPS_PER_EPOCH  # Phase 64 continues phase 32's step axis.
+    assert sorted(top1) == [end32, end32 + STEPS_PER_EPOCH]  # The carried weights are evaluated first.
+    assert top1[end32 + STEPS_PER_EPOCH] == pytest.approx(phase64["val_top1"])
     with open(tmp_path / "p64" / "metrics.csv", encoding="utf-8") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["9"]
     [train_events] = event_files(tmp_path / "p32", "train")  # 5 steps per tf.function call.
@@ -320,14 +339,14 @@ def test_sigterm_then_sigkill_then_rerun_resumes_to_the_same_step(train_base_gin
     command = main_command(train_base_gin, model_dir, *KILL_BINDINGS)
 
     # SIGTERM mid-epoch 1: the run checkpoints where it is and stops with one error line.
-    returncode, log = run_until(command, r"epoch 1 6/15 ", signal.SIGTERM)
-    assert returncode == 1, log[-3000:]
-    stopped = int(re.search(r"error: Stopped by SIGTERM at step (\d+) \(epoch 1\)", log).group(1))
+    returncode, log = run_until(command, r"epoch 1/3 step 6/15 ", signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, log[-3000:]  # The shell's convention for a signal.
+    stopped = int(re.search(r"stopped: SIGTERM at step (\d+) \(epoch 1\), after a checkpoint", log).group(1))
     assert 6 <= stopped < STEPS_PER_EPOCH and "Traceback" not in log
     assert latest_step(model_dir) == stopped and not os.path.exists(model_dir / "LOCK")
 
     # SIGKILL mid-epoch 2: nothing runs on the way out; the lock stays behind.
-    returncode, log = run_until(command, r"epoch 2 6/15 ", signal.SIGKILL)
+    returncode, log = run_until(command, r"epoch 2/3 step 6/15 ", signal.SIGKILL)
     assert returncode == -signal.SIGKILL, log[-3000:]
     assert f"at step {stopped} (epoch 1)" in log
     killed = latest_step(model_dir)
@@ -338,7 +357,7 @@ def test_sigterm_then_sigkill_then_rerun_resumes_to_the_same_step(train_base_gin
     before = set(event_files(model_dir, "train"))
     returncode, log = run_until(command)
     assert returncode == 0, log[-3000:]
-    assert "Taking over the stale lock" in log and "Resumed from" in log and f"at step {killed} (epoch 2)" in log
+    assert "Taking over the stale lock" in log and f"resumes {model_dir}" in log and f"at step {killed} (epoch 2)" in log
     assert latest_step(model_dir) == latest_step(uninterrupted_run) == 3 * STEPS_PER_EPOCH
     [rerun_events] = set(event_files(model_dir, "train")) - before
     steps = [s for s, _ in scalars(rerun_events, "loss")]

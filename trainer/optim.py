@@ -69,8 +69,9 @@ def step(steps_per_epoch, epochs, learning_rate=0.1, boundaries=(30, 60, 90), fa
     if list(boundaries) != sorted(boundaries) or any(b <= 0 for b in boundaries):
         raise UserError(f"trainer.optim.step.boundaries must be increasing positive epochs, got {boundaries!r}.")
     values = [float(learning_rate * factor**i) for i in range(len(boundaries) + 1)]
+    # Keras keeps values[i] while step <= boundaries[i]: the drop lands on the boundary epoch's first step.
     return keras.optimizers.schedules.PiecewiseConstantDecay(
-        [int(b * steps_per_epoch) for b in boundaries], values)
+        [int(b * steps_per_epoch) - 1 for b in boundaries], values)
 
 
 @configurable("trainer.optim", denylist=["steps_per_epoch", "epochs"])
