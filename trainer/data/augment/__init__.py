@@ -70,6 +70,7 @@ def load():
 
 
 def __getattr__(name):
+    """Loads a public name on first use (PEP 562), after every op module has registered its ops."""
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -80,4 +81,5 @@ def __getattr__(name):
 
 
 def __dir__():
+    """The module's names, the lazily loaded ones included."""
     return sorted(set(globals()) | set(_EXPORTS))

@@ -25,14 +25,14 @@ def _parse_args(argv):
 
 
 def describe(name, factory):
-    """One line for an op: its call signature and the first line of its docstring.
+    """An op's entry: its call signature (defaults included), then the first line of its docstring.
 
     Args:
       name: the op's policy name, e.g. 'flip'.
       factory: the registered factory (a class).
 
     Returns:
-      e.g. "flip(p=0.5)  Horizontal flip of each image with probability `p` ...".
+      e.g. "flip(p=0.5)\n    Horizontal flip of each image with probability `p` ...".
     """
     doc = inspect.getdoc(factory) or ""
     summary = doc.splitlines()[0] if doc else ""

@@ -72,7 +72,7 @@ def build_policy(spec):
                         f"\"flip(0.5) | rotate(-45, 45)\", got {spec!r} ({type(spec).__name__}).")
     if not spec.strip():
         return None
-    importlib.import_module("trainer.data.augment").load()  # Every op module registered, however we were imported.
+    importlib.import_module(__package__).load()  # Every op module registered, however this module was imported.
     try:
         tree = ast.parse(f"(\n{spec.strip()}\n)", mode="eval")  # Parentheses allow line breaks.
     except SyntaxError as err:
