@@ -14,8 +14,10 @@ the phase64_aug policy (gin/augment/reference_heavy.gin) and batches by
   augmentation of the same policy in a Python generator, one image at a time
   (as Keras' ImageDataGenerator with imgaug did). No cache: it decodes every
   epoch, so its warm epochs read the files from the OS cache. It is leaner
-  than imgaug (one PIL warp per geometric op, no augmenter objects): DESIGN.md
-  measured the reference's imgaug path at about 1,100 images/s on one core.
+  than imgaug (one PIL warp per geometric op, no augmenter objects, uint8
+  throughout, so its multiply clips where the reference's did not); the
+  reference's own imgaug path ran about 1,100 images/s on one core of the
+  development machine.
 - keras (b): `keras.utils.image_dataset_from_directory`, cached, shuffled and
   batched like ours, then Keras 3 preprocessing layers with the closest policy Keras offers: flip, additive
   brightness (no multiplicative layer), zoom (scale 0.5-2: Keras zooms out at
@@ -121,8 +123,8 @@ def _python_augment(image, rng):
     inverse = 1.0 / rng.uniform(0.25, 2.0)
     picture = _affine_about_centre(picture, (inverse, 0.0, 0.0, inverse))
     if rng.random() < 0.7:
-        cells = np.arange(picture.size[0]) * 3 // picture.size[0]
-        keep = (rng.random((3, 3)) >= 0.2)[cells][:, cells]
+        cells = np.arange(picture.size[0]) * 4 // picture.size[0]  # imgaug 0.2.9's minimum 4x4 grid.
+        keep = (rng.random((4, 4)) >= 0.2)[cells][:, cells]
         return np.asarray(picture) * keep[..., None].astype(np.uint8)
     angle = np.deg2rad(rng.uniform(-45, 45))
     picture = _affine_about_centre(picture, (np.cos(angle), np.sin(angle), -np.sin(angle), np.cos(angle)))

@@ -62,7 +62,8 @@ def test_write_preview_from_the_phase64_aug_configuration(data_dir, tmp_path):
     written = tf.io.decode_png(tf.io.read_file(out)).numpy()
     np.testing.assert_array_equal(written, grid.numpy())
     samples = preview.sample_training_images(6, shuffle_buffer=16).numpy()
-    assert samples.shape == (6, 32, 32, 3) and samples.min() >= 0.0 and samples.max() <= 1.0
+    # phase64_aug's multiply is unclipped, as the reference's: values up to 1.5 reach the network.
+    assert samples.shape == (6, 32, 32, 3) and samples.min() >= 0.0 and samples.max() <= 1.5
     assert ((samples == 0).all(axis=-1).mean(axis=(1, 2)) > 0.01).any()  # Black: dropout or borders.
 
 

@@ -64,7 +64,8 @@ def sample_training_images(n, shuffle_buffer=512):
       shuffle_buffer: shuffle buffer in images (replaces the configured one).
 
     Returns:
-      float32 [n, S, S, 3] in [0, 1].
+      float32 [n, S, S, 3] in [0, 1] (above 1 where the policy has an unclipped op, e.g.
+      `brightness(clip=False)`; `make_grid` clips).
     """
     import dataclasses  # pylint: disable=import-outside-toplevel
 
