@@ -24,7 +24,7 @@ from trainer.errors import UserError
 
 cli.register_configurables()
 from trainer import train  # pylint: disable=wrong-import-position
-from trainer.models import builder  # pylint: disable=wrong-import-position
+from trainer.models import blocks, builder  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
@@ -49,22 +49,32 @@ def train_losses(model_dir):
     return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors("loss")}
 
 
-def test_unknown_kind_and_options_are_user_errors():
-    with pytest.raises(UserError, match="default, mirrored, multi_worker, tpu"):
-        strategy_lib.make_strategy(kind="gpu")
+def test_unknown_strategy_and_options_are_user_errors():
+    with pytest.raises(UserError, match=r"'@trainer.strategy.gpu' is not a configurable"):
+        config.parse_gin(["gin/strategy/default.gin"], ["trainer.train.strategy = @trainer.strategy.gpu"])
     with pytest.raises(UserError, match="reduction_to_one_device"):
-        strategy_lib.make_strategy(kind="mirrored", cross_device_ops="ring")
+        strategy_lib.mirrored(cross_device_ops="ring")
     tf.config.list_logical_devices()  # TensorFlow has started in this process: too late to split the CPU.
     with pytest.raises(UserError, match="before TensorFlow starts"):
-        strategy_lib.make_strategy(kind="mirrored", logical_cpus=3)
+        strategy_lib.mirrored(logical_cpus=3)
+
+
+def test_a_later_strategy_file_replaces_the_earlier_one_whole():
+    config.parse_gin(["gin/strategy/mirrored_cpu.gin", "gin/strategy/default.gin"])
+    assert gin.query_parameter("trainer.train.strategy").selector == "trainer.strategy.default"
+    config.parse_gin(["gin/strategy/mirrored_cpu.gin", "gin/strategy/mirrored.gin"])
+    reference = gin.query_parameter("trainer.train.strategy")
+    assert reference.scoped_selector == "mirrored/trainer.strategy.mirrored"
+    with gin.config_scope("mirrored"):  # mirrored_cpu.gin's logical CPUs do not reach mirrored.gin's strategy.
+        assert "logical_cpus" not in gin.get_bindings("trainer.strategy.mirrored")
 
 
 def test_tpu_without_a_tpu_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"no TPU could be reached: Please provide a TPU Name"):
-        strategy_lib.make_strategy(kind="tpu", tpu="")
+        strategy_lib.tpu(address="")
     address = f"grpc://127.0.0.1:{free_port()}"  # Nothing listens there.
-    with pytest.raises(UserError, match=r"tpu = 'grpc://127\.0\.0\.1:\d+'\) but no TPU could be reached"):
-        strategy_lib.make_strategy(kind="tpu", tpu=address)
+    with pytest.raises(UserError, match=r"address = 'grpc://127\.0\.0\.1:\d+'\) but no TPU could be reached"):
+        strategy_lib.tpu(address=address)
     # The command line: one error line, no traceback, nothing written.
     result = subprocess.run(
         [sys.executable, "-m", "trainer.main", "--gin_file=gin/quickstart.gin", "--gin_file=gin/strategy/tpu.gin",
@@ -87,7 +97,7 @@ def test_two_mirrored_cpu_replicas_match_one_device(train_base_gin, tmp_path):
             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         logs[name] = result.stderr
-    assert "Replicas: 2 (MirroredStrategy)" in logs["two"]
+    assert "Strategy:  MirroredStrategy, 2 replica(s)" in logs["two"]
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, STEPS_PER_EPOCH + 1))
     for step in (1, 2, 3):  # Float rounding only (per-replica BatchNorm statistics differ by ~1e-2).
@@ -103,8 +113,9 @@ def test_two_mirrored_cpu_replicas_match_one_device(train_base_gin, tmp_path):
 def test_xla_with_synchronized_batch_norm_over_replicas_is_refused():
     gin.clear_config()
     try:
-        config.parse_gin(["gin/models/small.gin"], ["NUM_CLASSES = 5", "batch_norm.synchronized = True"])
-        model = builder.build_network(32)
+        config.parse_gin(["gin/models/small.gin"], ["NUM_CLASSES = 5"])
+        with blocks.synchronized_batch_norm(True):
+            model = builder.build_network(32)
     finally:
         gin.clear_config()
     two_replicas = types.SimpleNamespace(num_replicas_in_sync=2)
@@ -143,26 +154,26 @@ def test_two_workers_preempted_then_resumed_end_with_identical_weights(train_bas
     """SIGTERM to one worker: both save at the same step and stop; rerun: both resume and finish in lockstep."""
     model_dir = tmp_path / "run"
     command = main_command(train_base_gin, model_dir, "--gin_file=gin/strategy/multi_worker.gin",
-                           "--gin_bindings=batch_norm.synchronized = True", "--gin_bindings=EPOCHS = 2",
+                           "--gin_bindings=EPOCHS = 2",
                            "--gin_bindings=trainer.train.steps_per_execution = 1")
     workers = _start_workers(command, model_dir, "preempted")
     deadline = time.time() + 300
     while time.time() < deadline and workers[1][0].poll() is None:
         with open(workers[1][1].name, encoding="utf-8") as f:
-            if "epoch 1 6/15 " in f.read():
+            if "epoch 1/2 step 6/15 " in f.read():
                 workers[1][0].send_signal(signal.SIGTERM)
                 break
         time.sleep(0.05)
     returncodes, logs = _wait(workers)
-    assert returncodes == [1, 1], logs[1][-3000:]
-    stopped = {int(re.search(r"error: Stopped by SIGTERM at step (\d+)", log).group(1)) for log in logs}
+    assert returncodes == [128 + signal.SIGTERM] * 2, logs[1][-3000:]
+    stopped = {int(re.search(r"stopped: SIGTERM at step (\d+)", log).group(1)) for log in logs}
     assert len(stopped) == 1, stopped  # The same step on both workers.
     [stopped] = stopped
     assert 6 < stopped < 2 * STEPS_PER_EPOCH
 
     returncodes, logs = _wait(_start_workers(command, model_dir, "resumed"))
     assert returncodes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert all(f"ckpt-{stopped} at step {stopped}" in log for log in logs)
+    assert all(f"ckpt-{stopped} at step {stopped}" in log for log in logs), logs[0][-2000:]
     chief = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir / "checkpoints")))
     other = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(model_dir / "workertemp_1" / "checkpoints")))
     assert int(chief.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")) == 2 * STEPS_PER_EPOCH
