@@ -19,19 +19,32 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["trainer", "trainer.data", "trainer.data.augment", "trainer.models", "trainer.gin"],
+    packages=["trainer", "trainer.data", "trainer.data.augment", "trainer.evaluation", "trainer.models",
+              "trainer.gin"],
     package_dir={"trainer.gin": "gin"},
     package_data={"trainer.gin": _gin_files()},
     install_requires=[
         "tensorflow>=2.20,<2.22",
         "keras>=3.10",
-        "gin-config>=0.5.0",
+        # trainer/config.py uses gin's public parser API; checked with 0.5.0.
+        "gin-config>=0.5.0,<0.6",
         "absl-py>=2.1",
         "tensorboard>=2.20",
         "numpy>=1.26",
+        "matplotlib>=3.5",  # The evaluation's figures (confusion matrix, Grad-CAM, reliability diagram).
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pillow>=10.0"],
+        "test": ["pytest>=8.0", "pillow>=10.0", "hypothesis>=6.100", "ruff>=0.6"],
         "bench": ["pillow>=10.0"],
     },
+    entry_points={"console_scripts": [
+        "tiny-train = trainer.main:run",
+        "tiny-plan = trainer.plan:run",
+        "tiny-evaluate = trainer.evaluate:run",
+        "tiny-predict = trainer.predict:run",
+        "tiny-export = trainer.export:run",
+        "tiny-preview = trainer.data.preview:run",
+        "tiny-synthetic = trainer.data.synthetic:run",
+        "tiny-download = trainer.data.download:run",
+    ]},
 )

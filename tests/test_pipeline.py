@@ -3,7 +3,6 @@
 import os
 import shutil
 
-import gin
 import numpy as np
 import pytest
 import tensorflow as tf

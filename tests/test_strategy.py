@@ -18,13 +18,12 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from trainer import cli, config
+from trainer import config
 from trainer import strategy as strategy_lib
 from trainer.errors import UserError
 
-cli.register_configurables()
-from trainer import train  # pylint: disable=wrong-import-position
-from trainer.models import blocks, builder  # pylint: disable=wrong-import-position
+from trainer import train
+from trainer.models import blocks, builder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
@@ -93,7 +92,8 @@ def test_two_mirrored_cpu_replicas_match_one_device(train_base_gin, tmp_path):
     logs = {}
     for name, extra in (("one", []), ("two", ["--gin_file=gin/strategy/mirrored_cpu.gin"])):
         result = subprocess.run(
-            main_command(train_base_gin, tmp_path / name, *extra, "--gin_bindings=trainer.train.steps_per_execution = 1"),
+            main_command(train_base_gin, tmp_path / name, *extra,
+                         "--gin_bindings=trainer.train.steps_per_execution = 1"),
             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         logs[name] = result.stderr

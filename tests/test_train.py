@@ -22,11 +22,10 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from trainer import checkpoints, cli, config, optim, summaries
+from trainer import checkpoints, config, optim, summaries
 from trainer.errors import UserError
 
-cli.register_configurables()
-from trainer import train as train_lib  # pylint: disable=wrong-import-position
+from trainer import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
@@ -210,7 +209,8 @@ def test_phase_32_then_64_carries_weights(train_base_gin, tmp_path):
     phase32 = train_in_process(train_base_gin, tmp_path / "p32", "EPOCHS = 8")
     assert phase32["val_top1"] > 0.7, phase32  # Chance: 0.2.
     phase64 = train_in_process(train_base_gin, tmp_path / "p64", "IMAGE_SIZE = 64", "trainer.train.first_epoch = 9",
-                               f"trainer.train.init_from = '{tmp_path / 'p32'}'", "trainer.train.previous_phase = 'p32.gin'")
+                               f"trainer.train.init_from = '{tmp_path / 'p32'}'",
+                               "trainer.train.previous_phase = 'p32.gin'")
     scratch = train_in_process(train_base_gin, tmp_path / "scratch64", "IMAGE_SIZE = 64")
     assert phase64["val_top1"] > 0.55 and phase64["val_top1"] > scratch["val_top1"] + 0.2, (phase64, scratch)
 
@@ -241,7 +241,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_base_gin, tmp_p
     assert latest_step(tmp_path / "run") == STEPS_PER_EPOCH
     # Resumed with a learning rate that blows up: gin's rate replaces the checkpoint's.
     with pytest.raises(UserError, match=r"loss became nan \(not finite\) in steps 16-20.*ckpt-15"):
-        train_in_process(train_base_gin, tmp_path / "run", "EPOCHS = 2", "trainer.optim.constant.learning_rate = 1e30")
+        train_in_process(train_base_gin, tmp_path / "run", "EPOCHS = 2",
+                         "trainer.optim.constant.learning_rate = 1e30")
     assert [os.path.basename(p) for p in glob.glob(str(tmp_path / "run" / "checkpoints" / "*.index"))] == [
         "ckpt-15.index"]
     reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "ckpt-15"))
@@ -297,7 +298,8 @@ def test_mixed_precision_and_xla_switches(train_base_gin, tmp_path):
 
 # --- Whole runs of `python -m trainer.main` ------------------------------------------
 
-KILL_BINDINGS = ("EPOCHS = 3", "trainer.train.steps_per_execution = 1", "trainer.train.checkpoint_every_steps = 4", AUGMENT)
+KILL_BINDINGS = ("EPOCHS = 3", "trainer.train.steps_per_execution = 1", "trainer.train.checkpoint_every_steps = 4",
+                 AUGMENT)
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,9 @@ def run(main, usage=None):
         quiet_tensorflow()
         try:
             return main(argv)
+        except app.UsageError as err:
+            print(f"error: {err} (see --help)", file=sys.stderr)
+            sys.exit(1)
         except Interrupted as err:
             print(f"stopped: {err}", file=sys.stderr)
             sys.exit(128 + err.signum)
@@ -94,9 +97,15 @@ def run(main, usage=None):
             traceback.print_exc()
             sys.exit(2)
 
-    if usage is not None and any(a in ("--help", "-h", "--helpfull", "-?") for a in sys.argv[1:]):
+    asked_for_help = any(a in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in sys.argv[1:])
+    if usage is not None and asked_for_help:
         print(usage())
-    app.run(wrapped)
+    try:
+        app.run(wrapped)
+    except SystemExit as done:
+        if asked_for_help and done.code == 1:  # absl exits 1 after printing the help.
+            sys.exit(0)
+        raise
 
 
 def no_arguments(argv):

@@ -290,7 +290,8 @@ def require(*selectors):
         fn = registry.CONFIGURABLES[selector]
         bound = gin.get_bindings(selector)
         missing = [name for name, p in inspect.signature(fn).parameters.items()
-                   if p.default is inspect.Parameter.empty and name not in bound and name not in registry.DENIED[selector]]
+                   if p.default is inspect.Parameter.empty and name not in bound
+                   and name not in registry.DENIED[selector]]
         if missing:
             raise UserError(f"Invalid gin configuration: {selector} needs a value for {', '.join(missing)}: include "
                             "gin/common.gin and define its macros (as the runnable files in gin/ do), or bind them "

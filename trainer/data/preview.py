@@ -111,8 +111,7 @@ def _define_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.no_arguments(argv)
     if not FLAGS.gin_file:
         raise UserError("Give the configuration to preview with --gin_file, "
                         "e.g. --gin_file=gin/phase64_aug.gin.")

@@ -21,7 +21,6 @@ import gin
 import keras
 import numpy as np
 
-from trainer.errors import UserError
 from trainer.models import builder
 
 
