@@ -365,3 +365,52 @@ def test_sigterm_then_sigkill_then_rerun_resumes_to_the_same_step(train_base_gin
     [rerun_events] = set(event_files(model_dir, "train")) - before
     steps = [s for s, _ in scalars(rerun_events, "loss")]
     assert steps == list(range(killed + 1, 3 * STEPS_PER_EPOCH + 1))  # Continues; does not restart at 0.
+
+
+# --- Schedules and early stopping in a run ---------------------------------------------
+
+
+def test_plateau_lowers_the_rate_after_patience_epochs():
+    plateau = optim.reduce_on_plateau(10, 5, learning_rate=1.0, metric="val_loss", factor=0.5, patience=2,
+                                      min_delta=0.0, cooldown=1)
+    rates = [plateau.update({"val_loss": loss}) for loss in (3.0, 2.0, 2.5, 2.1, 2.2, 2.3, 2.4, 1.0, 1.5, 1.6)]
+    # Improves twice, waits 1, 2 -> halve; the cooldown epoch ends, waits 1, 2 -> halve; cooldown; improves;
+    # waits 1, 2 -> halve (keras.callbacks.ReduceLROnPlateau's rules).
+    assert rates == [1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25, 0.125]
+    with pytest.raises(UserError, match="metric is 'val_acc'"):
+        optim.reduce_on_plateau(10, 5, metric="val_acc").update({"val_loss": 1.0})
+
+
+PLATEAU = ("trainer.train.schedule = @trainer.optim.reduce_on_plateau",
+           "trainer.optim.reduce_on_plateau.patience = 2", "trainer.optim.reduce_on_plateau.factor = 0.5",
+           "trainer.optim.reduce_on_plateau.min_delta = 100.0", "EPOCHS = 6")
+
+
+def _csv_column(model_dir, name):
+    with open(os.path.join(str(model_dir), "metrics.csv"), encoding="utf-8") as f:
+        return [float(row[name]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_reduce_on_plateau_resumes_mid_plateau(train_base_gin, tmp_path):
+    """The plateau's state is in the checkpoint: a run stopped mid-plateau and resumed drops the rate on time."""
+    train_in_process(train_base_gin, tmp_path / "whole", *PLATEAU)
+    expected = [1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]  # Only epoch 1 improves by min_delta (on infinity).
+    assert _csv_column(tmp_path / "whole", "learning_rate") == pytest.approx(expected)
+    train_in_process(train_base_gin, tmp_path / "resumed", *PLATEAU, stop_after_steps=2 * STEPS_PER_EPOCH)
+    assert _csv_column(tmp_path / "resumed", "learning_rate") == pytest.approx(expected[:2])
+    keras.backend.clear_session()
+    train_in_process(train_base_gin, tmp_path / "resumed", *PLATEAU)
+    assert _csv_column(tmp_path / "resumed", "learning_rate") == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_early_stopping_and_the_metric_that_picks_the_best(train_base_gin, tmp_path):
+    best = train_in_process(train_base_gin, tmp_path / "run", "EPOCHS = 6", "trainer.train.early_stopping_patience = 2",
+                            "trainer.optim.constant.learning_rate = 1e-12")  # Nothing improves after epoch 1.
+    assert _csv_column(tmp_path / "run", "epoch") == [1, 2, 3] and best["epoch"] == 1
+    assert checkpoint_step(tf.train.latest_checkpoint(str(tmp_path / "run" / "best"))) == STEPS_PER_EPOCH
+    by_loss = train_in_process(train_base_gin, tmp_path / "loss", "EPOCHS = 3",
+                               "trainer.train.select_best_by = 'val_loss'")
+    losses = _csv_column(tmp_path / "loss", "val_loss")
+    assert by_loss["val_loss"] == pytest.approx(min(losses), abs=1e-6)

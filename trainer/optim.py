@@ -120,6 +120,74 @@ def cosine(steps_per_epoch, epochs, learning_rate=1e-3, warmup_epochs=0.0, end_f
         warmup_steps=warmup)
 
 
+class Plateau(tf.Module):
+    """A learning rate lowered when a validation metric stops improving; its state is checkpointed.
+
+    The trainer calls `update(row)` with each epoch's metrics (before the epoch's
+    checkpoint, which holds this object), and sets the optimizer's rate to the result.
+    """
+
+    def __init__(self, learning_rate, metric, factor, patience, min_delta, cooldown, min_learning_rate):
+        super().__init__(name="plateau")
+        self.metric, self.factor, self.patience = metric, factor, patience
+        self.min_delta, self.cooldown, self.min_learning_rate = min_delta, cooldown, min_learning_rate
+        self.maximise = not metric.endswith("loss")
+        self.rate = tf.Variable(float(learning_rate), trainable=False, name="rate")
+        self.best = tf.Variable(-math.inf if self.maximise else math.inf, trainable=False, name="best")
+        self.wait = tf.Variable(0, trainable=False, name="wait")
+        self.cooling = tf.Variable(0, trainable=False, name="cooling")
+
+    def update(self, row):
+        """Takes an epoch's metrics row; returns the learning rate for the next epoch."""
+        if self.metric not in row:
+            raise UserError(f"trainer.optim.reduce_on_plateau.metric is {self.metric!r}, but an epoch's metrics are "
+                            f"{', '.join(sorted(row))}.")
+        value, best = float(row[self.metric]), float(self.best.numpy())
+        improved = value > best + self.min_delta if self.maximise else value < best - self.min_delta
+        if int(self.cooling.numpy()) > 0:  # Keras's ReduceLROnPlateau, step by step.
+            self.cooling.assign_sub(1)
+            self.wait.assign(0)
+        if improved:
+            self.best.assign(value)
+            self.wait.assign(0)
+        elif int(self.cooling.numpy()) == 0:
+            self.wait.assign_add(1)
+            if int(self.wait.numpy()) >= self.patience:
+                self.rate.assign(max(float(self.rate.numpy()) * self.factor, self.min_learning_rate))
+                self.wait.assign(0)
+                self.cooling.assign(self.cooldown)
+        return float(self.rate.numpy())
+
+
+@configurable("trainer.optim", denylist=["steps_per_epoch", "epochs"])
+def reduce_on_plateau(steps_per_epoch, epochs, learning_rate=1e-3, metric="val_loss", factor=0.1, patience=10,
+                      min_delta=1e-4, cooldown=0, min_learning_rate=0.0):
+    """Keras's ReduceLROnPlateau as a schedule: the rate drops by `factor` after `patience` epochs without progress.
+
+    The same rules as `keras.callbacks.ReduceLROnPlateau`, applied at each epoch end.
+
+    Args:
+      steps_per_epoch: training steps in an epoch.
+      epochs: epochs in the phase.
+      learning_rate: the initial rate.
+      metric: an epoch metric of metrics.csv: 'val_loss' (lower is better), 'val_top1', 'val_top5'.
+      factor: what each drop multiplies the rate by, in (0, 1).
+      patience: epochs without an improvement larger than `min_delta` before a drop.
+      min_delta: the smallest change that counts as an improvement.
+      cooldown: epochs after a drop during which no epoch counts against patience.
+      min_learning_rate: the rate never drops below this.
+
+    Returns:
+      A `Plateau` (the trainer checkpoints its state, so a resumed run continues it).
+    """
+    del steps_per_epoch, epochs
+    _positive("trainer.optim.reduce_on_plateau.learning_rate", learning_rate)
+    if not 0 < factor < 1 or patience < 1:
+        raise UserError(f"trainer.optim.reduce_on_plateau needs 0 < factor < 1 and patience >= 1, got factor "
+                        f"{factor!r}, patience {patience!r}.")
+    return Plateau(learning_rate, metric, factor, patience, min_delta, cooldown, min_learning_rate)
+
+
 # --- Optimizers: fn(learning_rate) -> keras optimizer ---------------------------------------------------
 
 

@@ -20,6 +20,7 @@ Why a custom loop and not `model.fit`: docs/decisions.md §4.
 """
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -57,6 +58,8 @@ def train(model_dir,
           previous_phase=None,
           allow_partial_init=False,
           carry_optimizer=False,
+          select_best_by="val_top1",
+          early_stopping_patience=None,
           steps_per_execution=None,
           checkpoint_every_steps=0,
           keep_checkpoints=3,
@@ -87,6 +90,10 @@ def train(model_dir,
       allow_partial_init: accept an `init_from` checkpoint that does not cover every variable.
       carry_optimizer: also carry the previous phase's optimizer state (the
         reference started Adam afresh each phase: False).
+      select_best_by: the epoch metric that picks the best checkpoint (kept in
+        best/, exported): 'val_top1', 'val_top5' (higher is better) or 'val_loss'.
+      early_stopping_patience: stop the phase after this many epochs without a
+        new best (None: never).
       steps_per_execution: training steps per `tf.function` call; None: the strategy's choice (100 on
         a TPU, 10 elsewhere).
       checkpoint_every_steps: extra checkpoints between epoch ends (0 = only at epoch ends).
@@ -132,14 +139,16 @@ def train(model_dir,
             model = builder.build_network(data.image_size)
             _check_output(model, num_classes)
             learning_rate = schedule(steps_per_epoch=steps_per_epoch, epochs=epochs)
-            opt = optimizer(learning_rate=learning_rate)
+            plateau = learning_rate if isinstance(learning_rate, optim.Plateau) else None
+            opt = optimizer(learning_rate=float(plateau.rate.numpy()) if plateau else learning_rate)
             if keras.mixed_precision.global_policy().name == "mixed_float16":
                 opt = keras.optimizers.LossScaleOptimizer(opt)
             opt.build(model.trainable_variables)
             step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         history = tf.Variable("[]", dtype=tf.string, trainable=False, name="history")  # The committed epochs.
         weights = checkpoints_lib.weights_by_path(model)
-        checkpoint = tf.train.Checkpoint(weights=weights, optimizer=opt, step=step, history=history)
+        checkpoint = tf.train.Checkpoint(weights=weights, optimizer=opt, step=step, history=history,
+                                         **({"plateau": plateau} if plateau else {}))
         checkpoints = checkpoints_lib.Checkpoints(checkpoint, model, model_dir, keep_checkpoints, distribution,
                                                   on_preempted=signals.preempted)
         train_steps, evaluate = build_steps(distribution.strategy, model, opt, step, data.batch_size, num_classes,
@@ -148,7 +157,9 @@ def train(model_dir,
 
         # --- 3. Resume this phase, or start it from the previous one. ---------------------------------------------
         resumed_from = checkpoints.restore()
-        if resumed_from and isinstance(learning_rate, float):
+        if plateau:
+            opt.learning_rate = float(plateau.rate.numpy())  # Where the restored plateau had brought it.
+        elif resumed_from and isinstance(learning_rate, float):
             opt.learning_rate = learning_rate  # A constant rate comes from gin: a rerun may lower it.
         done = int(step.numpy())  # Steps done in this phase (the host's copy of `step`).
         rows = json.loads(history.numpy().decode())
@@ -169,10 +180,13 @@ def train(model_dir,
         network_plan = plan.make_plan(data.image_size)
         summaries.banner(data, _network_summary(model, network_plan), distribution, model_dir, epochs,
                          first_epoch, start)
-        if done % steps_per_epoch == 0 and 0 < done and not _committed(rows, done):
+        commit = functools.partial(_commit, history=history, checkpoints=checkpoints, writers=writers,
+                                   model_dir=model_dir, chief=distribution.chief, metric=select_best_by)
+        if done % steps_per_epoch == 0 and 0 < done and not any(r["step"] == done for r in rows):
             # A checkpoint landed on an epoch's last step but the run died before the epoch was committed.
-            rows = _commit(rows, done, None, _means(evaluate(val_data)), 0.0, opt, first_epoch, steps_per_epoch,
-                           offset, history, checkpoints, writers, model_dir, distribution)
+            row = _row(first_epoch + done // steps_per_epoch - 1, done, offset, None, _means(evaluate(val_data)),
+                       0.0, _current_lr(opt))
+            rows = commit(rows, row, plateau_rate=plateau.update(row) if plateau else None, opt=opt)
         train_data = iter(distribution.strategy.distribute_datasets_from_function(
             lambda ctx: data.train(ctx, resume_step=done, decoded_counter=decoded))) if done < total_steps else None
         # At a phase's start, a batch shows what the augmentation does (every worker takes it; none trains on it).
@@ -180,7 +194,7 @@ def train(model_dir,
                    if done == 0 and train_data else None)
         if distribution.chief:
             _write_run_start(model_dir, writers, network_plan, offset + done, preview)
-            _republish(model_dir, rows, writers, checkpoints)  # After a crash: CSV, val points, best/.
+            _republish(model_dir, rows, checkpoints, select_best_by)  # After a crash: the CSV, best/.
         if init_from and not resumed_from and done == 0:
             carried = _means(evaluate(val_data))
             writers.scalars("val", offset, carried)
@@ -219,16 +233,21 @@ def train(model_dir,
                     return _stop(signals, checkpoints, writers, done, first_epoch + epoch, model_dir)
             # End of epoch: evaluate, then commit the epoch (checkpoint first, then what derives from it).
             val = _means(evaluate(val_data))
-            rows = _commit(rows, done, _means(epoch_totals), val, time.time() - epoch_start, opt, first_epoch,
-                           steps_per_epoch, offset, history, checkpoints, writers, model_dir, distribution)
+            row = _row(first_epoch + epoch, done, offset, _means(epoch_totals), val, time.time() - epoch_start,
+                       _current_lr(opt))
+            rows = commit(rows, row, plateau_rate=plateau.update(row) if plateau else None, opt=opt)
             progress.finish(_means(epoch_totals), val, time.time() - epoch_start)
             if first_epoch + epoch == first_epoch and not distribution.multi_worker:
                 _report_skipped(data.num_train, int(decoded.numpy()), data.reader.data_dir)
             if done < total_steps and _should_stop(signals, done, stop_after_steps):
                 return _stop(signals, checkpoints, writers, done, first_epoch + epoch, model_dir)
+            since_best = len(rows) - 1 - rows.index(_best(rows, select_best_by))
+            if early_stopping_patience and since_best >= early_stopping_patience:
+                logging.info("Early stop: %d epochs without a better %s.", since_best, select_best_by)
+                break
 
         # --- 5. The phase is done: export the best checkpoint. --------------------------------------------------
-        best = _best(rows)
+        best = _best(rows, select_best_by)
         exported = None
         if export and distribution.chief and best:
             exported = _export_best(model, checkpoints, data, model_dir, best)
@@ -427,40 +446,48 @@ def _write_run_start(model_dir, writers, network_plan, global_step, preview):
     writers.flush()
 
 
-def _committed(rows, step):
-    return any(r["step"] == step for r in rows)
+def _row(epoch, step, offset, train_means, val, seconds, learning_rate):
+    """One epoch's line of metrics.csv (and of the checkpoint's history)."""
+    return {"epoch": epoch, "step": step, "global_step": offset + step, "time": round(seconds, 2),
+            "learning_rate": learning_rate,
+            **{f"train_{k}": v for k, v in (train_means or {}).items() if k != "count"},
+            **{f"val_{k}": v for k, v in val.items()}}
 
 
-def _commit(rows, done, train_means, val, seconds, opt, first_epoch, steps_per_epoch, offset, history, checkpoints,
-            writers, model_dir, distribution):
-    """Commits one epoch: its row into the checkpoint's history (the commit), then the CSV, val points, best/."""
-    row = {"epoch": first_epoch + done // steps_per_epoch - 1, "step": done, "global_step": offset + done,
-           "time": round(seconds, 2), "learning_rate": _current_lr(opt),
-           **{f"train_{k}": v for k, v in (train_means or {}).items() if k != "count"},
-           **{f"val_{k}": v for k, v in val.items()}}
-    rows = [r for r in rows if r["step"] != done] + [row]
+def _commit(rows, row, history, checkpoints, writers, model_dir, chief, metric, plateau_rate, opt):
+    """Commits an epoch: its row goes into the checkpoint's history (the commit), then the CSV, val points, best/.
+
+    A crash before the checkpoint loses the epoch whole (the rerun trains it
+    again); a crash after it loses nothing (`_republish` rewrites the CSV and best/).
+    """
+    if plateau_rate is not None:
+        opt.learning_rate = plateau_rate  # The next epoch's rate; the plateau's state goes into this checkpoint.
+    rows = [r for r in rows if r["step"] != row["step"]] + [row]
     history.assign(json.dumps(rows))
-    checkpoints.save(done, best=_best(rows)["step"] == done)
-    if distribution.chief:
-        writers.scalars("train", offset + done, {"epoch_time": seconds})
-        writers.scalars("val", offset + done, val)
+    checkpoints.save(row["step"], best=_best(rows, metric)["step"] == row["step"])
+    if chief:
+        writers.scalars("train", row["global_step"], {"epoch_time": row["time"]})
+        writers.scalars("val", row["global_step"], {k[4:]: v for k, v in row.items() if k.startswith("val_")})
         writers.flush()
         summaries.CsvLog(os.path.join(model_dir, "metrics.csv")).write(rows)
     return rows
 
 
-def _republish(model_dir, rows, writers, checkpoints):
-    """After a crash: rewrites the CSV from the history, and restores best/ if its save was lost."""
-    del writers
+def _republish(model_dir, rows, checkpoints, metric):
+    """After a crash: rewrites the CSV from the history, and saves best/ again if its save was lost."""
     if rows:
         summaries.CsvLog(os.path.join(model_dir, "metrics.csv")).write(rows)
-        best = _best(rows)
+        best = _best(rows, metric)
         if checkpoints.best_step() != best["step"] and checkpoints.latest_step() == best["step"]:
             checkpoints.save(best["step"], best=True)
 
 
 def _best(rows, metric="val_top1"):
-    return max(rows, key=lambda r: (r[metric], -r["step"])) if rows else None
+    """The best epoch's row (the earliest of equals), or None."""
+    if not rows:
+        return None
+    sign = -1.0 if metric.endswith("loss") else 1.0
+    return max(rows, key=lambda r: (sign * r[metric], -r["step"]))
 
 
 def _steps_this_call(step, epoch_end, steps_per_execution, checkpoint_every_steps, stop_after_steps):
