@@ -414,3 +414,21 @@ def test_early_stopping_and_the_metric_that_picks_the_best(train_base_gin, tmp_p
                                "trainer.train.select_best_by = 'val_loss'")
     losses = _csv_column(tmp_path / "loss", "val_loss")
     assert by_loss["val_loss"] == pytest.approx(min(losses), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_same_command_twice_gives_bit_identical_weights(train_base_gin, tmp_path):
+    """SEED seeds weights, data order and augmentation; deterministic_ops makes TensorFlow's kernels repeatable."""
+    bindings = ("trainer.train.deterministic_ops = True", AUGMENT)
+    weights = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        returncode, log = run_until(main_command(train_base_gin, tmp_path / name, *bindings, f"SEED = {seed}"))
+        assert returncode == 0, log[-3000:]
+        reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / name / "checkpoints")))
+        weights.append({k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+                        if k.startswith("weights/")})
+    assert len(weights[0]) > 20 and weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        np.testing.assert_array_equal(weights[0][key], weights[1][key], err_msg=key)
+    assert not np.array_equal(weights[0]["weights/stem_conv/kernel/.ATTRIBUTES/VARIABLE_VALUE"],
+                              weights[2]["weights/stem_conv/kernel/.ATTRIBUTES/VARIABLE_VALUE"])  # Another SEED.

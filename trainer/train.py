@@ -20,6 +20,7 @@ Why a custom loop and not `model.fit`: docs/decisions.md §4.
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -101,7 +102,8 @@ def train(model_dir,
       mixed_precision: None, 'mixed_float16' or 'mixed_bfloat16'.
       jit_compile: compile the forward and backward pass with XLA (off on CPU: docs/decisions.md §7).
       seed: seeds the weight initialisation; None = random.
-      deterministic_ops: TensorFlow's op determinism: the same command gives bit-identical weights.
+      deterministic_ops: TensorFlow's op determinism and an ordered input pipeline: the same command
+        twice gives bit-identical weights (slower).
       log_every_steps: console progress interval when stdout is not a terminal.
       export: export the best checkpoint at the end of the phase.
       stop_after_steps: checkpoint and return at this step; for tests.
@@ -117,6 +119,8 @@ def train(model_dir,
     # --- 1. Strategy, data, model directory. ---------------------------------------------------------------------
     distribution = strategy()  # First: logical CPU devices must be set up before TensorFlow runs anything.
     data = data()
+    if deterministic_ops:
+        data = dataclasses.replace(data, deterministic=True)
     steps_per_execution = steps_per_execution or distribution.steps_per_execution
     _check_settings(data, num_classes, distribution, steps_per_execution, checkpoint_every_steps)
     if not model_dir:
