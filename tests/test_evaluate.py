@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
+from trainer import checkpoints
 from trainer import config
 from trainer import train as train_lib
 from trainer.data import pipeline
@@ -170,7 +171,8 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path):
     model = _cue_model()
     path = tf.train.Checkpoint(weights={w.path: w for w in model.weights}).save(str(tmp_path / "best" / "ckpt"))
     before = [w.numpy() for w in model.weights]
-    report = evaluator.evaluate_checkpoint(model, path, reader, "val", 32, 4, str(tmp_path / "eval"))
+    data = pipeline.Data(reader, image_size=32, batch_size=4)
+    report = evaluator.evaluate_checkpoint(model, path, data, "val", str(tmp_path / "eval"))
     assert report["checkpoint_name"] == "best-1"
     assert report["data"] == {"data_dir": str(tmp_path / "data"), "num_files": 7, "num_scored": 6,
                               "num_skipped": 1, "skipped_files": [files[3]]}
@@ -206,7 +208,7 @@ def _parse(train_base_gin, model_dir, *bindings):
 
 def _val_logits(model):
     """Independently: decode every val image as make_dataset does, run the model, in batches of 20."""
-    files, labels = pipeline.open_dataset().files("val")
+    files, labels = pipeline.data().reader.files("val")
     images = np.stack([tf.cast(pipeline.decode(f, 32), tf.float32).numpy() / 255.0 for f in files])
     logits = [model(images[i:i + 20], training=False).numpy() for i in range(0, len(images), 20)]
     flipped = [model(images[i:i + 20, :, ::-1], training=False).numpy() for i in range(0, len(images), 20)]
@@ -215,10 +217,10 @@ def _val_logits(model):
 
 def test_report_equals_numpy_recomputation_and_the_logged_best_top1(train_base_gin, trained_run):
     _parse(train_base_gin, trained_run)
-    report = evaluator.evaluate_best_of_phase(str(trained_run), pipeline.open_dataset(), 32, 20)
+    report = evaluator.evaluate_best_of_phase(str(trained_run), pipeline.data())
 
     model = builder.build_network(32)
-    evaluator.restore_weights(model, report["checkpoint"])
+    checkpoints.restore_weights(model, report["checkpoint"])
     logits, flipped, labels = _val_logits(model)
     predicted = logits.argmax(axis=1)
     top5 = np.argsort(-logits, axis=1)[:, :5]
@@ -241,6 +243,7 @@ def test_report_equals_numpy_recomputation_and_the_logged_best_top1(train_base_g
     step = report["checkpoint_step"]
     assert report["checkpoint_name"] == f"best-{step}" and max(logged.values()) == logged[step]
     assert abs(m["top1"] - logged[step]) <= 1e-6 and abs(m["top1"] - report["checkpoint_best_top1"]) <= 1e-6
+    assert report["checkpoint_val_top1"] == logged[step]
 
     out = trained_run / "eval" / f"best-{step}"
     assert json.loads((out / "report.json").read_text())["metrics"]["top1"] == m["top1"]
@@ -248,7 +251,7 @@ def test_report_equals_numpy_recomputation_and_the_logged_best_top1(train_base_g
     with open(out / "predictions.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(labels) == 100
-    names = pipeline.open_dataset().wnids
+    names = pipeline.data().reader.wnids
     assert [r["predicted_wnid"] for r in rows] == [names[p] for p in predicted]
     acc = event_tags(out)
     assert IMAGE_TAGS <= set(acc.Tags()["tensors"])
@@ -257,7 +260,7 @@ def test_report_equals_numpy_recomputation_and_the_logged_best_top1(train_base_g
     assert [e.step for e in acc.Tensors("eval/top1")] == [step]
 
     # Flip TTA (a gin switch): the mean of the two softmaxes decides.
-    _parse(train_base_gin, trained_run, "evaluate_checkpoint.tta_flip = True")
+    _parse(train_base_gin, trained_run, "trainer.evaluate.tta_flip = True")
     tta = evaluator.evaluate_model_dir(str(trained_run), "best")
     assert tta["checkpoint_name"] == f"best-{step}-flip" and tta["tta_flip"]
     probs = (metrics.softmax(logits) + metrics.softmax(flipped)) / 2
@@ -267,8 +270,9 @@ def test_report_equals_numpy_recomputation_and_the_logged_best_top1(train_base_g
 def test_cli_reads_the_operative_config_and_runs_under_two_mirrored_replicas(trained_run):
     """The latest checkpoint, evaluated over 2 replicas (MirroredStrategy on logical CPUs), as the run logged it."""
     result = evaluate_cli(f"--model_dir={trained_run}", "--checkpoint=latest",
-                          "--gin_bindings=make_strategy.kind = 'mirrored'",
-                          "--gin_bindings=make_strategy.logical_cpus = 2")
+                          "--gin_bindings=trainer.train.strategy = @trainer.strategy.mirrored",
+                          "--gin_bindings=trainer.strategy.mirrored.logical_cpus = 2",
+                          "--gin_bindings=trainer.strategy.mirrored.cross_device_ops = 'reduction_to_one_device'")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ckpt-30 on val: 100 images" in result.stdout
     out = trained_run / "eval" / "ckpt-30"
@@ -287,3 +291,34 @@ def test_cli_help_and_missing_checkpoint(train_base_gin, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"expected a checkpoint in {tmp_path / 'none' / 'best'}" in errors[0], result.stderr
+
+
+def test_scoring_batches_equal_the_pipelines_eval_batches(synthetic_dir):
+    """Resize method and standardisation as `Data.eval`: the images the evaluator scores are the trainer's."""
+    from trainer.data.tiny_imagenet import TinyImageNet
+
+    data = pipeline.Data(TinyImageNet(synthetic_dir), image_size=24, batch_size=16, resize="nearest",
+                         mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    files = data.reader.files("val")[0]
+    expected = [images.numpy() for images, _ in data.eval("val")]
+    got = [images.numpy() for images, _ in evaluator._scoring_dataset(files, data)]
+    assert len(got) == len(expected) == 4  # 50 images in batches of 16, the last one padded.
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a[:len(b)], b)
+
+
+def test_export_of_a_trainer_run_agrees_with_the_evaluator(train_base_gin, trained_run, tmp_path):
+    """A real run's operative_config.gin exports (trainer.export) and the SavedModel scores as the evaluator does."""
+    from trainer import export
+
+    meta = export.export_checkpoint(str(trained_run), "latest", export_dir=str(tmp_path / "export"))
+    assert meta["source"]["step"] == 30 and meta["source"]["kind"] == "latest"
+    with open(trained_run / "metrics.csv", encoding="utf-8") as f:
+        logged = {int(r["step"]): float(r["val_top1"]) for r in csv.DictReader(f)}
+    assert meta["source"]["val_top1"] == logged[30] and meta["source"]["best_top1"] == max(logged.values())
+    _parse(train_base_gin, trained_run)
+    report = evaluator.evaluate_model_dir(str(trained_run), "latest")
+    files, labels = pipeline.data().reader.files("val")
+    serve = tf.saved_model.load(str(tmp_path / "export" / "saved_model")).signatures["serving_default"]
+    probabilities = serve(images=tf.constant([tf.io.read_file(f).numpy() for f in files]))["probabilities"].numpy()
+    assert np.mean(probabilities.argmax(axis=1) == np.array(labels)) == pytest.approx(report["metrics"]["top1"])

@@ -2,7 +2,7 @@
 
 The run is made here, in the trainer's model-directory format (operative_config.gin,
 checkpoints/ and best/ holding `tf.train.Checkpoint(weights={path: variable}, step=...,
-best_top1=...)`), from the small network trained for a few epochs with Keras on the
+history=<JSON rows>)`), from the small network trained for a few epochs with Keras on the
 synthetic dataset: the tests do not depend on the trainer's loop.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainer import checkpoints
 from trainer import config
 from trainer import export
 from trainer.data import pipeline
@@ -48,31 +49,40 @@ def make_trained_run(root, data_dir):
     config.parse_gin([], [f"""
 include 'gin/common.gin'
 include 'gin/models/small.gin'
+include 'gin/strategy/default.gin'
 DATA_DIR = '{data_dir}'
 IMAGE_SIZE = {IMAGE_SIZE}
+BATCH_SIZE = 20
+EPOCHS = 10
 NUM_CLASSES = 5
+MODEL_DIR = '{run}'
+AUGMENT = None
 """])
     keras.utils.set_random_seed(1)
     from trainer.models import builder
 
+    data = pipeline.data()  # What the trainer calls before it writes operative_config.gin.
     model = builder.build_network(IMAGE_SIZE)
-    files, labels = TinyImageNet(data_dir).files("train")
+    files, labels = data.reader.files("train")
     images = np.stack([pipeline.decode(f, IMAGE_SIZE).numpy() for f in files]).astype(np.float32) / 255.0
     model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(images, np.array(labels), batch_size=20, epochs=10, shuffle=True, verbose=0)
     os.makedirs(run)
     with open(os.path.join(run, "operative_config.gin"), "w", encoding="utf-8") as f:
-        f.write(gin.config_str())
+        f.write(gin.operative_config_str())
     gin.clear_config()
-    weights = export.weights_by_path(model)
+    weights = checkpoints.weights_by_path(model)
     step = tf.Variable(0, dtype=tf.int64)
-    best_top1 = tf.Variable(0.9)
-    checkpoint = tf.train.Checkpoint(weights=weights, step=step, best_top1=best_top1)
+    rows = [{"epoch": 4, "step": BEST_STEP, "global_step": BEST_STEP, "val_top1": 0.9}]
+    history = tf.Variable(json.dumps(rows), dtype=tf.string)
+    checkpoint = tf.train.Checkpoint(weights=weights, step=step, history=history)
     step.assign(BEST_STEP)
     tf.train.CheckpointManager(checkpoint, os.path.join(run, "best"), 1).save(checkpoint_number=BEST_STEP)
     for w in model.trainable_weights:
         w.assign(w + np.random.default_rng(0).normal(0, 0.5, w.shape).astype(np.float32))
     step.assign(LATEST_STEP)
+    history.assign(json.dumps(rows + [{"epoch": 5, "step": LATEST_STEP, "global_step": LATEST_STEP,
+                                       "val_top1": 0.3}]))
     tf.train.CheckpointManager(checkpoint, os.path.join(run, "checkpoints"), 3).save(checkpoint_number=LATEST_STEP)
     _MEMO["run"] = run
     return run
@@ -138,6 +148,8 @@ def test_best_checkpoint_export_layout_and_metadata(trained_run, synthetic_dir):
     assert meta["source"]["kind"] == "best" and meta["source"]["step"] == BEST_STEP
     assert meta["source"]["checkpoint"].endswith(os.path.join("best", f"ckpt-{BEST_STEP}"))
     assert meta["source"]["best_top1"] == pytest.approx(0.9)
+    assert meta["source"]["val_top1"] == pytest.approx(0.9) and meta["source"]["epoch"] == 4
+    assert meta["mean"] is None and meta["std"] is None
     assert not [p for p in os.listdir(trained_run) if ".partial-" in p or ".previous-" in p]
 
 
@@ -165,15 +177,16 @@ def test_latest_and_path_checkpoints(trained_run, tmp_path):
     path = os.path.join(trained_run, "checkpoints", f"ckpt-{LATEST_STEP}")
     by_path = export.export_checkpoint(trained_run, path, export_dir=str(tmp_path / "path"))
     assert by_path["source"] == {**latest["source"], "kind": "path"}
+    assert latest["source"]["val_top1"] == pytest.approx(0.3) and latest["source"]["best_top1"] == pytest.approx(0.9)
     with pytest.raises(UserError, match=r"ckpt-7.*neither 'best', 'latest' nor a checkpoint"):
-        export.find_checkpoint(trained_run, os.path.join(trained_run, "checkpoints", "ckpt-7"))
+        checkpoints.find_checkpoint(trained_run, os.path.join(trained_run, "checkpoints", "ckpt-7"))
 
 
 def test_no_run_or_no_checkpoint_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=rf"No operative_config.gin in {tmp_path}"):
         export.export_checkpoint(str(tmp_path))
     with pytest.raises(UserError, match=r"No 'best' checkpoint in .*best.*--checkpoint=latest"):
-        export.find_checkpoint(str(tmp_path), "best")
+        checkpoints.find_checkpoint(str(tmp_path), "best")
 
 
 def test_missing_dataset_falls_back_to_previous_export_classes(trained_run, tmp_path):
@@ -261,13 +274,31 @@ def test_cli_help_and_one_line_error(tmp_path):
 def test_export_trained_under_mixed_precision_exports_float32(trained_run, tmp_path):
     """As the trainer calls it at a phase's end: the gin config in force, maybe a mixed-precision policy."""
     config.parse_gin([os.path.join(trained_run, "operative_config.gin")])
-    classes = read_json(os.path.join(trained_run, "export", "classes.json"))
+    data = pipeline.data()
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        meta = export.export_trained(trained_run, IMAGE_SIZE, classes["wnids"], classes["names"],
-                                     export_dir=str(tmp_path / "export"))
+        meta = export.export_trained(trained_run, data, export_dir=str(tmp_path / "export"))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert meta["source"]["step"] == BEST_STEP
     model = keras.saving.load_model(tmp_path / "export" / "model.keras")
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+
+
+@pytest.mark.parametrize("resize, mean, std", [("nearest", (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)), ("area", None, None)])
+def test_signature_prepares_images_as_the_evaluation_pipeline(tmp_path, synthetic_dir, resize, mean, std):
+    """The signature on raw JPEG bytes == the network on `Data.eval('val')`: resize method, antialias, mean/std."""
+    keras.utils.set_random_seed(2)
+    model = tiny_model(num_classes=5, size=8)
+    reader = TinyImageNet(synthetic_dir)
+    data = pipeline.Data(reader, image_size=8, batch_size=50, resize=resize, mean=mean, std=std)
+    meta = export.export_model(model, 8, reader.wnids, reader.class_names, str(tmp_path / "e"), resize_method=resize,
+                               mean=mean, std=std)
+    assert meta["resize_method"] == resize and meta["antialias"] == (resize != "nearest")
+    assert meta["mean"] == (None if mean is None else list(mean))
+    assert meta["std"] == (None if std is None else list(std))
+    [(images, _)] = list(data.eval("val"))
+    files = reader.files("val")[0]
+    serve = tf.saved_model.load(str(tmp_path / "e" / "saved_model")).signatures["serving_default"]
+    served = serve(images=tf.constant([tf.io.read_file(f).numpy() for f in files]))["probabilities"].numpy()
+    np.testing.assert_allclose(served, tf.nn.softmax(model(images)).numpy(), atol=1e-6)

@@ -225,3 +225,94 @@ def restore_weights(model, path):
     except (ValueError, AssertionError, tf.errors.OpError) as err:
         raise UserError(f"{path} does not hold the weights of this network: {str(err).splitlines()[0][:300]}") \
             from None
+
+
+# --- Reading a run's checkpoints (evaluation and export). ---------------------------------------------------------
+
+CHECKPOINT_DIRS = {"best": "best", "latest": "checkpoints"}
+
+
+def find_checkpoint(model_dir, which="best"):
+    """The checkpoint `which` names in a run's model directory.
+
+    Args:
+      model_dir: the run's model directory (local or gs://).
+      which: 'best' (model_dir/best: the epoch of best val top-1), 'latest'
+        (model_dir/checkpoints), a checkpoint path (the prefix of its .index file,
+        e.g. runs/x/checkpoints/ckpt-30), or a directory holding checkpoints.
+
+    Returns:
+      The checkpoint path (the prefix of its .index and .data files).
+
+    Raises:
+      UserError: no such checkpoint.
+    """
+    model_dir = model_dir if "://" in str(model_dir or "") else os.path.expanduser(model_dir or "")
+    if which in CHECKPOINT_DIRS:
+        directory = os.path.join(model_dir, CHECKPOINT_DIRS[which])
+        path = tf.train.latest_checkpoint(directory)
+        if not path:
+            other = "latest" if which == "best" else "best"
+            why = ("best/ is written at the end of every epoch that improves val top-1" if which == "best"
+                   else "checkpoints/ is written during training")
+            raise UserError(f"No {which!r} checkpoint in {model_dir or '.'}: expected a checkpoint in {directory} "
+                            f"({why}), found none. Is it the model directory of a training run that finished an "
+                            f"epoch? Use --checkpoint={other} or --checkpoint=PATH.")
+        return path
+    path = which if "://" in which else os.path.expanduser(which)
+    if tf.io.gfile.isdir(path):
+        path = tf.train.latest_checkpoint(path) or path
+    if not tf.io.gfile.exists(path + ".index"):
+        raise UserError(f"--checkpoint={which!r} is neither 'best', 'latest' nor a checkpoint: expected the prefix "
+                        f"of a .index file (e.g. {os.path.join(model_dir, 'checkpoints', 'ckpt-100')}), but "
+                        f"{path}.index does not exist.")
+    return path
+
+
+def read_history(path):
+    """The committed epochs stored in a trainer checkpoint's `history`: a list of row dicts, oldest first.
+
+    Returns [] for a checkpoint without a history (or an unreadable one).
+    """
+    import json  # pylint: disable=import-outside-toplevel
+
+    try:
+        reader = tf.train.load_checkpoint(path)
+        key = "history/.ATTRIBUTES/VARIABLE_VALUE"
+        if not reader.has_tensor(key):
+            return []
+        rows = json.loads(reader.get_tensor(key).decode())
+        return rows if isinstance(rows, list) else []
+    except (tf.errors.OpError, ValueError, AttributeError):
+        return []
+
+
+def checkpoint_step(path):
+    """The phase's step a trainer checkpoint was saved at (its `step`, else the number of its name, else None)."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        key = "step/.ATTRIBUTES/VARIABLE_VALUE"
+        if reader.has_tensor(key):
+            return int(reader.get_tensor(key))
+    except (tf.errors.OpError, ValueError):
+        pass
+    try:
+        return _step_of(path)
+    except (ValueError, IndexError):
+        return None
+
+
+def describe_checkpoint(path):
+    """What a trainer checkpoint holds beyond weights: its step, its epoch's row and the best val top-1 so far.
+
+    Returns:
+      {'step', 'epoch', 'val_top1' (this checkpoint's epoch, as training logged it), 'best_top1' (max
+      val_top1 of the history)}; None for what the checkpoint does not record (a checkpoint between epoch ends
+      has no row of its own).
+    """
+    step = checkpoint_step(path)
+    rows = read_history(path)
+    row = next((r for r in rows if r.get("step") == step), None)
+    scored = [r["val_top1"] for r in rows if isinstance(r.get("val_top1"), (int, float))]
+    return {"step": step, "epoch": row.get("epoch") if row else None,
+            "val_top1": row.get("val_top1") if row else None, "best_top1": max(scored) if scored else None}

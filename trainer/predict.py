@@ -39,12 +39,10 @@ import os
 import re
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Keep TF's C++ start-up chatter off the console.
+import numpy as np
+import tensorflow as tf
 
-import numpy as np  # pylint: disable=wrong-import-position
-import tensorflow as tf  # pylint: disable=wrong-import-position
-
-from trainer.errors import UserError  # pylint: disable=wrong-import-position
+from trainer.errors import UserError
 
 # The layout trainer.export writes.
 SAVED_MODEL = "saved_model"
@@ -306,9 +304,9 @@ def main(argv):
 
 def run():
     """`python -m trainer.predict`: exit status 1 if any image failed, or on a UserError (one `error:` line)."""
-    from absl import app, flags
+    from absl import flags  # pylint: disable=import-outside-toplevel
 
-    from trainer import config
+    from trainer import cli  # pylint: disable=import-outside-toplevel
 
     flags.DEFINE_string("model_dir", None, "A run's model directory (its export/ is used) or an export directory.",
                         required=True)
@@ -318,11 +316,7 @@ def run():
     flags.DEFINE_enum("split", None, ["test"], "Classify this split of --data_dir instead of image arguments.")
     flags.DEFINE_string("data_dir", None, "The Tiny ImageNet directory, for --split.")
     flags.DEFINE_integer("batch_size", 32, "Images per call of the SavedModel.", lower_bound=1)
-    if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):  # absl's own --help exits with status 1.
-        flags.FLAGS.mark_as_parsed()
-        app.usage(shorthelp=True, writeto_stdout=True)
-        sys.exit(0)
-    app.run(lambda argv: config.run_main(main, argv))
+    cli.run(main, usage=lambda: __doc__)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Evaluates one checkpoint of a training run: metrics, reports, TensorBoard pictures, Grad-CAM.
 
-`evaluate_checkpoint` scores every image of a split with a checkpoint's
-weights and writes, in `<eval_dir>/<name>/` (name: `best-45`, `ckpt-30`,
-with `-train` for the training split and `-flip` with flip TTA):
+`evaluate_checkpoint` (gin: `trainer.evaluate`) scores every image of a split
+with a checkpoint's weights and writes, in `<eval_dir>/<name>/` (name:
+`best-45`, `ckpt-30`, with `-train` for the training split and `-flip` with
+flip TTA):
 
   report.json      everything, machine-readable
   report.md        summary, the worst classes, the most confused pairs
@@ -11,10 +12,14 @@ with `-train` for the training split and `-flip` with flip TTA):
                    so confusions cluster), misclassified images, Grad-CAM
                    overlays, a reliability diagram, a per-class table
 
-The images are decoded and scaled exactly as `pipeline.make_dataset(split,
-training=False)` does (`pipeline.decode`, then / 255), in batches of the
-training batch size padded the same way, so with flip TTA off the top-1 is
-the number the trainer's per-epoch evaluation logs for the same weights.
+The images are prepared exactly as `Data.eval(split)` prepares them
+(`pipeline.decode` with the run's resize method, then / 255 and the run's
+standardisation, as `pipeline._finish`), in batches of the training batch
+size padded the same way, so with flip TTA off the top-1 is the number the
+trainer's per-epoch evaluation logs for the same weights.
+
+The trainer calls `evaluate_best_of_phase(model_dir, data, model, strategy)`
+at the end of a phase; `python -m trainer.evaluate` evaluates any checkpoint.
 """
 
 import os
@@ -25,46 +30,17 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer import checkpoints
 from trainer.data import pipeline
 from trainer.errors import UserError
 from trainer.evaluation import figures
 from trainer.evaluation import gradcam as gradcam_lib
 from trainer.evaluation import metrics
 from trainer.evaluation import reports
+from trainer.registry import configurable
 
 SPLITS = ("val", "train")
-CHECKPOINT_DIRS = {"best": "best", "latest": "checkpoints"}
 _AUTOTUNE = tf.data.AUTOTUNE
-
-
-def find_checkpoint(model_dir, checkpoint="best"):
-    """The checkpoint path `checkpoint` names.
-
-    Args:
-      model_dir: a training run's model directory.
-      checkpoint: 'best' (model_dir/best), 'latest' (model_dir/checkpoints) or
-        a checkpoint path such as runs/x/checkpoints/ckpt-30.
-
-    Returns:
-      The checkpoint path (prefix of its .index and .data files).
-
-    Raises:
-      UserError: no such checkpoint.
-    """
-    if checkpoint in CHECKPOINT_DIRS:
-        directory = os.path.join(os.path.expanduser(model_dir or ""), CHECKPOINT_DIRS[checkpoint])
-        path = tf.train.latest_checkpoint(directory)
-        if not path:
-            raise UserError(f"--checkpoint={checkpoint}: expected a checkpoint in {directory}, found none. Is "
-                            f"{model_dir!r} the model directory of a training run that finished an epoch?")
-        return path
-    path = os.path.expanduser(checkpoint)
-    if tf.io.gfile.isdir(path):
-        path = tf.train.latest_checkpoint(path) or path
-    if not tf.io.gfile.exists(path + ".index"):
-        raise UserError(f"--checkpoint={checkpoint}: expected 'best', 'latest' or a checkpoint path (the prefix of "
-                        f"a .index file, e.g. runs/x/checkpoints/ckpt-30), but {path}.index does not exist.")
-    return path
 
 
 def checkpoint_name(path):
@@ -76,51 +52,29 @@ def checkpoint_name(path):
     return base
 
 
-def _checkpoint_values(path):
-    """(step, best_top1) stored in a training checkpoint; None for what it lacks."""
-    reader = tf.train.load_checkpoint(path)
-    stored = reader.get_variable_to_shape_map()
-
-    def value(name):
-        key = f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
-        return reader.get_tensor(key).item() if key in stored else None
-
-    step = value("step")
-    if step is None:
-        match = re.search(r"-(\d+)$", path)
-        step = int(match.group(1)) if match else 0
-    best = value("best_top1")
-    return int(step), (float(best) if best is not None and best >= 0 else None)
+def standardise(images, data):
+    """float32 images in [0, 1] -> the network's input, as `pipeline._finish` makes it (`data.mean`, `data.std`)."""
+    if data.mean is None:
+        return images
+    return (images - np.asarray(data.mean, np.float32)) / np.asarray(data.std, np.float32)
 
 
-def restore_weights(model, path):
-    """Loads a training checkpoint's weights into `model`, checking that every weight was found.
-
-    Raises:
-      UserError: the checkpoint lacks some of the model's weights or has other shapes.
-    """
-    status = tf.train.Checkpoint(weights={w.path: w for w in model.weights}).restore(path)
-    try:
-        status.assert_existing_objects_matched()
-    except (AssertionError, ValueError, tf.errors.OpError) as err:
-        raise UserError(f"Checkpoint {path} does not hold the weights of network '{model.name}' as configured "
-                        f"({str(err).splitlines()[0][:300]}): expected a checkpoint of a run with the same "
-                        "gin network declaration.") from None
-    status.expect_partial()  # The optimizer's slots and the counters are not needed.
+def load_images(paths, data):
+    """Decodes image files as the evaluation pipeline does, before standardisation: float32 [N, S, S, 3] in [0, 1]."""
+    return np.stack([(tf.cast(pipeline.decode(p, data.image_size, data.resize), tf.float32) / 255.0).numpy()
+                     for p in paths])
 
 
-def load_images(paths, image_size):
-    """Decodes image files as the evaluation pipeline does: float32 [N, S, S, 3] in [0, 1]."""
-    return np.stack([(tf.cast(pipeline.decode(p, image_size), tf.float32) / 255.0).numpy() for p in paths])
+def _scoring_dataset(files, data):
+    """(images, index) batches of `data.batch_size`, the last padded with zero images of index -1.
 
-
-def _scoring_dataset(files, image_size, batch_size):
-    """(images, index) batches of `batch_size`, the last padded with zero images of index -1.
-
+    The images are those `data.eval()` yields (`pipeline.decode`, / 255, standardised).
     A file that cannot be decoded is skipped (its index never appears).
     """
+    batch_size, image_size = data.batch_size, data.image_size
     ds = tf.data.Dataset.from_tensor_slices((tf.constant(files), tf.range(len(files), dtype=tf.int32)))
-    ds = ds.map(lambda f, i: (pipeline.decode(f, image_size), i), num_parallel_calls=_AUTOTUNE, deterministic=True)
+    ds = ds.map(lambda f, i: (pipeline.decode(f, image_size, data.resize), i), num_parallel_calls=_AUTOTUNE,
+                deterministic=True)
     ds = ds.ignore_errors(log_warning=True)
 
     def finish(images, index):
@@ -128,19 +82,22 @@ def _scoring_dataset(files, image_size, batch_size):
         images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
         index = tf.pad(index, [[0, missing]], constant_values=-1)
         images = tf.ensure_shape(images, [batch_size, image_size, image_size, 3])
-        return tf.cast(images, tf.float32) / 255.0, tf.ensure_shape(index, [batch_size])
+        images = tf.cast(images, tf.float32) / 255.0
+        if data.mean is not None:
+            images = (images - tf.constant(data.mean, tf.float32)) / tf.constant(data.std, tf.float32)
+        return images, tf.ensure_shape(index, [batch_size])
 
     return ds.batch(batch_size).map(finish, num_parallel_calls=_AUTOTUNE).prefetch(_AUTOTUNE)
 
 
-def score(model, files, image_size, batch_size, strategy=None, tta_flip=False):
+def score(model, files, data, strategy=None, tta_flip=False):
     """Runs the model over image files.
 
     Args:
-      model: maps float32 [B, S, S, 3] in [0, 1] to logits.
+      model: maps float32 [B, S, S, 3] images, prepared as `data` prepares them, to logits.
       files: image paths.
-      image_size: the resolution images are resized to.
-      batch_size: the global batch size (a multiple of the strategy's replicas).
+      data: the `pipeline.Data`: resolution, resize method, standardisation and
+        the global batch size (a multiple of the strategy's replicas).
       strategy: a tf.distribute strategy the model was built under (None: the default one).
       tta_flip: also score each image flipped left-right.
 
@@ -161,7 +118,7 @@ def score(model, files, image_size, batch_size, strategy=None, tta_flip=False):
         return strategy.run(replica_step, args=batch)
 
     parts = []
-    for batch in strategy.experimental_distribute_dataset(_scoring_dataset(files, image_size, batch_size)):
+    for batch in strategy.experimental_distribute_dataset(_scoring_dataset(files, data)):
         parts.append([np.concatenate([t.numpy() for t in strategy.experimental_local_results(out)])
                       for out in step(batch)])
     if not parts:
@@ -212,25 +169,24 @@ def compute_metrics(logits, labels, num_classes, flipped_logits=None, num_confus
             "most_confused": metrics.most_confused(confusion, num_confused)}
 
 
-@gin.configurable(denylist=["model", "checkpoint_path", "dataset", "split", "image_size", "batch_size",
-                            "eval_dir", "writer", "strategy"])
-def evaluate_checkpoint(model, checkpoint_path, dataset, split, image_size, batch_size, eval_dir, writer=None,
-                        strategy=None, tta_flip=False, gradcam_layer=None, num_misclassified=24, num_gradcam=8,
-                        num_confused=20):
+@configurable("trainer", name="evaluate",
+              denylist=["model", "checkpoint_path", "data", "split", "eval_dir", "writer", "strategy"])
+def evaluate_checkpoint(model, checkpoint_path, data, split, eval_dir, writer=None, strategy=None, tta_flip=False,
+                        gradcam_layer=None, num_misclassified=24, num_gradcam=8, num_confused=20):
     """Evaluates one checkpoint and writes its reports and TensorBoard summaries.
 
     Args:
-      model: the network (built for `image_size`), or None to build it from gin
+      model: the network (built for `data.image_size`), or None to build it from gin
         (`builder.build_network`) under `strategy`. A given model gets its
         weights back afterwards: the trainer may pass the model it trains.
-      checkpoint_path: a training checkpoint (`find_checkpoint`).
-      dataset: the `TinyImageNet` reader (`pipeline.open_dataset()`).
+      checkpoint_path: a training checkpoint (`checkpoints.find_checkpoint`).
+      data: the phase's `pipeline.Data`: the dataset reader (`data.reader`), image
+        size, batch size (images per model call), resize method and standardisation.
       split: 'val' or 'train'.
-      image_size: the resolution images are resized to (the phase's).
-      batch_size: images per model call (the phase's global batch size).
       eval_dir: the files go to `<eval_dir>/<name>/` (`model_dir/eval` for a run).
       writer: a `tf.summary` writer; None = one writing to `<eval_dir>/<name>/`.
-      strategy: the tf.distribute strategy `model` was built under (None: the default one).
+      strategy: the tf.distribute strategy `model` was built under, or the trainer's
+        `strategy.Distribution` (None: the default strategy).
       tta_flip: average the softmax probabilities of each image and its left-right mirror.
       gradcam_layer: the block (or Keras layer) Grad-CAM looks at; None = the
         last layer with a 4-D output.
@@ -247,33 +203,35 @@ def evaluate_checkpoint(model, checkpoint_path, dataset, split, image_size, batc
     """
     if split not in SPLITS:
         raise UserError(f"Evaluation split must be one of {', '.join(SPLITS)}, got {split!r}.")
-    strategy = strategy or tf.distribute.get_strategy()
-    if batch_size % strategy.num_replicas_in_sync:
-        raise UserError(f"Evaluation batch size {batch_size} does not split over "
+    strategy = getattr(strategy, "strategy", strategy) or tf.distribute.get_strategy()  # A Distribution, too.
+    if data.batch_size % strategy.num_replicas_in_sync:
+        raise UserError(f"Evaluation batch size {data.batch_size} does not split over "
                         f"{strategy.num_replicas_in_sync} replicas: use a multiple of them.")
+    dataset = data.reader
     if model is None:
         from trainer.models import builder  # pylint: disable=import-outside-toplevel
         with strategy.scope():
-            model = builder.build_network(image_size)
+            model = builder.build_network(data.image_size)
         saved = None
     else:
         saved = [w.numpy() for w in model.weights]
-    if model.output_shape[-1] != dataset.num_classes:
+    if model.output_shape[-1] != data.num_classes:
         raise UserError(f"The network outputs {model.output_shape[-1]} classes but the dataset at "
-                        f"{dataset.data_dir} has {dataset.num_classes}: expected the NUM_CLASSES of the run.")
+                        f"{dataset.data_dir} has {data.num_classes}: expected the NUM_CLASSES of the run.")
     layer = gradcam_lib.find_layer(model, gradcam_layer)  # Fails early on a bad name.
     name = checkpoint_name(checkpoint_path) + ("-train" if split == "train" else "") + ("-flip" if tta_flip else "")
     out_dir = os.path.join(eval_dir, name)
     try:
-        restore_weights(model, checkpoint_path)
+        checkpoints.restore_weights(model, checkpoint_path)
         files, labels = dataset.files(split)
-        index, logits, flipped = score(model, files, image_size, batch_size, strategy, tta_flip)
+        index, logits, flipped = score(model, files, data, strategy, tta_flip)
         labels = np.asarray(labels)[index]
         scored_files = [files[i] for i in index]
-        result = compute_metrics(logits, labels, dataset.num_classes, flipped, num_confused)
-        step, best_top1 = _checkpoint_values(checkpoint_path)
-        report = _report(result, dataset, checkpoint_path, name, step, best_top1, split, image_size, batch_size,
-                         tta_flip, layer.name, files, scored_files, labels, num_confused)
+        result = compute_metrics(logits, labels, data.num_classes, flipped, num_confused)
+        info = checkpoints.describe_checkpoint(checkpoint_path)
+        step = info["step"] if info["step"] is not None else 0
+        report = _report(result, data, checkpoint_path, name, info, split, tta_flip, layer.name, files, scored_files,
+                         labels, num_confused)
         report["out_dir"], report["replicas"] = out_dir, strategy.num_replicas_in_sync
         tf.io.gfile.makedirs(out_dir)
         reports.write_atomic(os.path.join(out_dir, "report.json"), reports.to_json(report))
@@ -282,8 +240,8 @@ def evaluate_checkpoint(model, checkpoint_path, dataset, split, image_size, batc
                              reports.predictions_csv(_prediction_rows(result, dataset, scored_files, labels)))
         own_writer = writer is None
         writer = writer or tf.summary.create_file_writer(out_dir)
-        _summaries(writer, step, report, result, model, layer, dataset, scored_files, labels, image_size,
-                   num_misclassified, num_gradcam)
+        _summaries(writer, step, report, result, model, layer, data, scored_files, labels, num_misclassified,
+                   num_gradcam)
         writer.flush()
         if own_writer:
             writer.close()
@@ -297,16 +255,15 @@ def evaluate_checkpoint(model, checkpoint_path, dataset, split, image_size, batc
     return report
 
 
-def evaluate_model_dir(model_dir, checkpoint="best", split="val", image_size=None, batch_size=None, model=None,
-                       strategy=None, writer=None):
+def evaluate_model_dir(model_dir, checkpoint="best", split="val", data=None, model=None, strategy=None,
+                       writer=None):
     """Evaluates a run's checkpoint into `model_dir/eval/<name>/` (gin must be parsed).
 
     Args:
       model_dir: the run's model directory.
-      checkpoint: 'best', 'latest' or a checkpoint path (`find_checkpoint`).
+      checkpoint: 'best', 'latest' or a checkpoint path (`checkpoints.find_checkpoint`).
       split: 'val' or 'train'.
-      image_size: defaults to gin's `train.image_size`.
-      batch_size: defaults to gin's `train.batch_size`.
+      data: the `pipeline.Data`; None = `trainer.data` as gin configures it.
       model: passed to `evaluate_checkpoint` (None: a fresh network from gin).
       strategy: passed to `evaluate_checkpoint`.
       writer: passed to `evaluate_checkpoint`.
@@ -315,14 +272,13 @@ def evaluate_model_dir(model_dir, checkpoint="best", split="val", image_size=Non
       The report dict.
     """
     model_dir = os.path.expanduser(model_dir)
-    path = find_checkpoint(model_dir, checkpoint)
-    image_size = image_size or gin_value("train.image_size")
-    batch_size = batch_size or gin_value("train.batch_size")
-    return evaluate_checkpoint(model, path, pipeline.open_dataset(), split, image_size, batch_size,
-                               os.path.join(model_dir, "eval"), writer=writer, strategy=strategy)
+    path = checkpoints.find_checkpoint(model_dir, checkpoint)
+    data = data or pipeline.data()
+    return evaluate_checkpoint(model, path, data, split, os.path.join(model_dir, "eval"), writer=writer,
+                               strategy=strategy)
 
 
-def evaluate_best_of_phase(model_dir, dataset, image_size, batch_size, model=None, strategy=None):
+def evaluate_best_of_phase(model_dir, data, model=None, strategy=None):
     """The trainer's end-of-phase call: evaluates model_dir/best into model_dir/eval/best-<step>/ (chief only).
 
     Under MultiWorkerMirroredStrategy the chief evaluates alone, on a fresh
@@ -330,22 +286,21 @@ def evaluate_best_of_phase(model_dir, dataset, image_size, batch_size, model=Non
 
     Args:
       model_dir: the phase's model directory.
-      dataset: the `TinyImageNet` reader.
-      image_size: the phase's resolution.
-      batch_size: the phase's global batch size.
+      data: the phase's `pipeline.Data` (reader, image size, batch size, resize, standardisation).
       model: the trained model (its weights are put back afterwards), or None for a fresh one.
-      strategy: the strategy `model` was built under.
+      strategy: the `strategy.Distribution` (or the tf.distribute strategy) `model` was built under.
 
     Returns:
       The report dict, or None when the phase saved no best checkpoint.
     """
-    path = tf.train.latest_checkpoint(os.path.join(model_dir, "best"))
+    path = tf.train.latest_checkpoint(os.path.join(os.path.expanduser(model_dir), "best"))
     if not path:
         logging.warning("No best checkpoint in %s/best: nothing to evaluate.", model_dir)
         return None
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if getattr(strategy, "multi_worker", False) or isinstance(getattr(strategy, "strategy", strategy),
+                                                              tf.distribute.MultiWorkerMirroredStrategy):
         model, strategy = None, None
-    return evaluate_checkpoint(model, path, dataset, "val", image_size, batch_size, os.path.join(model_dir, "eval"),
+    return evaluate_checkpoint(model, path, data, "val", os.path.join(os.path.expanduser(model_dir), "eval"),
                                strategy=strategy)
 
 
@@ -367,15 +322,19 @@ def gin_value(name, default=UserError):
     return value
 
 
-def _report(result, dataset, checkpoint_path, name, step, best_top1, split, image_size, batch_size, tta_flip,
-            layer_name, files, scored_files, labels, num_confused):
+def _report(result, data, checkpoint_path, name, info, split, tta_flip, layer_name, files, scored_files, labels,
+            num_confused):
+    dataset = data.reader
     names, wnids = dataset.class_names, dataset.wnids
     counts = result["per_class"]
     support = counts["support"]
     skipped = sorted(set(files) - set(scored_files))
     return {
-        "checkpoint": checkpoint_path, "checkpoint_name": name, "checkpoint_step": step,
-        "checkpoint_best_top1": best_top1, "split": split, "image_size": image_size, "batch_size": batch_size,
+        "checkpoint": checkpoint_path, "checkpoint_name": name, "checkpoint_step": info["step"],
+        "checkpoint_epoch": info["epoch"], "checkpoint_val_top1": info["val_top1"],
+        "checkpoint_best_top1": info["best_top1"], "split": split, "image_size": data.image_size,
+        "batch_size": data.batch_size, "resize": data.resize,
+        "mean": None if data.mean is None else list(data.mean), "std": None if data.std is None else list(data.std),
         "tta_flip": tta_flip, "gradcam_layer": layer_name, "num_confused": num_confused,
         "data": {"data_dir": dataset.data_dir, "num_files": len(files), "num_scored": len(scored_files),
                  "num_skipped": len(skipped), "skipped_files": skipped},
@@ -385,7 +344,7 @@ def _report(result, dataset, checkpoint_path, name, step, best_top1, split, imag
         "per_class": [{"index": i, "wnid": wnids[i], "name": names[i], "support": int(support[i]),
                        "predicted": int(counts["predicted"][i]), "accuracy": float(counts["accuracy"][i]),
                        "precision": float(counts["precision"][i]), "recall": float(counts["recall"][i])}
-                      for i in range(dataset.num_classes)],
+                      for i in range(data.num_classes)],
         "most_confused": [{"true": t, "predicted": p, "true_wnid": wnids[t], "true_name": names[t],
                            "predicted_wnid": wnids[p], "predicted_name": names[p], "count": c,
                            "fraction": c / support[t]} for t, p, c in result["most_confused"]],
@@ -413,10 +372,10 @@ def _image_summary(name, png):
     tf.summary.image(name, tf.image.decode_png(png, channels=3)[None], max_outputs=1)
 
 
-def _summaries(writer, step, report, result, model, layer, dataset, scored_files, labels, image_size,
-               num_misclassified, num_gradcam):
+def _summaries(writer, step, report, result, model, layer, data, scored_files, labels, num_misclassified,
+               num_gradcam):
     """Scalars, the confusion matrix, misclassified images, Grad-CAM, reliability, per-class table."""
-    names, m = dataset.class_names, report["metrics"]
+    names, m = data.reader.class_names, report["metrics"]
     title = f"{report['checkpoint_name']} on {report['split']}"
     predictions, probabilities = result["predictions"], result["probabilities"]
     confidence = probabilities[np.arange(len(labels)), predictions]
@@ -424,7 +383,7 @@ def _summaries(writer, step, report, result, model, layer, dataset, scored_files
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:num_misclassified]  # Most confident first.
     # Grad-CAM on the mistakes; with none, on the least confident right answers.
     explained = wrong[:num_gradcam] if len(wrong) else np.argsort(confidence, kind="stable")[:num_gradcam]
-    images = load_images([scored_files[i] for i in np.union1d(wrong, explained)], image_size)
+    images = load_images([scored_files[i] for i in np.union1d(wrong, explained)], data)
     lookup = {int(i): images[n] for n, i in enumerate(np.union1d(wrong, explained))}
 
     def caption(i):
@@ -443,7 +402,7 @@ def _summaries(writer, step, report, result, model, layer, dataset, scored_files
         _image_summary("eval/misclassified", grid)
         if len(explained):
             batch = np.stack([lookup[int(i)] for i in explained])
-            cams = gradcam_lib.gradcam(model, batch, predictions[explained], layer)
+            cams = gradcam_lib.gradcam(model, standardise(batch, data), predictions[explained], layer)
             _image_summary("eval/gradcam", figures.image_grid(
                 batch, [caption(i) for i in explained],
                 f"Grad-CAM of the predicted class at '{layer.name}', {title}", overlays=cams))

@@ -112,9 +112,16 @@ def markdown(report):
         f"- top-{m['top_k']}: {100 * m['top5']:.2f}%",
         f"- expected calibration error ({m['ece_bins']} bins): {m['ece']:.4f}",
     ]
+    if report.get("checkpoint_val_top1") is not None:
+        lines.append(f"- val top-1 training logged for this checkpoint (epoch {report.get('checkpoint_epoch')}): "
+                     f"{100 * report['checkpoint_val_top1']:.2f}%")
     if report.get("checkpoint_best_top1") is not None:
-        lines.append(f"- best val top-1 recorded in the checkpoint by training: "
+        lines.append(f"- best val top-1 of the run's history in the checkpoint: "
                      f"{100 * report['checkpoint_best_top1']:.2f}%")
+    if report.get("resize"):
+        standardised = ("" if report.get("mean") is None
+                        else f", standardised (mean {report['mean']}, std {report['std']})")
+        lines.append(f"- preprocessing: resize '{report['resize']}', pixels / 255{standardised}")
     lines += ["", f"## The {min(WORST_CLASSES, len(report['per_class']))} worst classes", "",
               per_class_table(report["per_class"], WORST_CLASSES), "",
               f"## The most confused pairs (up to {report['num_confused']})", "",
