@@ -97,7 +97,7 @@ def run(main, usage=None):
             traceback.print_exc()
             sys.exit(2)
 
-    asked_for_help = any(a in ("--help", "-h", "--helpfull", "--helpshort", "-?") for a in sys.argv[1:])
+    asked_for_help = any(a in HELP_FLAGS for a in sys.argv[1:])
     if usage is not None and asked_for_help:
         print(usage())
     try:
@@ -106,6 +106,19 @@ def run(main, usage=None):
         if asked_for_help and done.code == 1:  # absl exits 1 after printing the help.
             sys.exit(0)
         raise
+
+
+HELP_FLAGS = ("--help", "-h", "--helpfull", "--helpshort", "-?")
+
+
+def fast_help(doc):
+    """For a `python -m` module whose imports are heavy: `--help` prints `doc` and exits 0 before they load.
+
+    Call it at the top of the module, under `if __name__ == "__main__":`.
+    """
+    if any(a in HELP_FLAGS for a in sys.argv[1:]):
+        print(doc.strip())
+        sys.exit(0)
 
 
 def no_arguments(argv):

@@ -15,7 +15,18 @@ rerun at any point:
 A zip fetched by hand can be put at DIR/tiny-imagenet-200.zip: it is
 checked and extracted without downloading. The destination must be a local
 directory; copy the result to Cloud Storage afterwards if needed.
+
+Flags:
+  --dest  local directory to put tiny-imagenet-200/ in; required.
+  --url   where to download the zip (a mirror of the official archive).
+  --size  expected size of the zip in bytes.
+  --md5   expected MD5 of the zip.
 """
+if __name__ == "__main__":  # `--help` answers before TensorFlow loads.
+    from trainer import cli as _cli
+
+    _cli.fast_help(__doc__)
+
 
 import hashlib
 import http.client

@@ -8,7 +8,20 @@ augmentation policy, seed), except that nothing is cached and the shuffle
 buffer is small (--shuffle_buffer), so the first grid appears after decoding
 a few hundred images rather than the whole training set.
 `make_grid` is also what the trainer uses for its TensorBoard image summaries.
+
+Flags:
+  --gin_file        gin files, repeatable; later files win.
+  --gin_bindings    gin bindings, repeatable; applied after the files.
+  --out             PNG file to write (local or gs://; default preview.png).
+  --n               number of samples (64).
+  --cols            samples per row (8).
+  --shuffle_buffer  shuffle buffer in images (512).
 """
+if __name__ == "__main__":  # `--help` answers before TensorFlow loads.
+    from trainer import cli as _cli
+
+    _cli.fast_help(__doc__)
+
 
 import os
 

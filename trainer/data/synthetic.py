@@ -16,7 +16,22 @@ background (plain or noisy): 13 x 4 x 2 x 2 = 208 distinct classes.
 Like the real dataset, some images are stored as one-channel (greyscale)
 JPEGs, words.txt names more ids than wnids.txt, and every training and
 validation image has a bounding box.
+
+Flags:
+  --out                 dataset directory to create (local or gs://); required.
+  --classes             number of classes (10).
+  --per_class           training images per class (100).
+  --val_per_class       validation images per class (20).
+  --test_images         unlabelled test images (50).
+  --image_size          image side in pixels (64).
+  --greyscale_fraction  share of one-channel JPEGs (0.1).
+  --seed                random seed (0).
 """
+if __name__ == "__main__":  # `--help` answers before TensorFlow loads.
+    from trainer import cli as _cli
+
+    _cli.fast_help(__doc__)
+
 
 import inspect
 import json
