@@ -36,6 +36,11 @@ of a run from its model directory alone:
   --checkpoint  'best' (default: best val top-1), 'latest', or a checkpoint path.
   --export_dir  where to export (default: <model_dir>/export).
 """
+if __name__ == "__main__":  # `--help` answers before TensorFlow loads.
+    from trainer import cli as _cli
+
+    _cli.fast_help(__doc__)
+
 
 import datetime
 import inspect

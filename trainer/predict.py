@@ -30,6 +30,11 @@ Flags:
   --data_dir    the Tiny ImageNet directory, for --split.
   --batch_size  images per call of the SavedModel (default 32).
 """
+if __name__ == "__main__":  # `--help` answers before TensorFlow loads.
+    from trainer import cli as _cli
+
+    _cli.fast_help(__doc__)
+
 
 import csv
 import dataclasses
