@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import gin
+import numpy as np
 import keras
 import pytest
 
@@ -176,3 +177,107 @@ def test_list_prints_every_kind_with_its_arguments():
     help_result = subprocess.run([sys.executable, "-m", "trainer.models.blocks", "--help"], capture_output=True,
                                  text=True, check=False, timeout=60)
     assert help_result.returncode == 0 and "--list" in help_result.stdout
+
+
+# --- Ghost BatchNorm (batch_norm.virtual_batch_size) ---------------------------------------------------------
+
+
+def _bn_pair(virtual_batch_size, channels=4, momentum=0.9):
+    """A plain BN and a Ghost BN with the same (non-trivial) gamma, beta and moving statistics."""
+    rng = np.random.default_rng(3)
+    ghost = blocks.GhostBatchNormalization(virtual_batch_size, momentum=momentum, name="g_bn")
+    plain = keras.layers.BatchNormalization(momentum=momentum, name="p_bn")
+    weights = [rng.uniform(0.5, 1.5, channels), rng.normal(size=channels), rng.normal(size=channels),
+               rng.uniform(0.5, 2.0, channels)]  # gamma, beta, moving mean, moving variance.
+    for layer in (ghost, plain):
+        layer.build((None, 5, 5, channels))
+        layer.set_weights([w.astype("float32") for w in weights])
+    return ghost, plain, weights
+
+
+def _batch(n=8, channels=4):
+    return np.random.default_rng(7).normal(2.0, 3.0, (n, 5, 5, channels)).astype("float32")
+
+
+def test_batch_norm_virtual_batch_size_selects_ghost_batch_norm():
+    assert type(blocks.batch_norm(name="bn")) is keras.layers.BatchNormalization
+    gin.parse_config("reference/trainer.blocks.batch_norm.virtual_batch_size = 16")
+    with gin.config_scope("reference"):
+        bn = blocks.batch_norm(name="bn")
+    assert isinstance(bn, blocks.GhostBatchNormalization) and bn.virtual_batch_size == 16
+    assert (bn.momentum, bn.epsilon) == (0.99, 1e-3)
+    assert type(blocks.batch_norm(name="bn")) is keras.layers.BatchNormalization  # Scoped: other networks unchanged.
+    with pytest.raises(UserError, match="virtual_batch_size must be None or a positive integer"):
+        blocks.batch_norm(name="bn", virtual_batch_size=0)
+
+
+def test_ghost_bn_with_one_group_is_plain_bn_in_training():
+    ghost, plain, _ = _bn_pair(virtual_batch_size=8)
+    x = _batch(8)
+    np.testing.assert_allclose(ghost(x, training=True), plain(x, training=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ghost.moving_mean.numpy(), plain.moving_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ghost.moving_variance.numpy(), plain.moving_variance.numpy(), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_ghost_bn_normalises_each_half_by_its_own_statistics():
+    ghost, plain, weights = _bn_pair(virtual_batch_size=4)
+    x = _batch(8)
+    x[4:] = x[4:] * 0.2 - 5.0  # Two halves with very different statistics.
+    out = ghost(x, training=True).numpy()
+    halves, means, variances = [], [], []
+    for part in (x[:4], x[4:]):
+        plain.set_weights([w.astype("float32") for w in weights])  # Each half from the same starting state.
+        halves.append(plain(part, training=True).numpy())
+        means.append(part.mean(axis=(0, 1, 2)))
+        variances.append(part.var(axis=(0, 1, 2)))
+    np.testing.assert_allclose(out, np.concatenate(halves), rtol=1e-4, atol=1e-4)
+    # The whole batch's statistics would not do: the halves differ.
+    whole = _bn_pair(virtual_batch_size=8)[1](x, training=True).numpy()
+    assert not np.allclose(out, whole, atol=1e-2)
+    # Moving statistics: momentum 0.9 towards the mean of the two halves' means and variances.
+    np.testing.assert_allclose(ghost.moving_mean.numpy(), 0.9 * weights[2] + 0.1 * np.mean(means, axis=0),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ghost.moving_variance.numpy(), 0.9 * weights[3] + 0.1 * np.mean(variances, axis=0),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_ghost_bn_in_inference_is_plain_bn_with_the_moving_statistics():
+    ghost, plain, weights = _bn_pair(virtual_batch_size=2)
+    x = _batch(6)
+    np.testing.assert_allclose(ghost(x, training=False), plain(x, training=False), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ghost(x[:3]), plain(x[:3]), rtol=1e-6, atol=1e-6)  # Any batch size.
+    np.testing.assert_allclose(ghost.moving_mean.numpy(), weights[2].astype("float32"))  # Not updated.
+
+
+def test_ghost_bn_rejects_a_batch_that_is_not_a_multiple_naming_the_block():
+    x = keras.Input((5, 5, 4), batch_size=12)
+    gin.parse_config("trainer.blocks.batch_norm.virtual_batch_size = 8")
+    model = keras.Model(x, blocks.conv(x, name="res1a_a", filters=4))
+    with pytest.raises(UserError, match=r"block 'res1a_a'.*12 images, not a multiple of 8"):
+        model(np.zeros((12, 5, 5, 4), "float32"), training=True)
+
+
+def test_ghost_bn_get_config_round_trip():
+    layer = blocks.GhostBatchNormalization(16, momentum=0.9, epsilon=1e-5, name="g_bn")
+    config = layer.get_config()
+    assert config["virtual_batch_size"] == 16 and config["momentum"] == 0.9 and config["epsilon"] == 1e-5
+    copy = blocks.GhostBatchNormalization.from_config(config)
+    assert copy.get_config() == config
+    assert keras.saving.get_registered_name(blocks.GhostBatchNormalization) == "trainer>GhostBatchNormalization"
+
+
+def test_a_model_with_ghost_bn_saves_and_loads_as_keras(tmp_path):
+    gin.parse_config("trainer.blocks.batch_norm.virtual_batch_size = 4")
+    x = _image(channels=3)
+    model = keras.Model(x, blocks.classifier(blocks.conv(x, name="c", filters=4), name="h", units=3))
+    images = np.random.default_rng(0).normal(1.0, 2.0, (8, 8, 8, 3)).astype("float32")
+    model(images, training=True)  # Moves the moving statistics away from their initial values.
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    gin.clear_config()
+    loaded = keras.models.load_model(path)
+    layer = loaded.get_layer("c_bn")
+    assert isinstance(layer, blocks.GhostBatchNormalization) and layer.virtual_batch_size == 4
+    np.testing.assert_allclose(loaded(images, training=False), model(images, training=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loaded(images, training=True), model(images, training=True), rtol=1e-5, atol=1e-5)

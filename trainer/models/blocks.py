@@ -18,7 +18,9 @@ network needs under the network's name, so they reach no other network:
 
 Whether BatchNorm synchronises its statistics over replicas is the strategy's
 setting (`synchronized_batch_norm`), applied while the trainer builds the
-network (`synchronized_batch_norm(...)`).
+network (`synchronized_batch_norm(...)`). `batch_norm.virtual_batch_size`
+makes it Ghost BatchNorm: statistics over groups of that many images of the
+batch (`GhostBatchNormalization`), as each core of a TPU saw its share.
 
 List the kinds and their arguments: `python -m trainer.models.blocks --list`.
 
@@ -85,7 +87,8 @@ def register(kind: str, multi_input: bool = False):
 
 @registry.configurable(GIN_MODULE)
 def batch_norm(name: str, momentum: float = 0.99, epsilon: float = 1e-3,
-               synchronized: bool | None = None) -> keras.layers.Layer:
+               synchronized: bool | None = None,
+               virtual_batch_size: int | None = None) -> keras.layers.Layer:
     """The BatchNormalization layer every block uses.
 
     Args:
@@ -95,13 +98,104 @@ def batch_norm(name: str, momentum: float = 0.99, epsilon: float = 1e-3,
       synchronized: compute batch statistics across all replicas of a
         `tf.distribute` strategy; None: as the strategy says (see
         `synchronized_batch_norm`).
+      virtual_batch_size: None: statistics over the whole (per-replica) batch.
+        An integer v: Ghost BatchNorm, statistics over each group of v
+        consecutive images of the batch (`GhostBatchNormalization`), e.g. 16
+        with a batch of 128 reproduces a TPU v2-8's per-core statistics on one
+        device. The batch must be a multiple of v. Virtual batches are never
+        synchronised over replicas.
 
     Returns:
-      A `keras.layers.BatchNormalization`.
+      A `keras.layers.BatchNormalization` (a `GhostBatchNormalization` with
+      `virtual_batch_size`).
+
+    Raises:
+      UserError: `virtual_batch_size` is not a positive integer.
     """
-    return keras.layers.BatchNormalization(
-        momentum=momentum, epsilon=epsilon, name=name,
-        synchronized=_SYNCHRONIZED[-1] if synchronized is None else synchronized)
+    if virtual_batch_size is None:
+        return keras.layers.BatchNormalization(
+            momentum=momentum, epsilon=epsilon, name=name,
+            synchronized=_SYNCHRONIZED[-1] if synchronized is None else synchronized)
+    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+        raise UserError(f"trainer.blocks.batch_norm.virtual_batch_size must be None or a positive integer, got "
+                        f"{virtual_batch_size!r} (BatchNorm '{name}').")
+    return GhostBatchNormalization(virtual_batch_size=virtual_batch_size, momentum=momentum, epsilon=epsilon,
+                                   name=name)
+
+
+@keras.saving.register_keras_serializable(package="trainer")
+class GhostBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization over virtual batches ("Ghost BatchNorm", Hoffer et al. 2017).
+
+    In training, a batch [B, ...] is split into B/v groups of v consecutive
+    examples ([B, ...] -> [B/v, v, ...]); each group is normalised by its own
+    mean and (biased) variance, then scaled and shifted by the layer's one
+    gamma and beta. The moving mean and variance are updated once a step with
+    the mean over the groups of their means and variances, as TF1's
+    `virtual_batch_size` did (TF1 grouped strided examples rather than
+    consecutive ones; on a shuffled batch the two are alike). In inference
+    the layer is plain BatchNormalization with the moving statistics.
+
+    One device thus reproduces what a data-parallel run computed per replica:
+    a TPU v2-8 with a global batch of 128 normalised over 16 images a core.
+
+    Args:
+      virtual_batch_size: images a group (v). The batch (per replica) must be
+        a multiple of it; otherwise calling the layer in training raises a
+        UserError naming the block.
+      **kwargs: `keras.layers.BatchNormalization`'s arguments (not `renorm`,
+        not a mask in training).
+    """
+
+    def __init__(self, virtual_batch_size, **kwargs):
+        super().__init__(**kwargs)
+        if self.renorm:
+            raise UserError(f"BatchNorm '{self.name}': virtual_batch_size cannot be combined with renorm.")
+        self.virtual_batch_size = int(virtual_batch_size)
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable):
+            return super().call(inputs, training=training, mask=mask)
+        if mask is not None:
+            raise UserError(f"BatchNorm '{self.name}': virtual batches do not take a mask.")
+        v = self.virtual_batch_size
+        batch = inputs.shape[0]
+        if batch is not None and batch % v:
+            block = self.name[:-3] if self.name.endswith("_bn") else self.name
+            raise UserError(
+                f"block '{block}': its BatchNorm ('{self.name}') normalises over virtual batches of "
+                f"{v} images (trainer.blocks.batch_norm.virtual_batch_size), but the batch (per replica) has "
+                f"{batch} images, not a multiple of {v}. Set BATCH_SIZE / replicas to a multiple of {v} or "
+                f"change virtual_batch_size.")
+        x = keras.ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        rank = len(x.shape)
+        axis = self.axis % rank
+        dynamic = keras.ops.shape(x)
+        inner = [d if d is not None else dynamic[i] for i, d in enumerate(x.shape) if i > 0]
+        grouped = keras.ops.reshape(x, [-1, v] + inner)  # [B/v, v, ...]
+        # Reduce over the images of a group (axis 1) and every axis but the channels'.
+        reduce = [1] + [i + 1 for i in range(1, rank) if i != axis]
+        mean, variance = keras.ops.moments(grouped, axes=reduce, keepdims=True)
+        broadcast = [1] * (rank + 1)
+        broadcast[axis + 1] = x.shape[axis]
+        scale = keras.ops.rsqrt(variance + self.epsilon)
+        if self.scale:
+            scale = scale * keras.ops.reshape(keras.ops.cast(self.gamma, x.dtype), broadcast)
+        outputs = (grouped - mean) * scale
+        if self.center:
+            outputs = outputs + keras.ops.reshape(keras.ops.cast(self.beta, x.dtype), broadcast)
+        outputs = keras.ops.reshape(outputs, keras.ops.shape(x))
+        # The moving statistics follow the mean of the groups' statistics.
+        mean = keras.ops.reshape(keras.ops.mean(mean, axis=0), [-1])
+        variance = keras.ops.reshape(keras.ops.mean(variance, axis=0), [-1])
+        self.moving_mean.assign(keras.ops.cast(self.moving_mean, x.dtype) * self.momentum
+                                + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(keras.ops.cast(self.moving_variance, x.dtype) * self.momentum
+                                    + variance * (1.0 - self.momentum))
+        return keras.ops.cast(outputs, self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "virtual_batch_size": self.virtual_batch_size}
 
 
 _SYNCHRONIZED = [False]
