@@ -45,12 +45,12 @@ def find_layer(model, name=None):
     candidates = exact or [layer for layer in layers if layer.name.startswith(f"{name}_")]
     if not candidates:
         spatial_names = [layer.name for layer in layers if _spatial(layer)]
-        raise UserError(f"evaluate_checkpoint.gradcam_layer = {name!r}: expected a block or layer name of network "
+        raise UserError(f"trainer.evaluate.gradcam_layer = {name!r}: expected a block or layer name of network "
                         f"'{model.name}', got none of that name. Layers with a spatial output: "
                         f"{', '.join(spatial_names[-8:]) or 'none'}.")
     layer = candidates[-1]
     if not _spatial(layer):
-        raise UserError(f"evaluate_checkpoint.gradcam_layer = {name!r}: expected a block with a spatial "
+        raise UserError(f"trainer.evaluate.gradcam_layer = {name!r}: expected a block with a spatial "
                         f"(4-D) output, got layer '{layer.name}' with output shape {tuple(layer.output.shape)}.")
     return layer
 
