@@ -103,3 +103,40 @@ def test_wiring_error_is_one_line_naming_the_block(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     [line] = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert line == "error: Block 'a': unknown input 'nope'; inputs must name earlier blocks or 'image'."
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("EPOHCS = 2", "the macro EPOHCS is set but no gin file uses it. Did you mean 'EPOCHS'?"),
+    ("EPOCHS = 'three'", "EPOCHS must be an integer in [1, 100000], got 'three'."),
+    ("EPOCHS = -1", "EPOCHS must be an integer in [1, 100000], got -1."),
+    ("IMAGE_SIZE = '32'", "IMAGE_SIZE must be an integer in [8, 1024], got '32'."),
+    ("IMAGE_SIZE = 7", "IMAGE_SIZE must be an integer in [8, 1024], got 7."),
+    ("BATCH_SIZE = 0", "BATCH_SIZE must be an integer in [1, 1048576], got 0."),
+    ("BATCH_SIZE = -64", "BATCH_SIZE must be an integer in [1, 1048576], got -64."),
+    ("trainer.train.epoch = 3", "'trainer.train' has no parameter 'epoch'. Did you mean 'trainer.train.epochs'?"),
+])
+def test_bad_values_are_one_line_before_anything_is_written(tmp_path, binding, message):
+    result = run_main("--gin_file=gin/quickstart.gin", f"--gin_bindings={binding}",
+                      f"--gin_bindings=DATA_DIR='{tmp_path}/data'", f"--model_dir={tmp_path}/run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, result.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "data")
+
+
+def test_batch_larger_than_the_training_set_names_the_largest(train_base_gin, tmp_path):
+    result = run_main(f"--gin_file={train_base_gin}", "--gin_bindings=BATCH_SIZE = 400", f"--model_dir={tmp_path}/r")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: BATCH_SIZE 400 is larger than the training set (300 images): use at most 300.")
+
+
+def test_help_is_fast_and_lists_the_gin_files_and_macros():
+    result = run_main("--help")
+    assert result.returncode == 0
+    assert "gin/phase64_aug.gin" in result.stdout and "EPOCHS" in result.stdout and "IMAGE_SIZE" in result.stdout
+    probe = subprocess.run([sys.executable, "-c", "import sys, runpy; sys.argv = ['x', '--help']\n"
+                            "try:\n    runpy.run_module('trainer.main', run_name='__main__')\n"
+                            "except SystemExit as e:\n    print('tensorflow' in sys.modules, e.code)"],
+                           cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert probe.stdout.strip().splitlines()[-1] == "False 0"
