@@ -55,5 +55,6 @@ trainer.data.deterministic = True
 trainer.train.steps_per_execution = 5
 trainer.train.log_every_steps = 1
 trainer.train.export = False
+trainer.train.evaluate_best = False
 """)
     return str(path)

@@ -19,7 +19,7 @@ import sys
 import traceback
 
 # The modules that define gin configurables (`trainer.registry`), imported before gin files are read.
-CONFIGURABLE_MODULES = ("trainer.train", "trainer.data.pipeline")
+CONFIGURABLE_MODULES = ("trainer.train", "trainer.data.pipeline", "trainer.evaluation.evaluator")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402

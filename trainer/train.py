@@ -70,6 +70,7 @@ def train(model_dir,
           deterministic_ops=False,
           log_every_steps=50,
           export=True,
+          evaluate_best=True,
           stop_after_steps=None):
     """Trains one phase. Every argument is set in gin (gin/common.gin and the runnable files).
 
@@ -105,7 +106,9 @@ def train(model_dir,
       deterministic_ops: TensorFlow's op determinism and an ordered input pipeline: the same command
         twice gives bit-identical weights (slower).
       log_every_steps: console progress interval when stdout is not a terminal.
-      export: export the best checkpoint at the end of the phase.
+      export: export the best checkpoint at the end of the phase (model_dir/export).
+      evaluate_best: evaluate the best checkpoint in depth at the end of the phase
+        (model_dir/eval/best-<step>/: report, confusion matrix, Grad-CAM; see `trainer.evaluate`).
       stop_after_steps: checkpoint and return at this step; for tests.
 
     Returns:
@@ -253,8 +256,14 @@ def train(model_dir,
         # --- 5. The phase is done: export the best checkpoint. --------------------------------------------------
         best = _best(rows, select_best_by)
         exported = None
-        if export and distribution.chief and best:
-            exported = _export_best(model, checkpoints, data, model_dir, best)
+        if best and distribution.chief and export:
+            from trainer import export as export_lib  # pylint: disable=import-outside-toplevel
+
+            exported = export_lib.export_trained(model_dir, data)["export_dir"]
+        if best and distribution.chief and evaluate_best:
+            from trainer.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+
+            evaluator.evaluate_best_of_phase(model_dir, data, model=model, strategy=distribution)
         writers.flush()
         summaries.end_summary(model_dir, best, exported)
         return best
@@ -546,14 +555,3 @@ def _report_skipped(num_files, decoded, data_dir):
     if 0 < decoded < num_files:
         logging.warning("%d of %d training images in %s could not be decoded and were skipped.",
                         num_files - decoded, num_files, data_dir)
-
-
-def _export_best(model, checkpoints, data, model_dir, best):
-    """Exports the best checkpoint's weights to model_dir/export and says which step it was."""
-    from trainer import export  # pylint: disable=import-outside-toplevel
-
-    path = checkpoints.best
-    checkpoints_lib.restore_weights(model, path)
-    logging.info("Exporting the best checkpoint %s (epoch %d, val top-1 %.4f).", path, best["epoch"],
-                 best["val_top1"])
-    return export.export_model(model, data, os.path.join(model_dir, "export"), source=path)
