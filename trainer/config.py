@@ -218,8 +218,9 @@ def _check(expanded):
                             f"{_nearest(selector, registry.CONFIGURABLES)}")
     for name, where in expanded.used.items():
         if name not in expanded.defined:
-            raise UserError(f"Invalid gin configuration: the macro %{name} is used ({where}) but never defined."
-                            f"{_nearest(name, expanded.defined)}".replace("Did you mean '", "Did you mean '%"))
+            hint = _nearest(name, expanded.defined).replace("Did you mean '", "Did you mean '%")
+            raise UserError(f"Invalid gin configuration: the macro %{name} is used but never defined.{hint} "
+                            f"(used in {where})")
     for name, where in expanded.defined.items():
         if name not in expanded.used and name not in MACROS:  # (Tools read the known macros: plan, IMAGE_SIZE.)
             raise UserError(f"Invalid gin configuration: {where}: the macro {name} is set but no gin file uses "
