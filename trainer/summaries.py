@@ -119,3 +119,173 @@ def end_summary(model_dir, best, exported):
     if exported:
         logging.info("Exported to %s", exported)
     logging.info("TensorBoard: tensorboard --logdir %s", os.path.dirname(os.path.abspath(model_dir)))
+
+
+# --- Comparing runs in TensorBoard: HParams and a custom scalar layout -------------------------------------------
+
+# The metrics the HParams dashboard shows for each run: `group/tag`, the scalars the trainer writes at each epoch
+# end into model_dir/val ('loss', 'top1', 'top5'). With the session written into model_dir, a metric (tag 'top1',
+# group 'val') is read from the run model_dir/val.
+HPARAMS_METRICS = ("val/loss", "val/top1", "val/top5")
+
+
+def gin_hparams(**overrides):
+    """A run's hyperparameters, from the parsed gin configuration, for `hparams`.
+
+    The UPPER_CASE macros users edit that are defined (all but MODEL_DIR, the
+    run itself), the network's name, the optimizer's and the schedule's names
+    (as bound on `trainer.train`, else its defaults) and the schedule's
+    learning rate.
+
+    Args:
+      **overrides: values that replace or extend the ones read from gin.
+
+    Returns:
+      A dict name -> value (bool, int, float or str; None as 'None').
+    """
+    import gin  # pylint: disable=import-outside-toplevel
+
+    from trainer import config  # pylint: disable=import-outside-toplevel
+
+    values = {}
+    for name in config.MACROS:
+        if name == "MODEL_DIR":
+            continue
+        try:
+            values[name] = _plain(gin.query_parameter(f"%{name}"))
+        except ValueError:
+            continue  # Not defined in this configuration.
+    values["network"] = _plain(_gin_value("trainer.network", "name"))
+    for key in ("optimizer", "schedule"):
+        values[key] = _plain(_gin_value("trainer.train", key))
+    schedule = _gin_value("trainer.train", "schedule")
+    schedule_selector = _selector(schedule)
+    if schedule_selector:
+        values["learning_rate"] = _plain(_gin_value(schedule_selector, "learning_rate"))
+    values.update(overrides)
+    return {k: _hparam_value(v) for k, v in values.items()}
+
+
+def hparams(log_dir, values, metrics=HPARAMS_METRICS, trial_id=None):
+    """Logs a run's hyperparameters for TensorBoard's HParams dashboard, into `log_dir` (the run's model dir).
+
+    Writes the session (`hp.hparams`: the values) and the experiment (each
+    hyperparameter's type, and `metrics`), so `tensorboard --logdir runs`
+    compares the runs side by side. Each run is its own session group (its
+    `trial_id` is its directory): two runs with equal values are not averaged.
+
+    Args:
+      log_dir: the run's model directory (its train/ and val/ hold the scalars).
+      values: a dict name -> bool, int, float, str or None (None is logged as 'None', anything else as its str).
+      metrics: `group/tag` names of scalars under `log_dir` ('val/top1': tag 'top1' in log_dir/val); a name
+        without '/' is a scalar in `log_dir` itself.
+      trial_id: the session group's name; default: `log_dir`.
+
+    Returns:
+      The dict of values as logged.
+    """
+    from tensorboard.plugins.hparams import api as hp  # pylint: disable=import-outside-toplevel
+    from tensorboard.plugins.hparams import api_pb2  # pylint: disable=import-outside-toplevel
+    from tensorboard.plugins.hparams import summary as hparams_summary  # pylint: disable=import-outside-toplevel
+
+    values = {str(k): _hparam_value(v) for k, v in values.items()}
+    types = {bool: api_pb2.DATA_TYPE_BOOL, int: api_pb2.DATA_TYPE_FLOAT64, float: api_pb2.DATA_TYPE_FLOAT64,
+             str: api_pb2.DATA_TYPE_STRING}
+    # `differs` makes the dashboards show every hyperparameter's column by default (TensorBoard reads this
+    # experiment from one run, so it cannot tell which values differ between runs).
+    infos = [api_pb2.HParamInfo(name=k, type=types[type(v)], differs=True) for k, v in sorted(values.items())]
+    metric_infos = []
+    for metric in metrics:
+        group, _, tag = metric.rpartition("/")
+        metric_infos.append(api_pb2.MetricInfo(name=api_pb2.MetricName(group=group, tag=tag),
+                                               display_name=metric))
+    # The experiment, with types but no domains: TensorBoard reads it from one run only, and a discrete domain
+    # taken from one run would hide the other runs' values.
+    experiment = hparams_summary.experiment_pb(infos, metric_infos)
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        tf.summary.experimental.write_raw_pb(experiment.SerializeToString(), step=0)
+        hp.hparams(values, trial_id=trial_id or os.path.abspath(log_dir))
+    writer.close()
+    return values
+
+
+def scalar_layout(log_dir):
+    """Writes a TensorBoard custom scalar layout into `log_dir` (the CUSTOM SCALARS dashboard).
+
+    First 'metrics': loss, top-1 and top-5 (train and val on one chart each,
+    every run of the log directory on it) and the learning rate; then
+    'speed': images per second and epoch time. TensorBoard merges the
+    layouts of all runs, dropping duplicate charts.
+
+    Returns:
+      The `layout_pb2.Layout` written.
+    """
+    from tensorboard.plugins.custom_scalar import layout_pb2  # pylint: disable=import-outside-toplevel
+    from tensorboard.plugins.custom_scalar import summary as layout_summary  # pylint: disable=import-outside-toplevel
+
+    def chart(title, tag):
+        return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=[rf"^{tag}$"]))
+
+    layout = layout_pb2.Layout(category=[
+        layout_pb2.Category(title="metrics", chart=[
+            chart("loss (train, val)", "loss"), chart("top-1 (train, val)", "top1"),
+            chart("top-5 (train, val)", "top5"), chart("learning rate", "learning_rate")]),
+        layout_pb2.Category(title="speed", chart=[
+            chart("images per second", "images_per_second"), chart("epoch time (s)", "epoch_time")]),
+    ])
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        tf.summary.experimental.write_raw_pb(layout_summary.pb(layout).SerializeToString(), step=0)
+    writer.close()
+    return layout
+
+
+def _gin_value(selector, param):
+    """`selector.param` as gin binds it, else the configurable's default (None if neither)."""
+    import inspect  # pylint: disable=import-outside-toplevel
+
+    import gin  # pylint: disable=import-outside-toplevel
+
+    from trainer import registry  # pylint: disable=import-outside-toplevel
+
+    try:
+        return gin.query_parameter(f"{selector}.{param}")
+    except ValueError:
+        fn = registry.CONFIGURABLES.get(selector)
+        default = inspect.signature(fn).parameters.get(param) if fn else None
+        return None if default is None or default.default is inspect.Parameter.empty else default.default
+
+
+def _selector(value):
+    """The registered selector ('trainer.optim.adam') of a gin reference or a configurable function, or None."""
+    from trainer import registry  # pylint: disable=import-outside-toplevel
+
+    configurable = getattr(value, "configurable", None)
+    if configurable is not None:
+        return configurable.selector if configurable.selector in registry.CONFIGURABLES else None
+    name = getattr(value, "__name__", None)
+    matches = [s for s in registry.CONFIGURABLES if name and s.endswith("." + name)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _plain(value):
+    """A gin value as a plain value: a macro's value, a configurable's name ('adam'), or the value itself."""
+    configurable = getattr(value, "configurable", None)
+    if configurable is not None:
+        if configurable.selector in ("gin.macro", "gin.constant"):
+            return _plain(value.scoped_configurable_fn())
+        return configurable.name
+    if callable(value) and hasattr(value, "__name__"):
+        return value.__name__
+    return value
+
+
+def _hparam_value(value):
+    if value is None:
+        return "None"
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "item"):  # A NumPy scalar.
+        return value.item()
+    return str(value)

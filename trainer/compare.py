@@ -1,0 +1,361 @@
+"""Compares training runs side by side: `python -m trainer.compare runs/*`.
+
+    python -m trainer.compare DIR [DIR ...] [--sort=val_top1] [--reverse] [--markdown] [--output=FILE.md]
+
+One row per run directory (a directory holding the trainer's metrics.csv or
+operative_config.gin; a directory holding run directories stands for them):
+the network, its parameters and multiply-accumulates per image at the run's
+image size, the image size and global batch, the epochs done, the best
+validation top-1 (and that epoch's top-5 and number), the mean epoch time and
+the training throughput.
+
+Flags:
+  --sort       the column to sort by: run, network, params, macs, image_size, batch_size, epochs, val_top1,
+               val_top5, best_epoch, epoch_time, images_per_second (default val_top1). Names and networks sort
+               A-Z, numbers from the largest down; runs without the value go last.
+  --reverse    reverse the order.
+  --markdown   print a markdown table instead of the aligned console table.
+  --output     also write the markdown table to this file.
+
+Where the figures come from:
+  - metrics.csv (one row per epoch): epochs done, best val top-1 (the
+    earliest of equals), epoch times. The mean epoch time leaves out the
+    phase's first epoch when there are others (it includes tracing the
+    training step); images/s = global batch x steps / epoch time over the
+    same epochs.
+  - run.json beside metrics.csv, when the trainer wrote one: network, params,
+    macs, image_size, batch_size.
+  - otherwise operative_config.gin: the network name, IMAGE_SIZE and
+    BATCH_SIZE are read with gin's parser; parameters and MACs are measured by
+    building the declared network in a fresh gin state (graph only, as
+    `python -m trainer.plan`), which takes a few seconds for a large network.
+    This replaces the process's gin configuration.
+
+A path that is not a run prints one `warning:` line and is skipped; no run at
+all is an error (exit 1).
+"""
+
+import csv
+import glob
+import math
+import os
+import sys
+
+from absl import flags
+
+from trainer import cli
+from trainer.errors import UserError
+
+FLAGS = flags.FLAGS
+
+# (key, header, alignment): the table's columns in order.
+COLUMNS = (
+    ("run", "run", "<"),
+    ("network", "network", "<"),
+    ("params", "params", ">"),
+    ("macs", "MMACs/img", ">"),
+    ("image_size", "px", ">"),
+    ("batch_size", "batch", ">"),
+    ("epochs", "epochs", ">"),
+    ("val_top1", "best top-1", ">"),
+    ("val_top5", "top-5", ">"),
+    ("best_epoch", "best epoch", ">"),
+    ("epoch_time", "epoch s", ">"),
+    ("images_per_second", "img/s", ">"),
+)
+SORT_KEYS = tuple(key for key, _, _ in COLUMNS)
+_TEXT_KEYS = ("run", "network")
+
+
+def is_run(path):
+    """Whether `path` is a training run's directory (the trainer wrote metrics.csv or operative_config.gin)."""
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, name)) for name in ("metrics.csv", "operative_config.gin"))
+
+
+def find_runs(paths, warn=None):
+    """The run directories among `paths`, in order; a directory of runs stands for its runs.
+
+    Args:
+      paths: directories (a pattern such as 'runs/*' that the shell did not expand is expanded here).
+      warn: `warn(text)` for each path that is not a run; default: a `warning:` line on stderr.
+
+    Returns:
+      A list of paths, without duplicates.
+    """
+    warn = warn or _warn
+    runs = []
+    for path in paths:
+        expanded = sorted(glob.glob(path)) if glob.has_magic(path) and not os.path.exists(path) else [path]
+        if not expanded:
+            warn(f"{path} matches nothing: skipped.")
+        for candidate in expanded:
+            if is_run(candidate):
+                found = [candidate]
+            elif os.path.isdir(candidate):
+                found = [os.path.join(candidate, d) for d in sorted(os.listdir(candidate))
+                         if is_run(os.path.join(candidate, d))]
+            else:
+                found = []
+            if not found:
+                what = "does not exist" if not os.path.exists(candidate) else "is not a training run"
+                warn(f"{candidate} {what} (no metrics.csv or operative_config.gin): skipped.")
+            runs += [r for r in found if os.path.normpath(r) not in {os.path.normpath(x) for x in runs}]
+    return runs
+
+
+def read_metrics(path):
+    """The rows of a metrics.csv as dicts of numbers (cells that are not numbers stay strings)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def read_operative_config(path):
+    """The macros and bindings of a gin file, read with gin's parser (no configurable is imported).
+
+    Returns:
+      `(macros, bindings)`: macro name -> value, and 'selector.param' -> value
+      as written (a macro reference is a `Macro`, a configurable reference its
+      '@selector' text), both with plain Python values.
+    """
+    from gin import config_parser  # pylint: disable=import-outside-toplevel
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    macros, bindings = {}, {}
+    for statement in config_parser.ConfigParser(text, _Delegate()):
+        if not isinstance(statement, config_parser.BindingStatement):
+            continue
+        if not statement.arg_name and "." not in statement.selector and not statement.scope:
+            macros[statement.selector] = statement.value
+        elif not statement.scope:
+            bindings[f"{statement.selector}.{statement.arg_name}"] = statement.value
+    return macros, bindings
+
+
+class Macro(str):
+    """A `%MACRO` reference in a gin file (its name)."""
+
+
+class _Delegate:
+    """gin's parser delegate, turning references into plain markers (nothing needs to be registered)."""
+
+    def configurable_reference(self, scoped_selector, evaluate):
+        return "@" + scoped_selector + ("()" if evaluate else "")
+
+    def macro(self, name):
+        return Macro(name)
+
+
+def _binding(macros, bindings, *keys):
+    """The first of the `keys` ('selector.param', matched on its last dotted parts) that is bound, macros resolved."""
+    for key in keys:
+        for name, value in bindings.items():
+            if name == key or name.endswith("." + key):
+                while isinstance(value, Macro) and value in macros:
+                    value = macros[value]
+                return value
+    return None
+
+
+def summarize(run, compute_plan=True, warn=None):
+    """One run's row of the table (a dict over `SORT_KEYS`; None where unknown).
+
+    Args:
+      run: the run's directory.
+      compute_plan: build the declared network for params and MACs when run.json does not give them.
+      warn: `warn(text)` for figures that could not be read; default: a `warning:` line on stderr.
+    """
+    warn = warn or _warn
+    row = dict.fromkeys(SORT_KEYS)
+    row["run"] = os.path.basename(os.path.normpath(run)) or run
+    row["path"] = run
+    macros, bindings = {}, {}
+    operative = os.path.join(run, "operative_config.gin")
+    if os.path.isfile(operative):
+        try:
+            macros, bindings = read_operative_config(operative)
+        except Exception as err:  # pylint: disable=broad-except  (a damaged file: the other figures still count)
+            warn(f"{operative} could not be read ({err}).")
+    row["network"] = _binding(macros, bindings, "network.name")
+    row["image_size"] = _binding(macros, bindings, "data.image_size") or macros.get("IMAGE_SIZE")
+    row["batch_size"] = _binding(macros, bindings, "data.batch_size") or macros.get("BATCH_SIZE")
+    recorded = _read_run_json(os.path.join(run, "run.json"), warn)
+    row.update({k: recorded[k] for k in ("network", "params", "macs", "image_size", "batch_size")
+                if recorded.get(k) is not None})
+    if row["params"] is None and compute_plan and os.path.isfile(operative) and row["image_size"]:
+        try:
+            row["params"], row["macs"] = measure(operative, int(row["image_size"]))
+        except Exception as err:  # pylint: disable=broad-except  (e.g. a network file that changed since)
+            warn(f"{run}: parameters and MACs unknown: the network of {operative} does not build "
+                 f"({str(err).splitlines()[0] if str(err) else type(err).__name__}).")
+
+    metrics_path = os.path.join(run, "metrics.csv")
+    rows = read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
+    rows = [r for r in rows if isinstance(r.get("val_top1"), (int, float)) and not math.isnan(r["val_top1"])]
+    row["epochs"] = len(rows)
+    if rows:
+        best = max(rows, key=lambda r: (r["val_top1"], -r.get("step", 0)))
+        row["val_top1"], row["val_top5"], row["best_epoch"] = best["val_top1"], best.get("val_top5"), best["epoch"]
+        row["epoch_time"], row["images_per_second"] = _speed(rows, row["batch_size"])
+    return row
+
+
+def measure(operative_config, image_size):
+    """(parameters, MACs per image) of the network an operative config declares, built at `image_size`.
+
+    Parses the file in a fresh gin state (the process's gin configuration is
+    cleared before and after) and builds the network as `trainer.plan` does.
+    """
+    import gin  # pylint: disable=import-outside-toplevel
+    import keras  # pylint: disable=import-outside-toplevel
+
+    from trainer import config  # pylint: disable=import-outside-toplevel
+
+    cli.register_configurables()
+    from trainer.models import plan  # pylint: disable=import-outside-toplevel
+
+    gin.clear_config()
+    try:
+        config.parse_gin([operative_config])
+        totals = plan.make_plan(image_size).totals
+        return int(totals.params), int(totals.macs)
+    finally:
+        gin.clear_config()
+        keras.backend.clear_session()
+
+
+def compare(paths, sort="val_top1", reverse=False, compute_plan=True, warn=None):
+    """The rows of the runs among `paths`, sorted.
+
+    Raises:
+      UserError: no run among `paths`, or an unknown sort key.
+    """
+    if sort not in SORT_KEYS:
+        raise UserError(f"--sort={sort}: not a column; use one of {', '.join(SORT_KEYS)}.")
+    runs = find_runs(paths, warn)
+    if not runs:
+        raise UserError(f"No training run among {' '.join(paths) or 'the arguments'}: give run directories (each "
+                        "holds the metrics.csv and operative_config.gin the trainer writes), e.g. "
+                        "`python -m trainer.compare runs/*`.")
+    rows = [summarize(run, compute_plan, warn) for run in runs]
+    known = [r for r in rows if r[sort] is not None]
+    unknown = [r for r in rows if r[sort] is None]
+    if sort in _TEXT_KEYS:
+        known.sort(key=lambda r: str(r[sort]).lower(), reverse=reverse)
+    else:
+        known.sort(key=lambda r: r[sort], reverse=not reverse)
+    return known + unknown
+
+
+def format_cells(row):
+    """A row's cells as text, in column order."""
+    def fmt(key, value):
+        if value is None:
+            return "-"
+        if key == "params":
+            return f"{int(value):,}"
+        if key == "macs":
+            return f"{value / 1e6:,.1f}"
+        if key in ("val_top1", "val_top5"):
+            return f"{value:.4f}"
+        if key == "epoch_time":
+            return f"{value:.1f}"
+        if key == "images_per_second":
+            return f"{value:,.0f}"
+        return str(value)
+
+    return [fmt(key, row.get(key)) for key, _, _ in COLUMNS]
+
+
+def format_table(rows):
+    """An aligned console table: a header, a rule, a line per run."""
+    table = [[header for _, header, _ in COLUMNS]] + [format_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(f"{cell:{align}{width}}" for cell, width, (_, _, align) in zip(line, widths, COLUMNS))
+             .rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
+
+
+def format_markdown(rows):
+    """A markdown (GitHub) table, numbers right-aligned."""
+    def line(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    out = [line([header for _, header, _ in COLUMNS]),
+           "|" + "|".join(":---" if align == "<" else "---:" for _, _, align in COLUMNS) + "|"]
+    out += [line(format_cells(r)) for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def main(argv):
+    """The command line (see the module docstring)."""
+    paths = argv[1:]
+    if not paths:
+        raise UserError("Give the runs to compare: `python -m trainer.compare runs/*` (run directories, or a "
+                        "directory of runs).")
+    rows = compare(paths, sort=FLAGS.sort, reverse=FLAGS.reverse)
+    print(format_markdown(rows) if FLAGS.markdown else format_table(rows), end="")
+    if FLAGS.output:
+        try:
+            with open(FLAGS.output, "w", encoding="utf-8") as f:
+                f.write(format_markdown(rows))
+        except OSError as err:
+            raise UserError(f"--output={FLAGS.output}: cannot write it: {err.strerror or err}.") from None
+        print(f"Markdown table: {FLAGS.output}")
+
+
+def run():
+    """Console script `tiny-compare`."""
+    flags.DEFINE_enum("sort", "val_top1", list(SORT_KEYS), "The column to sort by (numbers: largest first).")
+    flags.DEFINE_bool("reverse", False, "Reverse the order.")
+    flags.DEFINE_bool("markdown", False, "Print a markdown table instead of the aligned console table.")
+    flags.DEFINE_string("output", None, "Also write the markdown table to this file.")
+    cli.run(main, usage=lambda: __doc__)
+
+
+def _speed(rows, batch_size):
+    """(mean epoch time, images per second) over the epochs after the phase's first (all, if only one)."""
+    steps = [r["step"] - (rows[i - 1]["step"] if i else 0) for i, r in enumerate(rows)]
+    timed = [(s, r["time"]) for s, r in zip(steps, rows) if isinstance(r.get("time"), (int, float)) and r["time"] > 0]
+    if len(timed) > 1:
+        timed = timed[1:]
+    if not timed:
+        return None, None
+    seconds = sum(t for _, t in timed)
+    mean = seconds / len(timed)
+    if not batch_size or not isinstance(batch_size, int):
+        return mean, None
+    return mean, batch_size * sum(s for s, _ in timed) / seconds
+
+
+def _read_run_json(path, warn):
+    if not os.path.isfile(path):
+        return {}
+    import json  # pylint: disable=import-outside-toplevel
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        return recorded if isinstance(recorded, dict) else {}
+    except (OSError, ValueError) as err:
+        warn(f"{path} could not be read ({err}): ignored.")
+        return {}
+
+
+def _number(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
+
+
+def _warn(text):
+    print(f"warning: {text}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run()
