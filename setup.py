@@ -43,6 +43,7 @@ setup(
         "tiny-evaluate = trainer.evaluate:run",
         "tiny-predict = trainer.predict:run",
         "tiny-export = trainer.export:run",
+        "tiny-compare = trainer.compare:run",
         "tiny-preview = trainer.data.preview:run",
         "tiny-synthetic = trainer.data.synthetic:run",
         "tiny-download = trainer.data.download:run",
