@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # pylint: disable=wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position
 
-from trainer import config  # pylint: disable=wrong-import-position
+from trainer import cli, config  # pylint: disable=wrong-import-position
 
 flags.DEFINE_list("models", ["gin/models/small.gin", "gin/models/resnet18.gin"], "Gin model files to compare.")
 flags.DEFINE_integer("image_size", 32, "Input side in pixels.")
@@ -48,6 +48,7 @@ def _build(model_gin):
     from trainer.models import builder  # pylint: disable=import-outside-toplevel
 
     gin.clear_config()
+    cli.register_configurables()
     config.parse_gin([model_gin], defaults=[f"NUM_CLASSES = {FLAGS.num_classes}"])
     models = []
     for _ in range(2):
@@ -157,4 +158,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: config.run_main(main, argv))
+    cli.run(main)
