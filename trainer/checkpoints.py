@@ -115,6 +115,7 @@ class Checkpoints:
                     f"{self._model_dir} holds checkpoints of another network or optimizer ({path}: "
                     f"{str(err).splitlines()[0][:300]}). Use a new --model_dir, or start from those weights "
                     "with trainer.train.init_from (and trainer.train.allow_partial_init = True).") from None
+            self._saved_step = _step_of(path)  # Already on disk: a save at that step does not rewrite it.
         if self._distribution.multi_worker:
             # It restores the same checkpoint again and adds its run counter to the checkpoint.
             self._preemption = tf.distribute.experimental.PreemptionCheckpointHandler(
@@ -122,8 +123,11 @@ class Checkpoints:
                 termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=self._on_preempted))
         return path
 
-    def save(self, step, best=False):
+    def save(self, step, best=False, rewrite=False):
         """Saves `step` (and as the best so far if `best`), after checking the weights are finite.
+
+        The latest checkpoint at `step` is written once, unless `rewrite` (an epoch's commit adds its row
+        to a checkpoint saved at that step without it).
 
         Raises:
           UserError: a weight is not finite (nothing is saved).
@@ -133,7 +137,7 @@ class Checkpoints:
             raise UserError(f"The weights became non-finite ({', '.join(bad[:3])}, ...) by step {step}: "
                             f"the run stopped without saving them. The last good checkpoint is kept: "
                             f"{self.latest or 'none yet'}. Lower the learning rate and run the same command.")
-        if step != self._saved_step:
+        if step != self._saved_step or rewrite:
             self._latest.save(checkpoint_number=step)
             self._saved_step = step
         if best:

@@ -61,11 +61,12 @@ class ModelDirLock:
     def _in_use_message(self, model_dir):
         holder = self._holder()
         host = holder.split()[0] if holder.split() else "unknown"
+        pid = holder.split()[1] if len(holder.split()) > 1 else "<pid>"
         if host == socket.gethostname():
             how = "that process is alive"
         else:
             age = self._age()
-            how = (f"it runs on {host}: check there with `ps -p <pid>`; its lock was refreshed {age:.0f} s ago and "
+            how = (f"it runs on {host}: check there with `ps -p {pid}`; its lock was refreshed {age:.0f} s ago and "
                    f"is taken over automatically once {STALE_AFTER_SECONDS} s pass without a refresh")
         return (f"Model directory {model_dir} is in use by another run (host and pid: {holder}; {how}). "
                 f"Wait for it or use another --model_dir.")

@@ -71,6 +71,7 @@ def train(model_dir,
           log_every_steps=50,
           export=True,
           evaluate_best=True,
+          check_memory=True,
           stop_after_steps=None):
     """Trains one phase. Every argument is set in gin (gin/common.gin and the runnable files).
 
@@ -109,6 +110,8 @@ def train(model_dir,
       export: export the best checkpoint at the end of the phase (model_dir/export).
       evaluate_best: evaluate the best checkpoint in depth at the end of the phase
         (model_dir/eval/best-<step>/: report, confusion matrix, Grad-CAM; see `trainer.evaluate`).
+      check_memory: before the first step, compare the plan's estimate of training memory with the memory
+        available (host RAM when training on CPU): stop naming a batch size that fits, warn when close.
       stop_after_steps: checkpoint and return at this step; for tests.
 
     Returns:
@@ -131,10 +134,15 @@ def train(model_dir,
     model_dir = os.path.expanduser(model_dir)
     checkpoint_dir = os.path.join(model_dir, "checkpoints")
     resuming = bool(tf.train.latest_checkpoint(checkpoint_dir))
+    settings = _settings(data, num_classes)
+    if resuming:
+        _check_resumable(model_dir, settings)
     if init_from and not resuming:
         init_from = checkpoints_lib.find_init_checkpoint(os.path.expanduser(init_from), previous_phase)
     _makedirs(model_dir)
     with _claimed(model_dir, distribution) as (lock, signals), _precision(mixed_precision):
+        if distribution.chief:  # (Resuming, the check above found it equal.)
+            run_dir.write_text(os.path.join(model_dir, SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
         if seed is not None:
             keras.utils.set_random_seed(seed)
         if deterministic_ops:
@@ -187,6 +195,8 @@ def train(model_dir,
         network_plan = plan.make_plan(data.image_size)
         summaries.banner(data, _network_summary(model, network_plan), distribution, model_dir, epochs,
                          first_epoch, start)
+        if check_memory and done < total_steps:
+            _check_memory(network_plan, data, distribution.strategy.num_replicas_in_sync)
         commit = functools.partial(_commit, history=history, checkpoints=checkpoints, writers=writers,
                                    model_dir=model_dir, chief=distribution.chief, metric=select_best_by)
         if done % steps_per_epoch == 0 and 0 < done and not any(r["step"] == done for r in rows):
@@ -201,7 +211,7 @@ def train(model_dir,
                    if done == 0 and train_data else None)
         if distribution.chief:
             _write_run_start(model_dir, writers, network_plan, offset + done, preview)
-            _republish(model_dir, rows, checkpoints, select_best_by)  # After a crash: the CSV, best/.
+            _republish(model_dir, rows, checkpoints, select_best_by, writers)  # After a crash: CSV, best/, val.
         if init_from and not resumed_from and done == 0:
             carried = _means(evaluate(val_data))
             writers.scalars("val", offset, carried)
@@ -234,8 +244,8 @@ def train(model_dir,
                 writers.scalars("train", offset + done, {**_means(totals), "learning_rate": _current_lr(opt),
                                                          **({"images_per_second": images_per_second}
                                                             if images_per_second else {})})
-                if checkpoint_every_steps and done % checkpoint_every_steps == 0:
-                    checkpoints.save(done)
+                if checkpoint_every_steps and done % checkpoint_every_steps == 0 and done < epoch_end:
+                    checkpoints.save(done)  # (At an epoch's end the commit saves, with the epoch's row.)
                 if done < epoch_end and _should_stop(signals, done, stop_after_steps):
                     return _stop(signals, checkpoints, writers, done, first_epoch + epoch, model_dir)
             # End of epoch: evaluate, then commit the epoch (checkpoint first, then what derives from it).
@@ -377,6 +387,60 @@ def _check_settings(data, num_classes, distribution, steps_per_execution, checkp
                         f"trainer.train.checkpoint_every_steps >= 0 (got {checkpoint_every_steps}).")
 
 
+# What a checkpoint cannot carry from one run of a phase to the next (model_dir/settings.json, written when the
+# phase starts): resuming with another value is refused. Everything else (learning rate, epochs, ...) is carried,
+# and the resumed run logs how its gin configuration differs from the previous run's (model_dir/config.gin).
+SETTINGS_FILE = "settings.json"
+
+
+def _settings(data, num_classes):
+    name, blocks = builder.declared()
+    return {"IMAGE_SIZE": data.image_size, "BATCH_SIZE": data.batch_size, "AUGMENT": data.augment,
+            "NUM_CLASSES": num_classes, "trainer.network.name": name,
+            "trainer.network.blocks": json.dumps(blocks, sort_keys=True, default=repr)}
+
+
+def _check_resumable(model_dir, settings):
+    """Refuses to resume a phase with settings its checkpoints cannot carry; logs the carried changes.
+
+    Raises:
+      UserError: naming each setting that changed, its old and new value, and the two ways on.
+    """
+    import gin  # pylint: disable=import-outside-toplevel
+
+    path = os.path.join(model_dir, SETTINGS_FILE)
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            saved = json.loads(f.read())
+    except (tf.errors.NotFoundError, ValueError):
+        saved = {}  # A model directory of an older version: the restore still checks the network's variables.
+    changed = [k for k in settings if k in saved and saved[k] != settings[k]]
+    if changed:
+        def show(key, value):
+            if key == "trainer.network.blocks":
+                return "another block list"
+            return repr(value)
+
+        what = "; ".join(f"{k} was {show(k, saved[k])}, now {show(k, settings[k])}" for k in changed)
+        raise UserError(f"Cannot resume {model_dir} with other settings ({what}): its checkpoints were trained "
+                        f"with the old ones. Rerun with the old values to resume it, or train in a new --model_dir "
+                        f"(start it from these weights with trainer.train.init_from = '{model_dir}').")
+    try:
+        with tf.io.gfile.GFile(os.path.join(model_dir, "config.gin")) as f:
+            previous = f.read()
+    except tf.errors.NotFoundError:
+        return
+    import difflib  # pylint: disable=import-outside-toplevel
+
+    diff = [line for line in difflib.unified_diff(previous.splitlines(), gin.config_str().splitlines(),
+                                                  lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("+++", "---")) and line[1:].strip()
+            and not line[1:].startswith("#")]
+    if diff:
+        logging.info("The gin configuration changed since the last run of this phase (the checkpoint carries "
+                     "these changes; operative_config.gin is rewritten):\n  %s", "\n  ".join(diff))
+
+
 def _makedirs(model_dir):
     try:
         tf.io.gfile.makedirs(model_dir)
@@ -412,11 +476,53 @@ def _precision(policy):
 
 
 def _check_output(model, num_classes):
-    if tuple(model.output_shape) != (None, num_classes):
-        last = model.layers[-2].name if len(model.layers) > 1 else model.name
-        raise UserError(f"The network outputs shape {tuple(model.output_shape[1:])} (its last layer: '{last}') but "
-                        f"NUM_CLASSES is {num_classes}: end the declaration with a 'classifier' block of "
-                        "'units': %NUM_CLASSES (or a 1x1 'conv' of %NUM_CLASSES filters, then 'global_avg_pool').")
+    problem = builder.output_problem(model.output_shape, num_classes)
+    if problem:
+        raise UserError(problem)
+
+
+def _available_memory():
+    """(bytes available, where) for training, or (None, None) when unknown (accelerators: not checked)."""
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+        return None, None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "host RAM available (/proc/meminfo)"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host RAM available"
+    except (ValueError, OSError, AttributeError):
+        return None, None
+
+
+def _check_memory(network_plan, data, replicas):
+    """Stops before the first step when the plan's memory estimate exceeds what is available; warns when close.
+
+    Raises:
+      UserError: naming the estimate, what is available and a batch size that fits.
+    """
+    available, where = _available_memory()
+    if not available:
+        return
+    memory = plan.training_memory(network_plan)
+    memory = plan.Memory(memory.per_image, memory.fixed * replicas)  # Every replica holds its copy here.
+    need = memory.at(data.batch_size)
+    estimate = (f"about {plan.format_bytes(need)} at BATCH_SIZE {data.batch_size} (estimate: "
+                f"{plan.format_bytes(memory.per_image)} an image of activations kept for the backward pass, "
+                f"{plan.format_bytes(memory.fixed)} of weights, gradients and optimizer state; "
+                f"`python -m trainer.plan` shows it)")
+    if need > available:
+        fits = memory.largest_batch(available) // replicas * replicas
+        fix = (f"use BATCH_SIZE = {fits} or less" if fits >= max(1, replicas) else
+               "even the smallest batch does not fit: use a smaller IMAGE_SIZE or network")
+        raise UserError(f"Training needs {estimate} but only {plan.format_bytes(available)} of {where} is free: "
+                        f"{fix}. (trainer.train.check_memory = False skips this check.)")
+    if need > 0.7 * available:
+        logging.warning("Training needs %s, close to the %s of %s: it may run out of memory.", estimate,
+                        plan.format_bytes(available), where)
 
 
 def _network_summary(model, network_plan):
@@ -477,7 +583,7 @@ def _commit(rows, row, history, checkpoints, writers, model_dir, chief, metric, 
         opt.learning_rate = plateau_rate  # The next epoch's rate; the plateau's state goes into this checkpoint.
     rows = [r for r in rows if r["step"] != row["step"]] + [row]
     history.assign(json.dumps(rows))
-    checkpoints.save(row["step"], best=_best(rows, metric)["step"] == row["step"])
+    checkpoints.save(row["step"], best=_best(rows, metric)["step"] == row["step"], rewrite=True)
     if chief:
         writers.scalars("train", row["global_step"], {"epoch_time": row["time"]})
         writers.scalars("val", row["global_step"], {k[4:]: v for k, v in row.items() if k.startswith("val_")})
@@ -486,13 +592,38 @@ def _commit(rows, row, history, checkpoints, writers, model_dir, chief, metric, 
     return rows
 
 
-def _republish(model_dir, rows, checkpoints, metric):
-    """After a crash: rewrites the CSV from the history, and saves best/ again if its save was lost."""
+def _republish(model_dir, rows, checkpoints, metric, writers=None):
+    """After a crash: rewrites the CSV from the history, saves best/ again if its save was lost, and writes
+    the val points (and epoch times) of committed epochs that TensorBoard lacks (a kill between the
+    checkpoint and their write)."""
     if rows:
         summaries.CsvLog(os.path.join(model_dir, "metrics.csv")).write(rows)
         best = _best(rows, metric)
         if checkpoints.best_step() != best["step"] and checkpoints.latest_step() == best["step"]:
             checkpoints.save(best["step"], best=True)
+        if writers is not None:
+            written = _written_steps(os.path.join(model_dir, "val"), "top1")
+            for row in rows:
+                if row["global_step"] not in written:
+                    logging.info("Writing the val points of epoch %d to TensorBoard (lost by a crash).", row["epoch"])
+                    writers.scalars("train", row["global_step"], {"epoch_time": row["time"]})
+                    writers.scalars("val", row["global_step"],
+                                    {k[4:]: v for k, v in row.items() if k.startswith("val_")})
+            writers.flush()
+
+
+def _written_steps(log_dir, tag):
+    """The steps at which `tag` was written in the event files of `log_dir` (a truncated last record is ignored)."""
+    steps = set()
+    for path in tf.io.gfile.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                if any(value.tag == tag for value in event.summary.value):
+                    steps.add(event.step)
+        except tf.errors.DataLossError:  # The writer was killed mid-record: what precedes it counts.
+            pass
+    return steps
 
 
 def _best(rows, metric="val_top1"):

@@ -97,6 +97,28 @@ def declared():
     return bindings.get("name", "network"), bindings["blocks"]
 
 
+def output_problem(output_shape, num_classes, last_block=None):
+    """Why a network's output cannot be logits [batch, num_classes], naming its last block and the fix; or None.
+
+    Args:
+      output_shape: the model's output shape, batch included.
+      num_classes: NUM_CLASSES.
+      last_block: the last block's name (default: the declared network's).
+    """
+    shape = tuple(output_shape)
+    if shape[1:] == (num_classes,):
+        return None
+    if last_block is None:
+        try:
+            last_block = declared()[1][-1].get("name", "?")
+        except (UserError, AttributeError, IndexError, KeyError, TypeError):
+            last_block = "?"
+    return (f"The network outputs shape {shape[1:]} per image (its last block: '{last_block}') but it must output "
+            f"({num_classes},), one logit per class (NUM_CLASSES = {num_classes}): end the declaration with a "
+            "'classifier' block of 'units': %NUM_CLASSES (or a 1x1 'conv' of %NUM_CLASSES filters, then "
+            "'global_avg_pool').")
+
+
 def assemble(image_size: int, blocks, name: str = "network") -> Network:
     """Like `build_network`, but also returns each block's inputs and output.
 

@@ -38,6 +38,7 @@ class Row:
     trainable: int
     non_trainable: int
     macs: int
+    activations: int = 0  # Values of the block's layer outputs for one image (kept for the backward pass).
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class Totals:
     macs: int
     rf: int
     image_size: int
+    activations: int = 0
 
 
 @dataclasses.dataclass
@@ -91,11 +93,12 @@ def make_plan(image_size: int, blocks=None) -> Plan:
             name=block.name, kind=block.kind, output_shape=tuple(block.output.shape[1:]),
             stride=jump / jump_in, jump=jump, rf=rf, params=trainable + non_trainable,
             trainable=trainable, non_trainable=non_trainable,
-            macs=sum(_macs(op, node) for op, node in ops)))
+            macs=sum(_macs(op, node) for op, node in ops),
+            activations=sum(_values(node.output_tensors) for _, node in ops)))
     totals = Totals(
         params=sum(r.params for r in rows), trainable=sum(r.trainable for r in rows),
         non_trainable=sum(r.non_trainable for r in rows), macs=sum(r.macs for r in rows),
-        rf=rows[-1].rf, image_size=image_size)
+        rf=rows[-1].rf, image_size=image_size, activations=sum(r.activations for r in rows))
     return Plan(rows, totals)
 
 
@@ -146,7 +149,75 @@ def format_plan(plan: Plan) -> str:
         f"- Receptive field at the output: {t.rf} px for a {t.image_size} px image "
         f"({coverage} the whole image; {t.rf / t.image_size:.2f}x its side)",
     ]
+    totals += memory_lines(plan)
+    problem = output_problem(plan)
+    if problem:
+        totals.append(f"- Output: {problem}")
     return "\n".join([line(header), rule] + [line(b) for b in body] + [""] + totals) + "\n"
+
+
+@dataclasses.dataclass
+class Memory:
+    """An estimate of the memory training takes, in bytes."""
+
+    per_image: int  # Activations kept for the backward pass (every layer's output, with their gradients).
+    fixed: int  # Weights, their gradients and the optimizer's state.
+
+    def at(self, batch_size):
+        return self.fixed + batch_size * self.per_image
+
+    def largest_batch(self, available):
+        """The largest batch whose estimate fits in `available` bytes (0 if none)."""
+        return max(0, int((available - self.fixed) // self.per_image)) if self.per_image else 1 << 20
+
+
+def training_memory(plan: Plan, bytes_per_value=4, optimizer_slots=2) -> Memory:
+    """Estimates training memory: every layer's output, kept for the backward pass; weights, their gradients
+    and `optimizer_slots` values per trainable weight (Adam: 2).
+
+    It leaves out the gradients in flight, TensorFlow's workspace and the decoded dataset: a lower bound, good
+    to a factor of about 2.
+    """
+    t = plan.totals
+    return Memory(per_image=t.activations * bytes_per_value,
+                  fixed=(t.params + t.trainable * (1 + optimizer_slots)) * bytes_per_value)
+
+
+def memory_lines(plan: Plan):
+    """The plan's lines about training memory (at BATCH_SIZE when it is bound)."""
+    memory = training_memory(plan)
+    lines = [f"- Training memory (estimate, float32, Adam): {format_bytes(memory.per_image)} per image (activations "
+             f"kept for the backward pass), {format_bytes(memory.fixed)} for weights, gradients and optimizer state"]
+    try:
+        batch_size = gin.query_parameter("%BATCH_SIZE")
+    except ValueError:
+        batch_size = None
+    if isinstance(batch_size, int) and batch_size > 0:
+        lines[0] += f"; {format_bytes(memory.at(batch_size))} per batch of {batch_size}"
+    return lines
+
+
+def format_bytes(n):
+    for scale, unit in ((2**30, "GB"), (2**20, "MB"), (2**10, "KB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _values(tensors):
+    return sum(int(np.prod([d or 1 for d in t.shape[1:]])) for t in tensors)
+
+
+def output_problem(plan: Plan):
+    """When NUM_CLASSES is bound and the last block does not output one logit per class: why, and the fix."""
+    try:
+        num_classes = gin.query_parameter("%NUM_CLASSES")
+    except ValueError:
+        return None
+    if not isinstance(num_classes, int) or not plan.rows:
+        return None
+    last = plan.rows[-1]
+    return builder.output_problem((None,) + tuple(last.output_shape), num_classes, last.name)
 
 
 def _short(count):

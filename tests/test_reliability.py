@@ -1,0 +1,467 @@
+"""Reliability: a crash loses no result, bad input never passes silently, every error is one clear line.
+
+The process tests run `python -m trainer.main` (the helpers of test_train.py) and kill it with SIGKILL at
+points chosen over a run's timeline: in the middle of an epoch, inside a checkpoint write (a `*_temp*`
+directory exists), right after an epoch's checkpoint (before its CSV row, val point and best/ are written),
+inside the best/ save and inside the export. The same command is then rerun; after the last rerun the run
+must be whole: one CSV row and one val point per epoch, the right best/, no half-written leftovers.
+"""
+
+import csv
+import glob
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+STEPS_PER_EPOCH = 15  # 300 training images (conftest's train_synthetic_dir), batch 20.
+RUN = ("EPOCHS = 3", "trainer.train.steps_per_execution = 1", "trainer.train.checkpoint_every_steps = 4",
+       "trainer.train.export = True", "trainer.train.deterministic_ops = True")
+
+
+def main_command(base_gin, model_dir, *bindings):
+    return [sys.executable, "-m", "trainer.main", f"--gin_file={base_gin}", f"--model_dir={model_dir}",
+            *[f"--gin_bindings={b}" for b in bindings]]
+
+
+def run(command, timeout=300):
+    """Runs `command` to its end: (returncode, stderr)."""
+    proc = subprocess.run(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout, check=False)
+    return proc.returncode, proc.stderr
+
+
+# --- Killing a run at a point of its timeline --------------------------------------------------------------------
+
+class Trigger:
+    """A kill point: `kind` happens once the run has reached global step `after`.
+
+    kinds: 'step' (the progress line of step `after`), 'state' (checkpoints/checkpoint names ckpt-`after`:
+    the epoch's checkpoint is written, nothing derived from it yet), 'ckpt_temp' / 'best_temp' (a save into
+    checkpoints/ or best/ is under way), 'export' (an export.partial-* directory exists).
+    """
+
+    def __init__(self, kind, after):
+        self.kind, self.after = kind, after
+
+    def __repr__(self):
+        return f"{self.kind}@{self.after}"
+
+    def gives_up(self, step):
+        """Past this step the point was missed (a save too quick to see): the next one is armed."""
+        return self.kind != "export" and step > self.after + (3 if self.kind in ("step", "state") else 16)
+
+    def fired(self, model_dir, step):
+        if step < self.after and self.kind != "state":
+            return False
+        if self.kind == "step":
+            return step >= self.after
+        if self.kind == "state":
+            try:
+                with open(os.path.join(model_dir, "checkpoints", "checkpoint"), encoding="utf-8") as f:
+                    return f'"ckpt-{self.after}"' in f.readline()
+            except OSError:
+                return False
+        if self.kind in ("ckpt_temp", "best_temp"):
+            directory = os.path.join(model_dir, "checkpoints" if self.kind == "ckpt_temp" else "best")
+            try:
+                return any("_temp" in name for name in os.listdir(directory))
+            except OSError:
+                return False
+        return bool(glob.glob(os.path.join(model_dir, "export.partial-*")))
+
+
+def run_with_kills(command, model_dir, triggers, timeout=300):
+    """Runs `command`, SIGKILLs it at the first trigger of `triggers` that fires (popping the missed ones).
+
+    Returns (returncode, log, the trigger that fired or None).
+    """
+    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    state = {"step": 0, "lines": []}
+
+    def read():
+        for line in proc.stderr:
+            state["lines"].append(line)
+            m = re.search(r"epoch (\d+)/\d+ step (\d+)/(\d+) ", line)
+            if m:
+                state["step"] = (int(m.group(1)) - 1) * int(m.group(3)) + int(m.group(2))
+            elif re.search(r"epoch (\d+)/\d+ done", line):
+                state["step"] = max(state["step"], int(re.search(r"epoch (\d+)", line).group(1)) * STEPS_PER_EPOCH)
+            elif "phase already complete" in line:
+                state["step"] = 10**6
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    fired, deadline = None, time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        while triggers and triggers[0].gives_up(state["step"]) and state["step"] < 10**6:
+            triggers.pop(0)
+        if triggers and triggers[0].fired(str(model_dir), state["step"]):
+            proc.send_signal(signal.SIGKILL)
+            fired = triggers.pop(0)
+            break
+        time.sleep(0.001)
+    if proc.poll() is None and not fired:
+        proc.kill()
+    proc.wait()
+    reader.join(timeout=10)
+    return proc.returncode, "".join(state["lines"]), fired
+
+
+def seeded_kill_points(seed):
+    """6 kill points over a 3-epoch run (45 steps): always right after ckpt-15 and inside the export; a
+    checkpoint save, a best/ save and two mid-epoch steps at seeded places."""
+    rng = random.Random(seed)
+    points = [Trigger("state", STEPS_PER_EPOCH), Trigger("ckpt_temp", rng.randint(1, 40)),
+              Trigger("best_temp", rng.choice([1, 16, 31])), Trigger("export", 46)]
+    points += [Trigger("step", s) for s in rng.sample([s for s in range(2, 45) if s % 15], 2)]
+    return sorted(points, key=lambda t: (t.after, t.kind != "step"))
+
+
+# --- What a finished run must hold --------------------------------------------------------------------------------
+
+def csv_rows(model_dir):
+    with open(os.path.join(str(model_dir), "metrics.csv"), encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def val_points(model_dir, tag="top1"):
+    """[(step, value)] of a val scalar over every val event file of the run (in file order)."""
+    points = []
+    for path in sorted(glob.glob(os.path.join(str(model_dir), "val", "events.out.tfevents.*"))):
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                points += [(event.step, float(tf.make_ndarray(v.tensor))) for v in event.summary.value
+                           if v.tag == tag]
+        except tf.errors.DataLossError:
+            pass
+    return points
+
+
+def leftovers(model_dir):
+    """Half-written things: checkpoint temps, partial exports, atomic-write temps."""
+    found = []
+    for pattern in ("checkpoints/*_temp*", "best/*_temp*", "*.partial-*", "*.previous-*", "*.tmp-*", "LOCK"):
+        found += glob.glob(os.path.join(str(model_dir), pattern))
+    return found
+
+
+def weights(checkpoint):
+    reader = tf.train.load_checkpoint(checkpoint)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if k.startswith("weights/")}
+
+
+def latest(model_dir, sub="checkpoints"):
+    return tf.train.latest_checkpoint(os.path.join(str(model_dir), sub))
+
+
+def assert_whole(model_dir, epochs=3):
+    rows = csv_rows(model_dir)
+    assert [r["epoch"] for r in rows] == [str(e) for e in range(1, epochs + 1)], rows
+    points = val_points(model_dir)
+    assert [s for s, _ in points] == [STEPS_PER_EPOCH * e for e in range(1, epochs + 1)], points
+    assert [v for _, v in points] == pytest.approx([float(r["val_top1"]) for r in rows])
+    top1 = [float(r["val_top1"]) for r in rows]
+    best_step = STEPS_PER_EPOCH * (int(np.argmax(top1)) + 1)  # The earliest of equals.
+    assert latest(model_dir, "best").endswith(f"ckpt-{best_step}")
+    assert latest(model_dir).endswith(f"ckpt-{STEPS_PER_EPOCH * epochs}")
+    with open(os.path.join(str(model_dir), "export", "export.json"), encoding="utf-8") as f:
+        assert f"ckpt-{best_step}" in json.dumps(json.load(f)["source"])
+    history = json.loads(tf.train.load_checkpoint(latest(model_dir)).get_tensor(
+        "history/.ATTRIBUTES/VARIABLE_VALUE").decode())
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
+    assert leftovers(model_dir) == []
+
+
+@pytest.fixture(scope="module")
+def reference_run(train_base_gin, tmp_path_factory):
+    """The uninterrupted run the killed ones are compared with."""
+    model_dir = tmp_path_factory.mktemp("reference") / "run"
+    returncode, log = run(main_command(train_base_gin, model_dir, *RUN))
+    assert returncode == 0, log[-3000:]
+    assert_whole(model_dir)
+    return model_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [2])
+def test_sigkill_anywhere_then_rerun_loses_and_doubles_nothing(train_base_gin, reference_run, tmp_path, seed):
+    """Seeded kill points over the run's timeline; after each kill the same command runs again."""
+    model_dir = tmp_path / "run"
+    command = main_command(train_base_gin, model_dir, *RUN)
+    triggers = seeded_kill_points(seed)
+    planned, fired = list(triggers), []
+    for _ in range(len(planned) + 1):
+        returncode, log, trigger = run_with_kills(command, model_dir, triggers)
+        if trigger is None:
+            break
+        assert returncode == -signal.SIGKILL, (trigger, log[-3000:])
+        fired.append(trigger)
+        if os.path.exists(model_dir / "metrics.csv"):  # Never a duplicated or half row, even right after a kill.
+            epochs = [r["epoch"] for r in csv_rows(model_dir)]
+            assert epochs == [str(e) for e in range(1, len(epochs) + 1)], (trigger, epochs)
+    assert returncode == 0 and "Traceback" not in log, log[-3000:]
+    assert not triggers
+    # The two points whose timing is certain always fire; a save too quick to catch may be missed.
+    assert {repr(t) for t in fired} >= {"state@15", "export@46"} and len(fired) >= 4, (planned, fired)
+    assert_whole(model_dir)
+    # Resuming mid-epoch re-seeds the data order (seed mixed with the resume step): the weights differ from the
+    # reference; the step, the epochs and the structure are the same.
+    assert weights(latest(model_dir)).keys() == weights(latest(reference_run)).keys()
+
+
+@pytest.mark.slow
+def test_kills_after_the_last_step_keep_the_weights_bit_identical(train_base_gin, reference_run, tmp_path):
+    """Killed right after the last epoch's checkpoint, then inside the export: the reruns train nothing more,
+    so the checkpoints, best/ and the export are those of the uninterrupted run, bit for bit."""
+    model_dir = tmp_path / "run"
+    command = main_command(train_base_gin, model_dir, *RUN)
+    triggers = [Trigger("state", 3 * STEPS_PER_EPOCH), Trigger("export", 46)]
+    for expected in list(triggers):
+        returncode, log, trigger = run_with_kills(command, model_dir, triggers)
+        assert returncode == -signal.SIGKILL and trigger is expected, (trigger, log[-3000:])
+    returncode, log = run(command)
+    assert returncode == 0, log[-3000:]
+    assert "phase already complete" in log and "epoch 3/3 step" not in log
+    assert_whole(model_dir)
+    for ours, theirs in ((latest(model_dir), latest(reference_run)),
+                         (latest(model_dir, "best"), latest(reference_run, "best"))):
+        a, b = weights(ours), weights(theirs)
+        assert a.keys() == b.keys() and len(a) > 20
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# --- Resuming with other settings; a finished phase; the other network's error ----------------------------------
+
+def train_in_process(base_gin, model_dir, *bindings, **kwargs):
+    import gin  # pylint: disable=import-outside-toplevel
+
+    from trainer import config  # pylint: disable=import-outside-toplevel
+    from trainer import train as train_lib  # pylint: disable=import-outside-toplevel
+
+    gin.clear_config()
+    config.parse_gin([base_gin], list(bindings), model_dir=str(model_dir))
+    return train_lib.train(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras():
+    yield
+    import keras  # pylint: disable=import-outside-toplevel
+
+    keras.backend.clear_session()
+
+
+@pytest.fixture(scope="module")
+def one_epoch(train_base_gin, tmp_path_factory):
+    """A finished 1-epoch run (its files are read, never changed: tests copy it)."""
+    model_dir = tmp_path_factory.mktemp("one_epoch") / "run"
+    train_in_process(train_base_gin, model_dir)
+    return model_dir
+
+
+def one_line(error):
+    """The message as `cli.run` prints it (without gin's call-site suffix)."""
+    return str(error).split("\n  In call to configurable")[0]
+
+
+def copy_run(model_dir, tmp_path):
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    target = tmp_path / "run"
+    shutil.copytree(model_dir, target)
+    return target
+
+
+@pytest.mark.parametrize("binding, named", [
+    ("IMAGE_SIZE = 40", "IMAGE_SIZE was 32, now 40"),
+    ("BATCH_SIZE = 10", "BATCH_SIZE was 20, now 10"),
+    ("AUGMENT = 'flip(0.5)'", "AUGMENT was None, now 'flip(0.5)'"),
+    ("small/trainer.blocks.conv.filters = 8", None),
+])
+def test_resuming_with_a_setting_the_checkpoint_cannot_carry_is_refused(train_base_gin, one_epoch, tmp_path,
+                                                                        binding, named):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = copy_run(one_epoch, tmp_path)
+    before = {p: open(p, "rb").read() for p in glob.glob(str(model_dir / "**" / "*"), recursive=True)
+              if os.path.isfile(p)}
+    if named is None:  # A network change: the declared blocks differ.
+        binding = ("trainer.network.blocks = [{'name': 'stem', 'kind': 'conv', 'filters': 8}, "
+                   "{'name': 'pool', 'kind': 'global_avg_pool'}, {'name': 'head', 'kind': 'classifier', "
+                   "'units': %NUM_CLASSES}]")
+        named = "trainer.network.blocks was another block list"
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, "EPOCHS = 2", binding)
+    message = one_line(err.value)
+    assert message.startswith(f"Cannot resume {model_dir} with other settings ({named}") and "\n" not in message
+    assert "Rerun with the old values" in message and "trainer.train.init_from" in message
+    after = {p: open(p, "rb").read() for p in glob.glob(str(model_dir / "**" / "*"), recursive=True)
+             if os.path.isfile(p)}
+    assert after == before  # Refused before anything is written.
+
+
+def test_a_carried_change_is_logged_as_a_diff_and_the_new_config_saved(train_base_gin, one_epoch, tmp_path,
+                                                                        caplog):
+    model_dir = copy_run(one_epoch, tmp_path)
+    caplog.set_level("INFO")
+    train_in_process(train_base_gin, model_dir, "EPOCHS = 2", "trainer.optim.constant.learning_rate = 0.0005")
+    log = caplog.text
+    assert "The gin configuration changed since the last run of this phase" in log
+    assert "-EPOCHS = 1" in log and "+EPOCHS = 2" in log
+    assert re.search(r"\+(trainer\.)?optim\.constant\.learning_rate = 0\.0005", log)
+    assert "\n  +#" not in log and "\n  +\n" not in log  # Comments and blank lines are not changes.
+    assert f"resumes {model_dir}" in log
+    assert re.search(r"optim\.constant\.learning_rate = 0\.0005", (model_dir / "operative_config.gin").read_text())
+    assert [r["epoch"] for r in csv_rows(model_dir)] == ["1", "2"]
+    assert [float(r["learning_rate"]) for r in csv_rows(model_dir)] == pytest.approx([1e-3, 5e-4])
+
+
+def test_a_finished_phase_says_so_and_trains_nothing(train_base_gin, one_epoch, tmp_path, caplog):
+    model_dir = copy_run(one_epoch, tmp_path)
+    csv_before = (model_dir / "metrics.csv").read_bytes()
+    checkpoints_before = sorted(os.listdir(model_dir / "checkpoints"))
+    caplog.set_level("INFO")
+    best = train_in_process(train_base_gin, model_dir)
+    log = caplog.text
+    assert re.search(r"Start: +phase already complete \(.*ckpt-15, step 15\): nothing to train", log), log
+    assert "resumes" not in log and "step 1/15" not in log and "Compiling" not in log
+    assert (model_dir / "metrics.csv").read_bytes() == csv_before
+    assert sorted(os.listdir(model_dir / "checkpoints")) == checkpoints_before
+    assert best["epoch"] == 1
+    assert [s for s, _ in val_points(model_dir)] == [STEPS_PER_EPOCH]  # No second point.
+
+
+@pytest.mark.slow
+def test_the_other_network_error_is_the_last_line_of_stderr(train_base_gin, one_epoch, tmp_path):
+    model_dir = copy_run(one_epoch, tmp_path)
+    os.remove(model_dir / "settings.json")  # A model directory of an older version: the restore finds it out.
+    other = ("trainer.network.blocks = [{'name': 'stem', 'kind': 'conv', 'filters': 8}, "
+             "{'name': 'pool', 'kind': 'global_avg_pool'}, {'name': 'head', 'kind': 'classifier', "
+             "'units': %NUM_CLASSES}]")
+    returncode, log = run(main_command(train_base_gin, model_dir, "EPOCHS = 2", other))
+    assert returncode == 1, log[-3000:]
+    lines = log.strip().splitlines()
+    assert lines[-1].startswith(f"error: {model_dir} holds checkpoints of another network or optimizer"), lines[-5:]
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in log
+
+
+# --- The network's output; memory ---------------------------------------------------------------------------------
+
+HEAD_200 = "trainer.network.blocks = [{'name': 'stem', 'kind': 'conv', 'filters': 8}, " \
+           "{'name': 'pool', 'kind': 'global_avg_pool'}, {'name': 'head', 'kind': 'classifier', 'units': 200}]"
+POOL_32 = "trainer.network.blocks = [{'name': 'stem', 'kind': 'conv', 'filters': 32}, " \
+          "{'name': 'features', 'kind': 'global_avg_pool'}]"
+
+
+@pytest.mark.parametrize("blocks, shape, last", [(HEAD_200, "(200,)", "head"), (POOL_32, "(32,)", "features")])
+def test_a_network_that_does_not_output_num_classes_logits_is_one_line(train_base_gin, tmp_path, blocks, shape,
+                                                                       last):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, tmp_path / "run", blocks)
+    message = one_line(err.value)
+    assert message.startswith(f"The network outputs shape {shape} per image (its last block: '{last}') but it must "
+                              "output (5,)") and "\n" not in message
+    assert "'classifier' block of 'units': %NUM_CLASSES" in message
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    # The plan command says it too.
+    returncode, out = run_plan(["--gin_file=gin/models/small.gin", f"--gin_bindings={blocks}",
+                                "--gin_bindings=NUM_CLASSES = 10"])
+    assert returncode == 0 and f"- Output: The network outputs shape {shape} per image (its last block: " \
+                               f"'{last}') but it must output (10,)" in out, out
+
+
+def run_plan(args):
+    proc = subprocess.run([sys.executable, "-m", "trainer.plan", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=120, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_path, monkeypatch, caplog):
+    from trainer import train as train_lib  # pylint: disable=import-outside-toplevel
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+    from trainer.models import plan  # pylint: disable=import-outside-toplevel
+
+    captured = {}
+    real = plan.training_memory
+
+    def spy(network_plan, *args, **kwargs):
+        captured["memory"] = real(network_plan, *args, **kwargs)
+        return captured["memory"]
+
+    monkeypatch.setattr(plan, "training_memory", spy)
+    monkeypatch.setattr(train_lib, "_available_memory", lambda: (1, "host RAM"))
+    with pytest.raises(UserError, match=r"even the smallest batch does not fit"):
+        train_in_process(train_base_gin, tmp_path / "a")
+    memory = captured["memory"]
+    assert memory.per_image > 0 and memory.fixed > 0
+    # Room for 7.5 images: BATCH_SIZE 20 does not fit, 7 does.
+    available = memory.fixed + int(7.5 * memory.per_image)
+    monkeypatch.setattr(train_lib, "_available_memory", lambda: (available, "host RAM"))
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, tmp_path / "b")
+    message = one_line(err.value)
+    assert message.startswith("Training needs about") and "at BATCH_SIZE 20" in message
+    assert "use BATCH_SIZE = 7 or less" in message and "\n" not in message
+    assert not os.path.exists(tmp_path / "b" / "checkpoints")
+    # Close: a warning, and the run goes on.
+    monkeypatch.setattr(train_lib, "_available_memory", lambda: (int(memory.at(20) / 0.8), "host RAM"))
+    caplog.set_level("INFO")
+    train_in_process(train_base_gin, tmp_path / "c", stop_after_steps=1)
+    assert "it may run out of memory" in caplog.text
+
+
+def test_plan_prints_the_memory_estimate():
+    returncode, out = run_plan(["--gin_file=gin/models/small.gin", "--gin_bindings=BATCH_SIZE = 32",
+                                "--gin_bindings=NUM_CLASSES = 200"])
+    assert returncode == 0, out
+    assert re.search(r"- Training memory \(estimate, float32, Adam\): [\d.]+ MB per image \(activations kept for "
+                     r"the backward pass\), [\d.]+ KB for weights, gradients and optimizer state; [\d.]+ MB per "
+                     r"batch of 32", out), out
+    assert "- Output:" not in out
+
+
+# --- The model directory's lock ------------------------------------------------------------------------------------
+
+def test_a_lock_of_another_host_is_taken_over_only_once_its_heartbeat_stopped(tmp_path, monkeypatch):
+    from trainer import run_dir  # pylint: disable=import-outside-toplevel
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    lock_path = tmp_path / "LOCK"
+    lock_path.write_text("other-host 4242")
+    with pytest.raises(UserError) as err:  # Fresh: refused, saying how to check.
+        run_dir.ModelDirLock(str(tmp_path))
+    message = one_line(err.value)
+    assert message.startswith(f"Model directory {tmp_path} is in use by another run (host and pid: other-host 4242;")
+    assert "it runs on other-host: check there with `ps -p 4242`" in message and "\n" not in message
+    assert f"taken over automatically once {run_dir.STALE_AFTER_SECONDS} s pass without a refresh" in message
+    assert lock_path.read_text() == "other-host 4242"
+
+    old = time.time() - run_dir.STALE_AFTER_SECONDS - 60  # Its heartbeat stopped: taken over.
+    os.utime(lock_path, (old, old))
+    lock = run_dir.ModelDirLock(str(tmp_path))
+    assert lock_path.read_text() == f"{socket.gethostname()} {os.getpid()}"
+    # The holder's heartbeat refreshes the modification time.
+    os.utime(lock_path, (old, old))
+    monkeypatch.setattr(run_dir, "HEARTBEAT_SECONDS", 0)
+    lock.heartbeat()
+    assert time.time() - os.path.getmtime(lock_path) < 60
+    lock.release()
+    assert not lock_path.exists()
