@@ -30,6 +30,8 @@ from trainer.evaluation import gradcam as gradcam_lib
 from trainer.evaluation import metrics
 from trainer.models import builder
 
+pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI runs these.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 IMAGE_TAGS = {"eval/confusion_matrix", "eval/misclassified", "eval/gradcam", "eval/reliability"}

@@ -50,6 +50,7 @@ def test_later_files_and_bindings_win_and_model_dir_overrides():
     assert gin.query_parameter("%MODEL_DIR") == "/tmp/x"
 
 
+@pytest.mark.slow
 def test_phase64_without_dataset_is_one_paragraph_and_nonzero(tmp_path):
     result = run_main("--gin_file=gin/phase64.gin", f"--gin_bindings=DATA_DIR='{tmp_path}/none/tiny-imagenet-200'",
                       f"--model_dir={tmp_path}/run")
@@ -61,6 +62,7 @@ def test_phase64_without_dataset_is_one_paragraph_and_nonzero(tmp_path):
     assert not os.path.exists(tmp_path / "run"), "a failed start must not create the model directory"
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
     """The README's run command, shortened: trains, logs train and val to TensorBoard, learns."""
     from tensorboard.backend.event_processing import event_accumulator
@@ -89,6 +91,7 @@ def scalar(event):
     return float(tf.make_ndarray(event.tensor_proto))
 
 
+@pytest.mark.slow
 def test_undefined_macro_is_a_clear_error(tmp_path):
     result = run_main("--gin_file=gin/quickstart.gin", "--gin_bindings=trainer.train.epochs = %EPOCH",
                       f"--gin_bindings=DATA_DIR='{tmp_path}/data'", f"--model_dir={tmp_path}/run")
@@ -96,6 +99,7 @@ def test_undefined_macro_is_a_clear_error(tmp_path):
     assert "the macro %EPOCH is used but never defined. Did you mean '%EPOCHS'?" in result.stderr
 
 
+@pytest.mark.slow
 def test_wiring_error_is_one_line_naming_the_block(tmp_path):
     result = run_main("--gin_file=gin/quickstart.gin", f"--gin_bindings=DATA_DIR='{tmp_path}/data'",
                       "--gin_bindings=trainer.network.blocks = [{'name': 'a', 'kind': 'conv', 'filters': 4, "
@@ -115,6 +119,7 @@ def test_wiring_error_is_one_line_naming_the_block(tmp_path):
     ("BATCH_SIZE = -64", "BATCH_SIZE must be an integer in [1, 1048576], got -64."),
     ("trainer.train.epoch = 3", "'trainer.train' has no parameter 'epoch'. Did you mean 'trainer.train.epochs'?"),
 ])
+@pytest.mark.slow
 def test_bad_values_are_one_line_before_anything_is_written(tmp_path, binding, message):
     result = run_main("--gin_file=gin/quickstart.gin", f"--gin_bindings={binding}",
                       f"--gin_bindings=DATA_DIR='{tmp_path}/data'", f"--model_dir={tmp_path}/run")
@@ -124,6 +129,7 @@ def test_bad_values_are_one_line_before_anything_is_written(tmp_path, binding, m
     assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "data")
 
 
+@pytest.mark.slow
 def test_batch_larger_than_the_training_set_names_the_largest(train_base_gin, tmp_path):
     result = run_main(f"--gin_file={train_base_gin}", "--gin_bindings=BATCH_SIZE = 400", f"--model_dir={tmp_path}/r")
     assert result.returncode == 1

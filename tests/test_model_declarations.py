@@ -49,6 +49,7 @@ def test_the_four_declarations_are_there():
         os.path.basename(p) for p in MODEL_FILES}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_file", MODEL_FILES)
 def test_plan_matches_keras_and_the_file_header(model_file):
     _parse(model_file)
@@ -67,6 +68,7 @@ def test_plan_matches_keras_and_the_file_header(model_file):
     assert rf and _number(rf.group(1)) == t.rf, f"{model_file}: header RF vs plan RF {t.rf}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_file", MODEL_FILES)
 def test_one_training_step_on_cpu(model_file):
     _parse(model_file)

@@ -22,6 +22,8 @@ from trainer import predict
 from trainer.data.tiny_imagenet import TinyImageNet
 from trainer.errors import UserError
 
+pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI runs these.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 

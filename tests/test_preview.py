@@ -73,6 +73,7 @@ def _run_preview(*args):
                           capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 def test_command_line_writes_the_grid(data_dir, tmp_path):
     out = tmp_path / "grid.png"
     bindings = [f"--gin_bindings={b}" for b in _bindings(data_dir)]
@@ -82,6 +83,7 @@ def test_command_line_writes_the_grid(data_dir, tmp_path):
     assert tf.io.decode_png(tf.io.read_file(str(out))).shape == (34 + 2, 5 * 34 + 2, 3)
 
 
+@pytest.mark.slow
 def test_command_line_bad_policy_is_one_paragraph(data_dir, tmp_path):
     bindings = [f"--gin_bindings={b}" for b in _bindings(data_dir)]
     typo = "--gin_bindings=trainer.data.augment = 'flp(0.5)'"

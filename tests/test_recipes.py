@@ -24,6 +24,8 @@ from trainer.data import augment
 from trainer.models import blocks
 from trainer.models import builder
 
+pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI runs these.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "gin", "recipes", "*.gin")))
 

@@ -25,6 +25,8 @@ from trainer.errors import UserError
 from trainer import train
 from trainer.models import blocks, builder
 
+pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI runs these.
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 STEPS_PER_EPOCH = 15  # 300 training images (train_synthetic_dir), batch 20.

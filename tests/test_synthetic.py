@@ -143,6 +143,7 @@ def test_concurrent_callers(tmp_path, monkeypatch):
     assert TinyImageNet(out).num_classes == 3
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     out = str(tmp_path / "cli")
     command = [sys.executable, "-m", "trainer.data.synthetic", f"--out={out}", "--classes=2",
@@ -170,6 +171,7 @@ def _augment(images, rng, layers):
     return np.clip(images * (1 - dropped[..., None]), 0, 1).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_classes_are_learnable_under_reference_augmentations(tmp_path):
     """A tiny CNN at 32 px reaches far above chance (10%) on augmented validation images."""
     ds = TinyImageNet(synthetic.write_synthetic(

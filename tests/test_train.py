@@ -204,6 +204,7 @@ def test_partial_init_is_refused_unless_allowed(tmp_path):
     np.testing.assert_array_equal(target["stem_conv/kernel"].numpy(), source["stem_conv/kernel"].numpy())
 
 
+@pytest.mark.slow
 def test_phase_32_then_64_carries_weights(train_base_gin, tmp_path):
     """A 64 px phase started from the 32 px phase's weights is far ahead of one started from scratch."""
     phase32 = train_in_process(train_base_gin, tmp_path / "p32", "EPOCHS = 8")
@@ -228,6 +229,7 @@ def test_phase_32_then_64_carries_weights(train_base_gin, tmp_path):
 # --- Failures -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_missing_previous_phase_is_named_before_anything_is_written(train_base_gin, tmp_path):
     with pytest.raises(UserError, match=r"Run the previous phase first: python -m trainer.main "
                                         r"--gin_file=gin/phase32\.gin"):
@@ -236,6 +238,7 @@ def test_missing_previous_phase_is_named_before_anything_is_written(train_base_g
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_base_gin, tmp_path):
     train_in_process(train_base_gin, tmp_path / "run")
     assert latest_step(tmp_path / "run") == STEPS_PER_EPOCH
@@ -251,6 +254,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(train_base_gin, tmp_p
     assert not os.path.exists(tmp_path / "run" / "LOCK")
 
 
+@pytest.mark.slow
 def test_resuming_a_model_dir_of_another_network_is_a_user_error(train_base_gin, tmp_path):
     train_in_process(train_base_gin, tmp_path / "run")
     wider = "trainer.network.blocks = [{'name': 'stem', 'kind': 'conv', 'filters': 8}, " \
@@ -259,6 +263,7 @@ def test_resuming_a_model_dir_of_another_network_is_a_user_error(train_base_gin,
         train_in_process(train_base_gin, tmp_path / "run", "EPOCHS = 2", wider)
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_split_over_replicas_is_a_user_error(train_base_gin, tmp_path):
     command = main_command(train_base_gin, tmp_path / "run", "BATCH_SIZE = 21")
     returncode, log = run_until(command + ["--gin_file=gin/strategy/mirrored_cpu.gin"])
@@ -266,6 +271,7 @@ def test_batch_that_does_not_split_over_replicas_is_a_user_error(train_base_gin,
     assert "BATCH_SIZE 21 does not split evenly over 2 replicas: use a multiple of 2, e.g. 20 or 22." in log
 
 
+@pytest.mark.slow
 def test_lock_refuses_a_live_run_and_takes_over_a_stale_one(train_base_gin, tmp_path):
     model_dir = tmp_path / "run"
     model_dir.mkdir()
@@ -284,6 +290,7 @@ def test_lock_refuses_a_live_run_and_takes_over_a_stale_one(train_base_gin, tmp_
     assert not os.path.exists(model_dir / "LOCK")
 
 
+@pytest.mark.slow
 def test_mixed_precision_and_xla_switches(train_base_gin, tmp_path):
     train_in_process(train_base_gin, tmp_path / "mixed", "trainer.train.mixed_precision = 'mixed_float16'",
                      stop_after_steps=5)
@@ -310,6 +317,7 @@ def uninterrupted_run(train_base_gin, tmp_path_factory):
     return model_dir
 
 
+@pytest.mark.slow
 def test_tensorboard_csv_and_export_of_a_run(uninterrupted_run):
     [train_events] = event_files(uninterrupted_run, "train")
     [val_events] = event_files(uninterrupted_run, "val")
@@ -336,6 +344,7 @@ def test_tensorboard_csv_and_export_of_a_run(uninterrupted_run):
     assert os.path.exists(uninterrupted_run / "export" / "saved_model" / "saved_model.pb")
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigkill_then_rerun_resumes_to_the_same_step(train_base_gin, uninterrupted_run, tmp_path):
     model_dir = tmp_path / "run"
     command = main_command(train_base_gin, model_dir, *KILL_BINDINGS)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import augment_helpers as h
 
 
@@ -14,6 +16,7 @@ def _run_module(*args):
                           capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.slow
 def test_list_prints_every_op_with_its_arguments_and_description():
     result = _run_module("--list")
     assert result.returncode == 0, result.stderr
@@ -26,6 +29,7 @@ def test_list_prints_every_op_with_its_arguments_and_description():
         assert f"\n{name}(" in "\n" + out, name
 
 
+@pytest.mark.slow
 def test_op_prints_one_op_and_unknown_op_is_a_clean_error():
     result = _run_module("--op", "rotate")
     assert result.returncode == 0 and result.stdout.startswith("rotate(lo=-45.0")
