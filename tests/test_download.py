@@ -233,3 +233,45 @@ def test_command_line(tmp_path, server, data_zip):
     assert failed.returncode == 1
     assert "error: The downloaded archive is not the expected file" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def _corrupt(payload):
+    """The archive with its central directory overwritten: its size is kept, zipfile cannot read it."""
+    return payload[:-100] + b"\0" * 100
+
+
+def test_corrupt_zip_whose_size_and_md5_were_given_is_one_line_and_leaves_nothing(tmp_path, server, data_zip):
+    bad = _corrupt(data_zip[0])
+    zip_path = tmp_path / "tiny-imagenet-200.zip"
+    zip_path.write_bytes(bad)
+    with pytest.raises(UserError) as info:
+        _download(tmp_path, server, data_zip, size=len(bad), md5=hashlib.md5(bad).hexdigest())
+    message = str(info.value)
+    assert message.startswith(f"'{zip_path}' is not a readable zip archive") and "\n" not in message
+    assert "delete it and rerun this command" in message
+    assert sorted(os.listdir(tmp_path)) == ["tiny-imagenet-200.zip"]  # No .extracting left behind.
+    os.remove(zip_path)
+    TinyImageNet(_download(tmp_path, server, data_zip))  # The fix works.
+
+
+def _mount_tmpfs(path, options):
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                          check=False)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+
+
+def test_a_full_disk_during_extraction_is_one_line_and_leaves_nothing(tmp_path, server, data_zip):
+    dest = tmp_path / "small"
+    _mount_tmpfs(dest, f"size={len(data_zip[0]) + 8192}")  # Room for the zip, not for the files too.
+    try:
+        (dest / "tiny-imagenet-200.zip").write_bytes(data_zip[0])
+        with pytest.raises(UserError) as info:
+            _download(dest, server, data_zip)
+        message = str(info.value)
+        assert message.startswith(f"Cannot extract '{dest / 'tiny-imagenet-200.zip'}' into {dest}: No space left on "
+                                  "device") and "Free some space there" in message and "\n" not in message
+        assert sorted(os.listdir(dest)) == ["tiny-imagenet-200.zip"]
+    finally:
+        subprocess.run(["umount", str(dest)], check=False)

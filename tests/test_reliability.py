@@ -126,7 +126,7 @@ def seeded_kill_points(seed):
     checkpoint save, a best/ save and two mid-epoch steps at seeded places."""
     rng = random.Random(seed)
     points = [Trigger("state", STEPS_PER_EPOCH), Trigger("ckpt_temp", rng.randint(1, 40)),
-              Trigger("best_temp", rng.choice([1, 16, 31])), Trigger("export", 46)]
+              Trigger("best_temp", rng.choice([1, 16, 31])), Trigger("export", 45)]
     points += [Trigger("step", s) for s in rng.sample([s for s in range(2, 45) if s % 15], 2)]
     return sorted(points, key=lambda t: (t.after, t.kind != "step"))
 
@@ -217,7 +217,7 @@ def test_sigkill_anywhere_then_rerun_loses_and_doubles_nothing(train_base_gin, r
     assert returncode == 0 and "Traceback" not in log, log[-3000:]
     assert not triggers
     # The two points whose timing is certain always fire; a save too quick to catch may be missed.
-    assert {repr(t) for t in fired} >= {"state@15", "export@46"} and len(fired) >= 4, (planned, fired)
+    assert {repr(t) for t in fired} >= {"state@15", "export@45"} and len(fired) >= 4, (planned, fired)
     assert_whole(model_dir)
     # Resuming mid-epoch re-seeds the data order (seed mixed with the resume step): the weights differ from the
     # reference; the step, the epochs and the structure are the same.
@@ -230,7 +230,7 @@ def test_kills_after_the_last_step_keep_the_weights_bit_identical(train_base_gin
     so the checkpoints, best/ and the export are those of the uninterrupted run, bit for bit."""
     model_dir = tmp_path / "run"
     command = main_command(train_base_gin, model_dir, *RUN)
-    triggers = [Trigger("state", 3 * STEPS_PER_EPOCH), Trigger("export", 46)]
+    triggers = [Trigger("state", 3 * STEPS_PER_EPOCH), Trigger("export", 45)]
     for expected in list(triggers):
         returncode, log, trigger = run_with_kills(command, model_dir, triggers)
         assert returncode == -signal.SIGKILL and trigger is expected, (trigger, log[-3000:])
@@ -465,3 +465,59 @@ def test_a_lock_of_another_host_is_taken_over_only_once_its_heartbeat_stopped(tm
     assert time.time() - os.path.getmtime(lock_path) < 60
     lock.release()
     assert not lock_path.exists()
+
+
+# --- A full disk, a read-only model directory ------------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(options) -> a fresh tmpfs directory (root only; skipped elsewhere); unmounted at the end."""
+    mounted = []
+
+    def mount(options):
+        path = tmp_path / f"fs{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                              check=False)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(train_base_gin, tmp_path, tmpfs):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = tmpfs("size=1100k") / "run"  # Room for two checkpoints of the small network (~450 KB each).
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, "EPOCHS = 3", "trainer.train.checkpoint_every_steps = 4")
+    message = one_line(err.value)
+    kept = latest(model_dir)
+    assert kept, os.listdir(model_dir / "checkpoints")
+    assert message == (f"Cannot write to the model directory {model_dir}: No space left on device. Free some space "
+                       f"there (or use a writable --model_dir) and run the same command: it resumes from {kept}, "
+                       "which is intact.")
+    assert weights(kept)  # Readable.
+    assert leftovers(model_dir) == []  # No ckpt-N_temp, no LOCK.
+
+
+def test_a_read_only_model_directory_is_one_line_and_left_as_it_was(train_base_gin, one_epoch, tmp_path, tmpfs):
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    mount_point = tmpfs("size=20m")
+    model_dir = mount_point / "run"
+    shutil.copytree(one_epoch, model_dir)
+    subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+    before = sorted(str(p) for p in model_dir.rglob("*"))
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, "EPOCHS = 2")
+    message = one_line(err.value)
+    assert message == (f"Cannot write the model directory {model_dir}: Read-only file system ({model_dir / 'LOCK'}). "
+                       "Use a writable --model_dir.")
+    assert sorted(str(p) for p in model_dir.rglob("*")) == before

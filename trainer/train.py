@@ -140,7 +140,7 @@ def train(model_dir,
     if init_from and not resuming:
         init_from = checkpoints_lib.find_init_checkpoint(os.path.expanduser(init_from), previous_phase)
     _makedirs(model_dir)
-    with _claimed(model_dir, distribution) as (lock, signals), _precision(mixed_precision):
+    with _disk_errors(model_dir), _claimed(model_dir, distribution) as (lock, signals), _precision(mixed_precision):
         if distribution.chief:  # (Resuming, the check above found it equal.)
             run_dir.write_text(os.path.join(model_dir, SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
         if seed is not None:
@@ -448,6 +448,35 @@ def _makedirs(model_dir):
         reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
         raise UserError(f"Cannot create the model directory {model_dir}: {reason}. Use a writable --model_dir.") \
             from None
+
+
+_DISK_PROBLEMS = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+@contextlib.contextmanager
+def _disk_errors(model_dir):
+    """A full disk or a read-only model directory (a checkpoint, an event file, the CSV): one line, no leftovers.
+
+    Raises:
+      UserError: naming the model directory, the problem and the checkpoint the same command resumes from.
+    """
+    try:
+        yield
+    except (tf.errors.OpError, OSError) as err:
+        text = getattr(err, "message", None) or str(err)
+        problem = next((p for p in _DISK_PROBLEMS if p in text), None)
+        if not problem:
+            raise
+        for directory in ("checkpoints", "best"):  # A save killed by the error leaves its ckpt-N_temp.
+            for leftover in tf.io.gfile.glob(os.path.join(model_dir, directory, "*_temp*")):
+                try:
+                    tf.io.gfile.rmtree(leftover) if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove(leftover)
+                except tf.errors.OpError:
+                    pass
+        latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+        raise UserError(f"Cannot write to the model directory {model_dir}: {problem}. Free some space there (or use "
+                        f"a writable --model_dir) and run the same command: it resumes from "
+                        f"{latest or 'the start (no checkpoint was written)'}, which is intact.") from None
 
 
 @contextlib.contextmanager

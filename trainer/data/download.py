@@ -37,6 +37,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 
 from absl import flags
 
@@ -189,16 +190,32 @@ def _extract(zip_path, work_dir):
 
 
 def _install(zip_path, work_dir, target):
-    """Extracts into `work_dir`, then moves the complete tree to `target`."""
-    os.makedirs(os.path.join(work_dir, NAME))
-    marker = os.path.join(work_dir, NAME, tiny_imagenet.INCOMPLETE_MARKER)
-    with open(marker, "w", encoding="utf-8") as f:
-        f.write("extraction in progress\n")
-    extracted = _extract(zip_path, work_dir)
-    os.remove(marker)
-    tiny_imagenet.TinyImageNet(extracted)  # Raises if the archive lacked part of the layout.
-    os.replace(extracted, target)
-    shutil.rmtree(work_dir)
+    """Extracts into `work_dir`, then moves the complete tree to `target`.
+
+    Raises:
+      UserError: the zip cannot be read (corrupt although its size and MD5 matched what was given), or the
+        destination cannot take the files (full, read-only): `work_dir` is removed first.
+    """
+    try:
+        os.makedirs(os.path.join(work_dir, NAME))
+        marker = os.path.join(work_dir, NAME, tiny_imagenet.INCOMPLETE_MARKER)
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write("extraction in progress\n")
+        extracted = _extract(zip_path, work_dir)
+        os.remove(marker)
+        tiny_imagenet.TinyImageNet(extracted)  # Raises if the archive lacked part of the layout.
+        os.replace(extracted, target)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise UserError(f"'{zip_path}' is not a readable zip archive ({err}), although its size and MD5 are the "
+                        "ones given: delete it and rerun this command to download it again (and check the --size "
+                        "and --md5 given for it).") from None
+    except OSError as err:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise UserError(f"Cannot extract '{zip_path}' into {os.path.dirname(work_dir)}: {err.strerror or err} "
+                        f"({err.filename or work_dir}). Free some space there (the dataset takes about 0.5 GB) or "
+                        "use another --dest, then rerun this command; the archive is kept.") from None
+    shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def download(dest, url=URL, size=SIZE, md5=MD5, timeout=60):
