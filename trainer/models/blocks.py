@@ -29,6 +29,11 @@ residual_bottleneck, max_pool, avg_pool, global_avg_pool, global_max_pool,
 concat, add, dropout, dense, classifier.
 """
 
+if __name__ == "__main__":  # `--help` answers before TensorFlow loads.
+    from trainer import cli as _cli
+
+    _cli.fast_help(__doc__ + "\nFlags:\n  --list  print every block kind with its arguments and one line each.\n")
+
 import contextlib
 import dataclasses
 import inspect
