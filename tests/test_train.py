@@ -135,6 +135,20 @@ def test_class_weighted_cross_entropy():
         optim.cross_entropy(2, class_weights=[1.0, 1.0, 1.0])
 
 
+def test_class_weights_from_a_previous_runs_report(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text('{"per_class": [{"index": 1, "accuracy": 1.0}, {"index": 0, "accuracy": 0.0}]}')
+    assert optim.weights_from_report(str(report), 2) == pytest.approx([4 / 3, 2 / 3])  # Mean 1.
+    labels, logits = tf.one_hot([0, 1], 2), tf.constant([[2.0, 0.0], [0.0, 1.0]])
+    plain = optim.cross_entropy(2)(labels, logits).numpy()
+    np.testing.assert_allclose(optim.cross_entropy(2, class_weights=str(report))(labels, logits),
+                               plain * [4 / 3, 2 / 3], rtol=1e-6)
+    with pytest.raises(UserError, match="for 2 classes; this dataset has 3"):
+        optim.weights_from_report(str(report), 3)
+    with pytest.raises(UserError, match="could not read its per-class accuracy"):
+        optim.weights_from_report(str(tmp_path / "none.json"), 2)
+
+
 def test_step_minimises_mean_loss_plus_l2_with_label_smoothing_and_ignores_padding():
     """One `train_steps` call equals a hand-computed SGD step on mean smoothed cross-entropy + L2."""
     keras.utils.set_random_seed(0)

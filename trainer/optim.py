@@ -274,8 +274,10 @@ def cross_entropy(num_classes, label_smoothing=0.0, class_weights=None):
     Args:
       num_classes: classes of the dataset.
       label_smoothing: in [0, 1).
-      class_weights: None, or one weight per class (in wnids.txt order) that
-        multiplies the loss of that class's examples.
+      class_weights: None; one weight per class (in wnids.txt order) that
+        multiplies the loss of that class's examples; or the path of a previous
+        run's evaluation report (model_dir/eval/<checkpoint>/report.json), whose
+        per-class validation accuracy sets the weights (`weights_from_report`).
 
     Returns:
       `per_example(labels, logits) -> [batch]` for one-hot (or mixed) labels.
@@ -283,6 +285,8 @@ def cross_entropy(num_classes, label_smoothing=0.0, class_weights=None):
     if not 0 <= label_smoothing < 1:
         raise UserError(f"trainer.optim.cross_entropy.label_smoothing must be in [0, 1), got {label_smoothing!r}.")
     weights = None
+    if isinstance(class_weights, str):
+        class_weights = weights_from_report(class_weights, num_classes)
     if class_weights is not None:
         if len(class_weights) != num_classes:
             raise UserError(f"trainer.optim.cross_entropy.class_weights has {len(class_weights)} weights for "
@@ -297,3 +301,36 @@ def cross_entropy(num_classes, label_smoothing=0.0, class_weights=None):
         return loss
 
     return per_example
+
+
+def weights_from_report(path, num_classes):
+    """Class weights from an evaluation report: the classes a previous run got wrong weigh more.
+
+    The weight of class c is 2 - accuracy_c, divided by the mean over classes
+    (so the mean weight is 1): a class never recognised weighs twice as much as
+    one always recognised.
+
+    Args:
+      path: a report.json written by `python -m trainer.evaluate` (or at a phase's end).
+      num_classes: classes of the dataset (the report must have as many).
+
+    Returns:
+      A list of `num_classes` weights.
+
+    Raises:
+      UserError: the report is missing, unreadable or of another class count.
+    """
+    import json  # pylint: disable=import-outside-toplevel
+
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            per_class = json.load(f)["per_class"]
+        accuracy = [float(row["accuracy"]) for row in sorted(per_class, key=lambda row: row["index"])]
+    except (tf.errors.OpError, OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"trainer.optim.cross_entropy.class_weights = {path!r}: expected the report.json of "
+                        f"python -m trainer.evaluate, could not read its per-class accuracy ({err}).") from None
+    if len(accuracy) != num_classes:
+        raise UserError(f"{path} has per-class accuracy for {len(accuracy)} classes; this dataset has {num_classes}.")
+    raw = [2.0 - a for a in accuracy]
+    mean = sum(raw) / len(raw)
+    return [w / mean for w in raw]
