@@ -56,13 +56,31 @@ def _listdir(path):
 
 
 def _read_lines(path):
-    """Lines of a text file, without line endings (blank lines kept for line numbers)."""
-    with tf.io.gfile.GFile(path, "r") as f:
-        return f.read().splitlines()
+    """Lines of a text file, without line endings (blank lines kept for line numbers).
+
+    Raises:
+      UserError: the file is not UTF-8 text or cannot be read.
+    """
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = data[:err.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line_no}: not UTF-8 text ({err.reason} at byte {err.start}): the file is "
+                        "damaged or not the dataset's; download the dataset again.") from None
+    except tf.errors.OpError as err:
+        raise UserError(f"Cannot read {path}: {err.message}.") from None
+    if "\0" in text:
+        raise UserError(f"{path}, line {text[:text.index(chr(0))].count(chr(10)) + 1}: a NUL byte: the file is "
+                        "damaged or not a text file; download the dataset again.")
+    return text.split("\n") if "\r" not in text else text.splitlines()
 
 
 def _images_in(directory):
-    """Sorted full paths of the JPEG files in `directory`."""
+    """Sorted full paths of the JPEG files in `directory` ([] when it does not exist: the scan reports it)."""
+    if not tf.io.gfile.isdir(directory):
+        return []
     names = [n for n in _listdir(directory) if n.lower().endswith(_IMAGE_SUFFIXES)]
     return [_join(directory, n) for n in sorted(names)]
 
@@ -161,8 +179,12 @@ class TinyImageNet:
         if absent:
             shown = ", ".join(f"train/{w}" for w in absent[:3])
             more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
-            self._fail(f"{len(absent)} of the {len(self.wnids)} classes in wnids.txt have no "
-                       f"training folder ({shown}{more})")
+            raise DatasetNotFoundError(
+                f"{len(absent)} of the {len(self.wnids)} classes in {self._path('wnids.txt')} have no training "
+                f"folder ({shown}{more} missing in {self._path('train')}): the copy is incomplete, or wnids.txt "
+                "lists classes it does not hold. Download the dataset again "
+                f"(`{DOWNLOAD_COMMAND.replace('DIR', os.path.dirname(self.data_dir.rstrip('/')) or '.')}`) or "
+                "remove those lines from wnids.txt.")
 
     def _read_class_names(self):
         names = {}
