@@ -455,3 +455,15 @@ def test_same_command_twice_gives_bit_identical_weights(train_base_gin, tmp_path
         np.testing.assert_array_equal(weights[0][key], weights[1][key], err_msg=key)
     [stem] = [k for k in weights[0] if "stem_conv" in k and "kernel" in k]
     assert not np.array_equal(weights[0][stem], weights[2][stem])  # Another SEED: other weights.
+
+
+@pytest.mark.slow
+def test_a_phase_starts_adam_afresh_unless_told_to_carry_it(train_base_gin, tmp_path):
+    train_in_process(train_base_gin, tmp_path / "p1")
+    for name, carry in (("fresh", False), ("carried", True)):
+        keras.backend.clear_session()
+        train_in_process(train_base_gin, tmp_path / name, f"trainer.train.init_from = '{tmp_path / 'p1'}'",
+                         f"trainer.train.carry_optimizer = {carry}")
+        reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / name / "checkpoints")))
+        iterations = int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+        assert iterations == (2 if carry else 1) * STEPS_PER_EPOCH, (name, iterations)
