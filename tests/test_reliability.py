@@ -521,3 +521,64 @@ def test_a_read_only_model_directory_is_one_line_and_left_as_it_was(train_base_g
     assert message == (f"Cannot write the model directory {model_dir}: Read-only file system ({model_dir / 'LOCK'}). "
                        "Use a writable --model_dir.")
     assert sorted(str(p) for p in model_dir.rglob("*")) == before
+
+
+# --- The data scan ------------------------------------------------------------------------------------------------
+
+def test_the_data_scan_reports_unreadable_images_tiny_classes_and_is_cached(train_base_gin, train_synthetic_dir,
+                                                                           tmp_path, monkeypatch, caplog):
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    from trainer.data import synthetic, tiny_imagenet  # pylint: disable=import-outside-toplevel
+
+    data_dir = tmp_path / "data" / "tiny-imagenet-200"
+    shutil.copytree(train_synthetic_dir, data_dir)
+    bad = sorted(glob.glob(str(data_dir / "train" / synthetic.wnid(0) / "images" / "*")))[:4]
+    for path in bad:
+        with open(path, "wb") as f:
+            f.write(b"\xff\xd8\xff\xe0 not a jpeg")
+    for path in sorted(glob.glob(str(data_dir / "train" / synthetic.wnid(4) / "images" / "*")))[3:]:
+        os.remove(path)  # Class 4 keeps 3 images of 60: tiny, and the split is imbalanced.
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
+    caplog.set_level("INFO")
+    train_in_process(train_base_gin, tmp_path / "run", f"DATA_DIR = '{data_dir}'", "BATCH_SIZE = 10",
+                     stop_after_steps=1)
+    log = caplog.text
+    assert re.search(r"Data check: train 243 images \(4 unreadable\), 3 to 60 a class; val 100 images \(0 "
+                     r"unreadable\); test 5 images \(0 unreadable\) \(details: .*data_report\.json; cached in ", log)
+    assert f"Data check: 4 of the 243 train images cannot be decoded and are skipped: {bad[0]}, {bad[1]}, {bad[2]} " \
+           "and 1 more." in log
+    assert f"1 classes have fewer than 10% of the median 60 training images: {synthetic.wnid(4)} (3)." in log
+    assert "The training classes are imbalanced: 3 (" in log
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["splits"]["train"]["unreadable"] == bad  # All of them, not only the first few.
+    assert report["train_per_class"][synthetic.wnid(0)] == 56 and report["tiny_classes"] == [synthetic.wnid(4)]
+    assert len(glob.glob(str(tmp_path / "cache" / "scan-*.json"))) == 1
+
+    # A second run takes the cached scan: nothing is decoded for it.
+    def no_decoding(paths):
+        raise AssertionError("the dataset was scanned again")
+
+    monkeypatch.setattr(tiny_imagenet, "_undecodable", no_decoding)
+    again = tiny_imagenet.scan(tiny_imagenet.TinyImageNet(str(data_dir)))
+    assert again["splits"]["train"]["unreadable"] == bad and again["cached"]
+    # Another file: another key, scanned again.
+    os.remove(bad[0])
+    with pytest.raises(AssertionError, match="scanned again"):
+        tiny_imagenet.scan(tiny_imagenet.TinyImageNet(str(data_dir)))
+
+
+def test_a_missing_class_folder_is_the_headline(train_synthetic_dir, tmp_path):
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    from trainer.data import synthetic, tiny_imagenet  # pylint: disable=import-outside-toplevel
+
+    data_dir = tmp_path / "tiny-imagenet-200"
+    shutil.copytree(train_synthetic_dir, data_dir)
+    shutil.rmtree(data_dir / "train" / synthetic.wnid(2))
+    with pytest.raises(tiny_imagenet.DatasetNotFoundError) as err:
+        tiny_imagenet.TinyImageNet(str(data_dir))
+    message = str(err.value)
+    assert message.startswith(f"1 of the 5 classes in {data_dir / 'wnids.txt'} have no training folder "
+                              f"(train/{synthetic.wnid(2)} missing in {data_dir / 'train'})")
+    assert "not found" not in message and "\n" not in message and "download" in message

@@ -72,6 +72,7 @@ def train(model_dir,
           export=True,
           evaluate_best=True,
           check_memory=True,
+          scan_data=True,
           stop_after_steps=None):
     """Trains one phase. Every argument is set in gin (gin/common.gin and the runnable files).
 
@@ -112,6 +113,9 @@ def train(model_dir,
         (model_dir/eval/best-<step>/: report, confusion matrix, Grad-CAM; see `trainer.evaluate`).
       check_memory: before the first step, compare the plan's estimate of training memory with the memory
         available (host RAM when training on CPU): stop naming a batch size that fits, warn when close.
+      scan_data: before training, decode every image once and report per split the images found and the
+        unreadable ones, empty or tiny classes and class imbalance (model_dir/data_report.json; the scan is
+        cached per dataset, see `tiny_imagenet.scan`).
       stop_after_steps: checkpoint and return at this step; for tests.
 
     Returns:
@@ -143,6 +147,8 @@ def train(model_dir,
     with _disk_errors(model_dir), _claimed(model_dir, distribution) as (lock, signals), _precision(mixed_precision):
         if distribution.chief:  # (Resuming, the check above found it equal.)
             run_dir.write_text(os.path.join(model_dir, SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
+        if distribution.chief and scan_data:
+            _scan_data(data, model_dir)
         if seed is not None:
             keras.utils.set_random_seed(seed)
         if deterministic_ops:
@@ -439,6 +445,19 @@ def _check_resumable(model_dir, settings):
     if diff:
         logging.info("The gin configuration changed since the last run of this phase (the checkpoint carries "
                      "these changes; operative_config.gin is rewritten):\n  %s", "\n  ".join(diff))
+
+
+def _scan_data(data, model_dir):
+    """Reports the data before training: a summary line, a warning per problem, model_dir/data_report.json."""
+    from trainer.data import tiny_imagenet  # pylint: disable=import-outside-toplevel
+
+    report = tiny_imagenet.scan(data.reader)
+    path = os.path.join(model_dir, "data_report.json")
+    run_dir.write_text(path, json.dumps(report, indent=1) + "\n")
+    cached = f"; cached in {report['cached']}" if report.get("cached") else ""
+    logging.info("Data check: %s (details: %s%s).", tiny_imagenet.scan_summary(report), path, cached)
+    for problem in report["problems"]:
+        logging.warning("Data check: %s", problem)
 
 
 def _makedirs(model_dir):

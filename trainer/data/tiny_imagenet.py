@@ -293,3 +293,131 @@ class TinyImageNet:
                                     f"'file<TAB>x0<TAB>y0<TAB>x1<TAB>y1', got {line!r}.")
                 boxes[fields[0].strip()] = _parse_box(fields[1:], path, line_no)
         return boxes
+
+
+# --- The scan before training ----------------------------------------------------------------------------------
+
+SCAN_VERSION = 1
+TINY_CLASS_FRACTION = 0.1  # A class with fewer training images than this fraction of the median is "tiny".
+IMBALANCE_RATIO = 2.0  # Most / fewest training images a class above which the split is called imbalanced.
+
+
+def scan_cache_dir():
+    """Where scans are cached: $TRAINER_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, /tiny-imagenet-trainer."""
+    return os.environ.get("TRAINER_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tiny-imagenet-trainer")
+
+
+def _scan_key(reader, listed):
+    """Identifies the dataset's content: its path, every file name, and (local copies) the folders' mtimes."""
+    import hashlib  # pylint: disable=import-outside-toplevel
+
+    digest = hashlib.sha1(f"{SCAN_VERSION}\n{reader.data_dir}\n".encode())
+    for split, paths in listed.items():
+        digest.update(f"{split}:{len(paths)}\n".encode())
+        for path in paths:
+            digest.update(path.encode("utf-8", "surrogateescape") + b"\n")
+    if not _is_remote(reader.data_dir):
+        folders = {os.path.dirname(p) for paths in listed.values() for p in paths}
+        for folder in sorted(folders | {reader.data_dir}):
+            try:
+                digest.update(f"{folder}:{os.stat(folder).st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            except OSError:
+                pass
+    return digest.hexdigest()
+
+
+def _undecodable(paths):
+    """The paths whose bytes `tf.io.decode_jpeg` (the training pipeline's decoder) cannot decode."""
+    if not paths:
+        return []
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(
+        lambda p: (p, tf.shape(tf.io.decode_jpeg(tf.io.read_file(p), channels=3))),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors(log_warning=False)
+    decoded = {p.decode("utf-8", "surrogateescape") for p, _ in ds.as_numpy_iterator()}
+    return [p for p in paths if p not in decoded]
+
+
+def scan(reader, use_cache=True):
+    """Counts each split's images and the undecodable ones, and the training images of each class.
+
+    Every image is decoded once; the result is cached (see `scan_cache_dir`) under a key of the dataset's
+    path, file names and folder times, so the full dataset is not decoded again on every run.
+
+    Args:
+      reader: a `TinyImageNet`.
+      use_cache: read and write the cache.
+
+    Returns:
+      A dict: {'data_dir', 'splits': {split: {'images', 'unreadable': [paths]}}, 'train_per_class': {wnid: n},
+      'empty_classes', 'tiny_classes', 'imbalance' (most / fewest, None with an empty class), 'problems' (one
+      line each), 'cached' (where the scan is cached, or None)}.
+    """
+    import json  # pylint: disable=import-outside-toplevel
+
+    listed = {split: reader.files(split)[0] for split in SPLITS}
+    key = _scan_key(reader, listed)
+    cache = os.path.join(scan_cache_dir(), f"scan-{key}.json")
+    if use_cache:
+        try:
+            with open(cache, encoding="utf-8") as f:
+                report = json.load(f)
+            if report.get("key") == key:
+                report["cached"] = cache
+                return report
+        except (OSError, ValueError):
+            pass
+    unreadable = set(_undecodable([p for paths in listed.values() for p in paths]))
+    splits = {split: {"images": len(paths), "unreadable": [p for p in paths if p in unreadable]}
+              for split, paths in listed.items()}
+    paths, labels = reader.files("train")
+    per_class = {w: 0 for w in reader.wnids}
+    for path, label in zip(paths, labels):
+        if path not in unreadable:
+            per_class[reader.wnids[label]] += 1
+    counts = sorted(per_class.values())
+    median = counts[len(counts) // 2] if counts else 0
+    empty = [w for w, n in per_class.items() if n == 0]
+    tiny = [w for w, n in per_class.items() if 0 < n < TINY_CLASS_FRACTION * median]
+    imbalance = (max(counts) / min(counts)) if counts and min(counts) > 0 else None
+    problems = []
+    for split, entry in splits.items():
+        bad = entry["unreadable"]
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            problems.append(f"{len(bad)} of the {entry['images']} {split} images cannot be decoded and are skipped: "
+                            f"{shown}.")
+    if empty:
+        problems.append(f"{len(empty)} classes have no decodable training image, so the network cannot learn them: "
+                        f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} (train/<wnid>/images).")
+    if tiny:
+        problems.append(f"{len(tiny)} classes have fewer than {TINY_CLASS_FRACTION:.0%} of the median "
+                        f"{median} training images: " + ", ".join(f"{w} ({per_class[w]})" for w in tiny[:5])
+                        + (" ..." if len(tiny) > 5 else "") + ".")
+    if imbalance and imbalance >= IMBALANCE_RATIO:
+        fewest, most = min(per_class, key=per_class.get), max(per_class, key=per_class.get)
+        problems.append(f"The training classes are imbalanced: {per_class[fewest]} ({fewest}) to {per_class[most]} "
+                        f"({most}) images a class; consider trainer.optim.cross_entropy.class_weights.")
+    report = {"key": key, "data_dir": reader.data_dir, "splits": splits, "train_per_class": per_class,
+              "empty_classes": empty, "tiny_classes": tiny, "imbalance": imbalance, "problems": problems}
+    if use_cache:
+        try:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            tmp = f"{cache}.tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(report, f)
+            os.replace(tmp, cache)
+        except OSError:
+            cache = None  # A read-only home: the scan runs again next time.
+    report["cached"] = cache if use_cache else None
+    return report
+
+
+def scan_summary(report):
+    """One line: each split's images and unreadable ones, and the training images a class."""
+    parts = [f"{split} {entry['images']} images ({len(entry['unreadable'])} unreadable)"
+             for split, entry in report["splits"].items()]
+    counts = list(report["train_per_class"].values())
+    if counts:
+        parts[0] += f", {min(counts)} to {max(counts)} a class"
+    return "; ".join(parts)
