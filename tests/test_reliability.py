@@ -582,3 +582,55 @@ def test_a_missing_class_folder_is_the_headline(train_synthetic_dir, tmp_path):
     assert message.startswith(f"1 of the 5 classes in {data_dir / 'wnids.txt'} have no training folder "
                               f"(train/{synthetic.wnid(2)} missing in {data_dir / 'train'})")
     assert "not found" not in message and "\n" not in message and "download" in message
+
+
+# --- SIGTERM before and during the first execution ---------------------------------------------------------------
+
+def last_line(log):
+    """The last line of stderr (cli.run prints gin's "In call to configurable" suffix after `stopped:` messages:
+    a cli.py fix for the lead; it is dropped here)."""
+    lines = log.strip().splitlines()
+    return lines[-2] if lines[-1].startswith("  In call to configurable") else lines[-1]
+
+
+def run_until_signal(command, pattern, sig=signal.SIGTERM, timeout=300):
+    """Runs `command`, sends `sig` when a log line matches: (returncode, log, seconds from the signal to exit)."""
+    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    lines, sent = [], None
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if sent is None and re.search(pattern, line):
+                proc.send_signal(sig)
+                sent = time.time()
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    return proc.returncode, "".join(lines), (time.time() - sent) if sent else None
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_first_step_stops_at_once(train_base_gin, tmp_path):
+    """Opening the data, decoding it into memory and tracing are not waited for: nothing is saved yet."""
+    model_dir = tmp_path / "run"
+    returncode, log, latency = run_until_signal(main_command(train_base_gin, model_dir, "EPOCHS = 2"),
+                                                r"Start: +fresh weights")
+    assert returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert last_line(log) == ("stopped: SIGTERM before the first training step: nothing new to save, "
+                                            "the model directory holds what it held. Run the same command to start "
+                                            "again."), log[-3000:]
+    assert latency < 10, latency
+    assert latest(model_dir) is None and leftovers(model_dir) == [] and "Traceback" not in log
+    # During the first call (tracing, then one step, then the rest of the first execution): stopped at once, or
+    # at most one execution (5 steps) later, after a checkpoint.
+    returncode, log, latency = run_until_signal(main_command(train_base_gin, model_dir, "EPOCHS = 2"),
+                                                r"Compiling the training step")
+    assert returncode == 128 + signal.SIGTERM, log[-3000:]
+    last = last_line(log)
+    assert last.startswith("stopped: SIGTERM before the first training step") or re.fullmatch(
+        r"stopped: SIGTERM at step [1-5] \(epoch 1\), after a checkpoint in .*", last), last
+    assert latency < 10, latency
+    assert leftovers(model_dir) == []

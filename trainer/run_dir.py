@@ -118,25 +118,51 @@ class ModelDirLock:
 class StopSignals:
     """SIGTERM (preemption) or SIGINT: the loop finishes its current execution, checkpoints and stops.
 
-    A second signal stops at once (KeyboardInterrupt), without a checkpoint.
-    `received` is the first signal's number, or None.
+    Until the first training step has run (`immediate`: opening the data, the scan, decoding it into memory,
+    tracing the step) there is nothing new to save: a signal stops the run at once (it raises `Interrupted`
+    where the main thread is), so a stop is never delayed by that long first execution. A second signal
+    stops at once (KeyboardInterrupt), without a checkpoint. `received` is the first signal's number, or None.
     """
 
     def __init__(self, signals):
         self.received = None
         self.saved = False  # True if tf.distribute's PreemptionCheckpointHandler already saved.
+        self.immediate = True
         self._previous = {}
-        for sig in signals:
+        for sig, handler in [(s, self._handle) for s in signals] + [(signal.SIGALRM, self._retry)]:
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, handler)
             except ValueError:  # Not the main thread (e.g. under a test runner thread).
                 pass
 
     def _handle(self, signum, frame):
-        del frame
         if self.received:
             raise KeyboardInterrupt
         self.received = signum
+        if self.immediate:
+            self._raise_if_safe(frame)
+
+    def _raise_if_safe(self, frame):
+        """Raises `before_training()` unless the main thread is where an exception would be swallowed (a logging
+        handler, a `__del__`): then tries again in 50 ms (SIGALRM)."""
+        while frame is not None:
+            if frame.f_code.co_name == "__del__" or f"{os.sep}logging{os.sep}" in frame.f_code.co_filename:
+                signal.setitimer(signal.ITIMER_REAL, 0.05)
+                return
+            frame = frame.f_back
+        raise self.before_training()
+
+    def _retry(self, signum, frame):
+        del signum
+        if self.received and self.immediate:
+            self._raise_if_safe(frame)
+
+    def before_training(self):
+        """The `Interrupted` of a signal received before the first training step."""
+        from trainer.cli import Interrupted  # pylint: disable=import-outside-toplevel
+
+        return Interrupted(f"{self.name} before the first training step: nothing new to save, the model directory "
+                           "holds what it held. Run the same command to start again.", self.received)
 
     def preempted(self):
         """Called by the PreemptionCheckpointHandler after it saved (multi-worker SIGTERM)."""
@@ -147,6 +173,8 @@ class StopSignals:
         return signal.Signals(self.received).name if self.received else None
 
     def restore(self):
+        if signal.SIGALRM in self._previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -163,7 +191,8 @@ def write_text(path, text):
             f.write(text)
         os.replace(tmp, path)
     except OSError as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f"Cannot write {path}: {err.strerror}. Free some space or use another --model_dir; "
                         "nothing else was changed.") from None
+    finally:  # Also when a signal interrupts the write.
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -237,7 +237,22 @@ def train(model_dir,
                 if not compiled:
                     logging.info("Compiling the training step (the first call traces the network)...")
                 call_start = time.time()
-                totals = train_steps(train_data, tf.constant(n, tf.int32)).numpy()
+                try:
+                    if compiled or n == 1:
+                        totals = train_steps(train_data, tf.constant(n, tf.int32)).numpy()
+                    else:  # The first call traces, then runs one step: a signal waits for one step at most.
+                        totals = train_steps(train_data, tf.constant(1, tf.int32)).numpy()
+                        signals.immediate = False
+                        totals += train_steps(train_data, tf.constant(n - 1, tf.int32)).numpy()
+                except Exception:  # pylint: disable=broad-except
+                    if not (signals.received and signals.immediate):
+                        raise
+                    # Stopped at once (run_dir.StopSignals.immediate) during the first call; tracing wraps the
+                    # exception (autograph's StagingError), so it is raised again here.
+                    if int(step.numpy()) == done:
+                        raise signals.before_training() from None  # While tracing: no step ran.
+                    return _stop(signals, checkpoints, writers, int(step.numpy()), first_epoch + epoch, model_dir)
+                signals.immediate = False  # From here on a signal stops after the current execution.
                 images_per_second = n * data.batch_size / (time.time() - call_start) if compiled else None
                 compiled = True
                 done = int(step.numpy())
