@@ -135,3 +135,26 @@ def test_command_reports_a_wiring_error_on_one_line():
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [errors[0]] and errors[0].startswith(
         "error: Block 'a': unknown kind 'convv'. Did you mean 'conv'?")
+
+
+def test_training_memory_estimate():
+    small, large = plan.make_plan(16, CHAIN), plan.make_plan(32, CHAIN)
+    c1 = _rows(small)["c1"]
+    assert c1.activations % (16 * 16 * 4) == 0 and c1.activations >= 16 * 16 * 4  # conv, BN, ReLU outputs.
+    assert _rows(large)["c1"].activations == 4 * c1.activations  # Twice the side: four times the values.
+    assert _rows(small)["fc"].activations == 5
+    assert small.totals.activations == sum(r.activations for r in small.rows)
+    memory = plan.training_memory(small)
+    assert memory.per_image == 4 * small.totals.activations  # float32.
+    assert memory.fixed == 4 * (small.totals.params + 3 * small.totals.trainable)  # Weights, gradients, Adam's 2.
+    assert memory.at(10) == memory.fixed + 10 * memory.per_image
+    assert memory.largest_batch(memory.at(7) + memory.per_image // 2) == 7
+    assert memory.largest_batch(memory.fixed - 1) == 0
+
+
+def test_plan_text_warns_when_the_output_is_not_num_classes_logits():
+    config.parse_gin([], ["NUM_CLASSES = 7"])
+    text = plan.plan_text(16, CHAIN)
+    assert "- Output: The network outputs shape (5,) per image (its last block: 'fc') but it must output (7,)" in text
+    config.parse_gin([], ["NUM_CLASSES = 5"])
+    assert "- Output:" not in plan.plan_text(16, CHAIN)
