@@ -198,7 +198,8 @@ def reference_run(train_base_gin, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [2])
+# More seeds: TRAINER_KILL_SEEDS="2,3,4" (each about a minute).
+@pytest.mark.parametrize("seed", [int(s) for s in os.environ.get("TRAINER_KILL_SEEDS", "2").split(",")])
 def test_sigkill_anywhere_then_rerun_loses_and_doubles_nothing(train_base_gin, reference_run, tmp_path, seed):
     """Seeded kill points over the run's timeline; after each kill the same command runs again."""
     model_dir = tmp_path / "run"
@@ -214,6 +215,7 @@ def test_sigkill_anywhere_then_rerun_loses_and_doubles_nothing(train_base_gin, r
         if os.path.exists(model_dir / "metrics.csv"):  # Never a duplicated or half row, even right after a kill.
             epochs = [r["epoch"] for r in csv_rows(model_dir)]
             assert epochs == [str(e) for e in range(1, len(epochs) + 1)], (trigger, epochs)
+    print(f"kill points {planned}: fired {fired}")
     assert returncode == 0 and "Traceback" not in log, log[-3000:]
     assert not triggers
     # The two points whose timing is certain always fire; a save too quick to catch may be missed.
@@ -634,3 +636,18 @@ def test_sigterm_before_the_first_step_stops_at_once(train_base_gin, tmp_path):
         r"stopped: SIGTERM at step [1-5] \(epoch 1\), after a checkpoint in .*", last), last
     assert latency < 10, latency
     assert leftovers(model_dir) == []
+
+
+@pytest.mark.slow
+def test_a_read_only_model_directory_from_the_command_line(train_base_gin, one_epoch, tmpfs):
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    mount_point = tmpfs("size=20m")
+    model_dir = mount_point / "run"
+    shutil.copytree(one_epoch, model_dir)
+    subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+    returncode, log = run(main_command(train_base_gin, model_dir, "EPOCHS = 2"))
+    assert returncode == 1, log[-3000:]
+    assert log.strip().splitlines()[-1] == (f"error: Cannot write the model directory {model_dir}: Read-only file "
+                                            f"system ({model_dir / 'LOCK'}). Use a writable --model_dir.")
+    assert "Traceback" not in log
