@@ -109,9 +109,12 @@ def run_with_kills(command, model_dir, triggers, timeout=300):
     while proc.poll() is None and time.time() < deadline:
         while triggers and triggers[0].gives_up(state["step"]) and state["step"] < 10**6:
             triggers.pop(0)
-        if triggers and triggers[0].fired(str(model_dir), state["step"]):
+        # The first point that fires wins; the points before it were missed (e.g. no best/ save in that epoch).
+        hit = next((i for i, t in enumerate(triggers) if t.fired(str(model_dir), state["step"])), None)
+        if hit is not None:
             proc.send_signal(signal.SIGKILL)
-            fired = triggers.pop(0)
+            fired = triggers[hit]
+            del triggers[:hit + 1]
             break
         time.sleep(0.001)
     if proc.poll() is None and not fired:
@@ -296,6 +299,7 @@ def copy_run(model_dir, tmp_path):
     ("AUGMENT = 'flip(0.5)'", "AUGMENT was None, now 'flip(0.5)'"),
     ("small/trainer.blocks.conv.filters = 8", None),
 ])
+@pytest.mark.slow
 def test_resuming_with_a_setting_the_checkpoint_cannot_carry_is_refused(train_base_gin, one_epoch, tmp_path,
                                                                         binding, named):
     from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
@@ -318,6 +322,7 @@ def test_resuming_with_a_setting_the_checkpoint_cannot_carry_is_refused(train_ba
     assert after == before  # Refused before anything is written.
 
 
+@pytest.mark.slow
 def test_a_carried_change_is_logged_as_a_diff_and_the_new_config_saved(train_base_gin, one_epoch, tmp_path,
                                                                         caplog):
     model_dir = copy_run(one_epoch, tmp_path)
@@ -334,6 +339,7 @@ def test_a_carried_change_is_logged_as_a_diff_and_the_new_config_saved(train_bas
     assert [float(r["learning_rate"]) for r in csv_rows(model_dir)] == pytest.approx([1e-3, 5e-4])
 
 
+@pytest.mark.slow
 def test_a_finished_phase_says_so_and_trains_nothing(train_base_gin, one_epoch, tmp_path, caplog):
     model_dir = copy_run(one_epoch, tmp_path)
     csv_before = (model_dir / "metrics.csv").read_bytes()
@@ -383,7 +389,11 @@ def test_a_network_that_does_not_output_num_classes_logits_is_one_line(train_bas
                               "output (5,)") and "\n" not in message
     assert "'classifier' block of 'units': %NUM_CLASSES" in message
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
-    # The plan command says it too.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocks, shape, last", [(HEAD_200, "(200,)", "head"), (POOL_32, "(32,)", "features")])
+def test_the_plan_command_says_the_output_is_not_num_classes_logits(blocks, shape, last):
     returncode, out = run_plan(["--gin_file=gin/models/small.gin", f"--gin_bindings={blocks}",
                                 "--gin_bindings=NUM_CLASSES = 10"])
     assert returncode == 0 and f"- Output: The network outputs shape {shape} per image (its last block: " \
@@ -396,6 +406,7 @@ def run_plan(args):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_path, monkeypatch, caplog):
     from trainer import train as train_lib  # pylint: disable=import-outside-toplevel
     from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
@@ -430,6 +441,7 @@ def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_p
     assert "it may run out of memory" in caplog.text
 
 
+@pytest.mark.slow
 def test_plan_prints_the_memory_estimate():
     returncode, out = run_plan(["--gin_file=gin/models/small.gin", "--gin_bindings=BATCH_SIZE = 32",
                                 "--gin_bindings=NUM_CLASSES = 200"])
@@ -491,6 +503,7 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(train_base_gin, tmp_path, tmpfs):
     from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
 
@@ -507,6 +520,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(train_bas
     assert leftovers(model_dir) == []  # No ckpt-N_temp, no LOCK.
 
 
+@pytest.mark.slow
 def test_a_read_only_model_directory_is_one_line_and_left_as_it_was(train_base_gin, one_epoch, tmp_path, tmpfs):
     import shutil  # pylint: disable=import-outside-toplevel
 
@@ -527,6 +541,7 @@ def test_a_read_only_model_directory_is_one_line_and_left_as_it_was(train_base_g
 
 # --- The data scan ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_data_scan_reports_unreadable_images_tiny_classes_and_is_cached(train_base_gin, train_synthetic_dir,
                                                                            tmp_path, monkeypatch, caplog):
     import shutil  # pylint: disable=import-outside-toplevel
