@@ -213,10 +213,9 @@ def train(model_dir,
         train_data = iter(distribution.strategy.distribute_datasets_from_function(
             lambda ctx: data.train(ctx, resume_step=done, decoded_counter=decoded))) if done < total_steps else None
         # At a phase's start, a batch shows what the augmentation does (every worker takes it; none trains on it).
-        preview = (distribution.strategy.experimental_local_results(next(train_data)[0])[0][:32]
-                   if done == 0 and train_data else None)
+        preview = (_first_images(distribution.strategy, next(train_data)) if done == 0 and train_data else None)
         if distribution.chief:
-            _write_run_start(model_dir, writers, network_plan, offset + done, preview)
+            _write_run_start(model_dir, writers, network_plan, offset + done, preview, data)
             _republish(model_dir, rows, checkpoints, select_best_by, writers)  # After a crash: CSV, best/, val.
         if init_from and not resumed_from and done == 0:
             carried = _means(evaluate(val_data))
@@ -522,6 +521,7 @@ def _claimed(model_dir, distribution):
     try:
         yield lock, signals
     finally:
+        signals.immediate = False  # A signal now must not skip the lock's release.
         signals.restore()
         if lock:
             lock.release()
@@ -612,19 +612,37 @@ def _history_of(checkpoint_path):
         return []
 
 
-def _write_run_start(model_dir, writers, network_plan, global_step, preview):
-    """Operative gin config (file + TensorBoard text), network plan, a grid of augmented images."""
+def _first_images(strategy, batch):
+    """Up to 32 images and labels of this worker's first replica: what the augmentation does."""
+    images, labels = (strategy.experimental_local_results(t)[0][:32] for t in batch)
+    return images, labels
+
+
+def _write_run_start(model_dir, writers, network_plan, global_step, preview, data):
+    """Operative gin config, network plan, HParams, the scalar layout, run.json, labelled augmented images."""
     import gin  # pylint: disable=import-outside-toplevel
 
-    from trainer.data import preview as preview_lib  # pylint: disable=import-outside-toplevel
+    from trainer.evaluation import figures  # pylint: disable=import-outside-toplevel
 
     operative = gin.operative_config_str()
     run_dir.write_text(os.path.join(model_dir, "operative_config.gin"), operative)
     run_dir.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
     writers.text("train", global_step, "config/operative_gin", summaries.markdown_code(operative))
     writers.text("train", global_step, "network/plan", summaries.markdown_code(plan.format_plan(network_plan)))
+    summaries.hparams(model_dir, summaries.gin_hparams())
+    summaries.scalar_layout(model_dir)
+    totals = network_plan.totals
+    run_dir.write_text(os.path.join(model_dir, "run.json"), json.dumps({
+        "network": builder.declared()[0], "params": totals.params, "macs": totals.macs,
+        "image_size": data.image_size, "batch_size": data.batch_size}))
     if preview is not None:
-        writers.image("train", global_step, "augmented_inputs", preview_lib.make_grid(preview))
+        images, labels = (np.asarray(t) for t in preview)
+        if data.mean is not None:  # Back to [0, 1] to be seen.
+            images = images * np.array(data.std) + np.array(data.mean)
+        names = [data.reader.class_names[i] for i in labels.argmax(-1)]
+        titles = [n if row.max() > 0.99 else f"{n} ({row.max():.0%})" for n, row in zip(names, labels)]  # Mixed.
+        grid = figures.image_grid(images, titles, "augmented training images (label; share when mixed)", cols=8)
+        writers.image("train", global_step, "augmented_inputs", tf.io.decode_png(grid))
     writers.flush()
 
 
