@@ -129,9 +129,10 @@ def seeded_kill_points(seed):
     checkpoint save, a best/ save and two mid-epoch steps at seeded places."""
     rng = random.Random(seed)
     points = [Trigger("state", STEPS_PER_EPOCH), Trigger("ckpt_temp", rng.randint(1, 40)),
-              Trigger("best_temp", rng.choice([1, 16, 31])), Trigger("export", 45)]
+              Trigger("best_temp", rng.choice([15, 30, 45])), Trigger("export", 45)]
     points += [Trigger("step", s) for s in rng.sample([s for s in range(2, 45) if s % 15], 2)]
-    return sorted(points, key=lambda t: (t.after, t.kind != "step"))
+    order = ("step", "state", "ckpt_temp", "best_temp", "export")  # At one step, in the order they happen.
+    return sorted(points, key=lambda t: (t.after, order.index(t.kind)))
 
 
 # --- What a finished run must hold --------------------------------------------------------------------------------
