@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --models=gin/models/small.gin --image_size=64 --batch_size=64
 
 For each gin model file, two copies of the network start from the same
-weights: one trains with `trainer.train.build_steps` (the trainer's compiled
+weights: one trains with `trainer.steps.build_steps` (the trainer's compiled
 step: `steps_per_execution` steps per `tf.function` call under the default
 strategy, on a `distribute_datasets_from_function` iterator, as `train()` runs
 it), the other with `model.fit` compiled with the same optimizer (Adam 1e-3,
@@ -89,7 +89,7 @@ def compare(model_gin):
     import keras  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    from trainer import train  # pylint: disable=import-outside-toplevel
+    from trainer import steps  # pylint: disable=import-outside-toplevel
 
     ours, theirs = _build(model_gin)
     dataset = _data()
@@ -98,7 +98,7 @@ def compare(model_gin):
     optimizer = keras.optimizers.Adam(1e-3, epsilon=1e-8)
     optimizer.build(ours.trainable_variables)
     step = tf.Variable(0, dtype=tf.int64)
-    train_steps, _ = train.build_steps(strategy, ours, optimizer, step, FLAGS.batch_size, FLAGS.num_classes)
+    train_steps, _ = steps.build_steps(strategy, ours, optimizer, step, FLAGS.batch_size, FLAGS.num_classes)
     iterator = iter(strategy.distribute_datasets_from_function(lambda ctx: dataset))
 
     def trainer_round(num_steps):

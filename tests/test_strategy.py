@@ -22,7 +22,7 @@ from trainer import config
 from trainer import strategy as strategy_lib
 from trainer.errors import UserError
 
-from trainer import train
+from trainer import steps
 from trainer.models import blocks, builder
 
 pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI runs these.
@@ -122,7 +122,7 @@ def test_xla_with_synchronized_batch_norm_over_replicas_is_refused():
         gin.clear_config()
     two_replicas = types.SimpleNamespace(num_replicas_in_sync=2)
     with pytest.raises(UserError, match="jit_compile = True cannot compile synchronized BatchNorm over 2 replicas"):
-        train.build_steps(two_replicas, model, None, None, 20, 5, jit_compile=True)
+        steps.build_steps(two_replicas, model, None, None, 20, 5, jit_compile=True)
 
 
 def _start_workers(command, model_dir, tag):

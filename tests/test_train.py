@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from trainer import checkpoints, config, optim, summaries
+from trainer import checkpoints, config, optim, steps, summaries
 from trainer.errors import UserError
 
 from trainer import train as train_lib
@@ -167,7 +167,7 @@ def test_step_minimises_mean_loss_plus_l2_with_label_smoothing_and_ignores_paddi
     expected = [w - 0.5 * g.numpy() for w, g in zip(before, tape.gradient(loss, model.trainable_variables))]
 
     strategy = tf.distribute.get_strategy()
-    train_steps, evaluate = train_lib.build_steps(strategy, model, optimizer, step, batch_size=4, num_classes=3,
+    train_steps, evaluate = steps.build_steps(strategy, model, optimizer, step, batch_size=4, num_classes=3,
                                                   per_example_loss=optim.cross_entropy(3, label_smoothing=0.2))
     data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, labels)).repeat())
     totals = train_steps(iter(data), tf.constant(1)).numpy()

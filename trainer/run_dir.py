@@ -7,6 +7,8 @@ a lock whose holder is provably gone: a dead process on this host, or a lock
 on another host that has not been refreshed for `STALE_AFTER_SECONDS`.
 """
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -196,3 +198,114 @@ def write_text(path, text):
     finally:  # Also when a signal interrupts the write.
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# What a checkpoint cannot carry from one run of a phase to the next (model_dir/settings.json, written when the
+# phase starts): resuming with another value is refused. Everything else (learning rate, epochs, ...) is carried,
+# and the resumed run logs how its gin configuration differs from the previous run's (model_dir/config.gin).
+SETTINGS_FILE = "settings.json"
+
+
+def settings(data, num_classes):
+    """What the checkpoints of this phase cannot carry to another value (see SETTINGS_FILE)."""
+    from trainer.models import builder  # pylint: disable=import-outside-toplevel
+
+    name, blocks = builder.declared()
+    return {"IMAGE_SIZE": data.image_size, "BATCH_SIZE": data.batch_size, "AUGMENT": data.augment,
+            "NUM_CLASSES": num_classes, "trainer.network.name": name,
+            "trainer.network.blocks": json.dumps(blocks, sort_keys=True, default=repr)}
+
+
+def check_resumable(model_dir, settings):
+    """Refuses to resume a phase with settings its checkpoints cannot carry; logs the carried changes.
+
+    Raises:
+      UserError: naming each setting that changed, its old and new value, and the two ways on.
+    """
+    import gin  # pylint: disable=import-outside-toplevel
+
+    path = os.path.join(model_dir, SETTINGS_FILE)
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            saved = json.loads(f.read())
+    except (tf.errors.NotFoundError, ValueError):
+        saved = {}  # A model directory of an older version: the restore still checks the network's variables.
+    changed = [k for k in settings if k in saved and saved[k] != settings[k]]
+    if changed:
+        def show(key, value):
+            if key == "trainer.network.blocks":
+                return "another block list"
+            return repr(value)
+
+        what = "; ".join(f"{k} was {show(k, saved[k])}, now {show(k, settings[k])}" for k in changed)
+        raise UserError(f"Cannot resume {model_dir} with other settings ({what}): its checkpoints were trained "
+                        f"with the old ones. Rerun with the old values to resume it, or train in a new --model_dir "
+                        f"(start it from these weights with trainer.train.init_from = '{model_dir}').")
+    try:
+        with tf.io.gfile.GFile(os.path.join(model_dir, "config.gin")) as f:
+            previous = f.read()
+    except tf.errors.NotFoundError:
+        return
+    import difflib  # pylint: disable=import-outside-toplevel
+
+    diff = [line for line in difflib.unified_diff(previous.splitlines(), gin.config_str().splitlines(),
+                                                  lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("+++", "---")) and line[1:].strip()
+            and not line[1:].startswith("#")]
+    if diff:
+        logging.info("The gin configuration changed since the last run of this phase (the checkpoint carries "
+                     "these changes; operative_config.gin is rewritten):\n  %s", "\n  ".join(diff))
+
+
+def makedirs(model_dir):
+    """Creates the model directory; an unwritable one is a one-line UserError."""
+    try:
+        tf.io.gfile.makedirs(model_dir)
+    except (tf.errors.OpError, OSError) as err:
+        reason = getattr(err, "message", None) or getattr(err, "strerror", None) or str(err)
+        raise UserError(f"Cannot create the model directory {model_dir}: {reason}. Use a writable --model_dir.") \
+            from None
+
+
+_DISK_PROBLEMS = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+@contextlib.contextmanager
+def disk_errors(model_dir):
+    """A full disk or a read-only model directory (a checkpoint, an event file, the CSV): one line, no leftovers.
+
+    Raises:
+      UserError: naming the model directory, the problem and the checkpoint the same command resumes from.
+    """
+    try:
+        yield
+    except (tf.errors.OpError, OSError) as err:
+        text = getattr(err, "message", None) or str(err)
+        problem = next((p for p in _DISK_PROBLEMS if p in text), None)
+        if not problem:
+            raise
+        for directory in ("checkpoints", "best"):  # A save killed by the error leaves its ckpt-N_temp.
+            for leftover in tf.io.gfile.glob(os.path.join(model_dir, directory, "*_temp*")):
+                try:
+                    tf.io.gfile.rmtree(leftover) if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove(leftover)
+                except tf.errors.OpError:
+                    pass
+        latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+        raise UserError(f"Cannot write to the model directory {model_dir}: {problem}. Free some space there (or use "
+                        f"a writable --model_dir) and run the same command: it resumes from "
+                        f"{latest or 'the start (no checkpoint was written)'}, which is intact.") from None
+
+
+@contextlib.contextmanager
+def claimed(model_dir, distribution):
+    """Holds the model directory's lock (chief) and the stop signals for the run's duration."""
+    lock = ModelDirLock(model_dir) if distribution.chief else None
+    # Under MultiWorkerMirroredStrategy, the PreemptionCheckpointHandler takes SIGTERM.
+    signals = StopSignals([signal.SIGINT] if distribution.multi_worker else [signal.SIGINT, signal.SIGTERM])
+    try:
+        yield lock, signals
+    finally:
+        signals.immediate = False  # A signal now must not skip the lock's release.
+        signals.restore()
+        if lock:
+            lock.release()

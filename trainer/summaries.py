@@ -2,9 +2,11 @@
 
 import csv
 import io
+import json
 import os
 import sys
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -289,3 +291,57 @@ def _hparam_value(value):
     if hasattr(value, "item"):  # A NumPy scalar.
         return value.item()
     return str(value)
+
+
+def data_report(data, model_dir):
+    """Reports the data before training: a summary line, a warning per problem, model_dir/data_report.json."""
+    from trainer.data import tiny_imagenet  # pylint: disable=import-outside-toplevel
+
+    report = tiny_imagenet.scan(data.reader)
+    path = os.path.join(model_dir, "data_report.json")
+    run_dir.write_text(path, json.dumps(report, indent=1) + "\n")
+    cached = f"; cached in {report['cached']}" if report.get("cached") else ""
+    logging.info("Data check: %s (details: %s%s).", tiny_imagenet.scan_summary(report), path, cached)
+    for problem in report["problems"]:
+        logging.warning("Data check: %s", problem)
+
+
+def network_summary(model, network_plan):
+    """What the banner says of the network."""
+    totals = network_plan.totals
+    return {"name": model.name, "params": totals.params, "macs": totals.macs, "rf": totals.rf}
+
+
+def first_images(strategy, batch):
+    """Up to 32 images and labels of this worker's first replica: what the augmentation does."""
+    images, labels = (strategy.experimental_local_results(t)[0][:32] for t in batch)
+    return images, labels
+
+
+def write_run_start(model_dir, writers, network_plan, global_step, preview, data):
+    """Operative gin config, network plan, HParams, the scalar layout, run.json, labelled augmented images."""
+    import gin  # pylint: disable=import-outside-toplevel
+
+    from trainer.evaluation import figures  # pylint: disable=import-outside-toplevel
+    from trainer.models import builder, plan  # pylint: disable=import-outside-toplevel
+
+    operative = gin.operative_config_str()
+    run_dir.write_text(os.path.join(model_dir, "operative_config.gin"), operative)
+    run_dir.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
+    writers.text("train", global_step, "config/operative_gin", markdown_code(operative))
+    writers.text("train", global_step, "network/plan", markdown_code(plan.format_plan(network_plan)))
+    hparams(model_dir, gin_hparams())
+    scalar_layout(model_dir)
+    totals = network_plan.totals
+    run_dir.write_text(os.path.join(model_dir, "run.json"), json.dumps({
+        "network": builder.declared()[0], "params": totals.params, "macs": totals.macs,
+        "image_size": data.image_size, "batch_size": data.batch_size}))
+    if preview is not None:
+        images, labels = (np.asarray(t) for t in preview)
+        if data.mean is not None:  # Back to [0, 1] to be seen.
+            images = images * np.array(data.std) + np.array(data.mean)
+        names = [data.reader.class_names[i] for i in labels.argmax(-1)]
+        titles = [n if row.max() > 0.99 else f"{n} ({row.max():.0%})" for n, row in zip(names, labels)]  # Mixed.
+        grid = figures.image_grid(images, titles, "augmented training images (label; share when mixed)", cols=8)
+        writers.image("train", global_step, "augmented_inputs", tf.io.decode_png(grid))
+    writers.flush()

@@ -16,11 +16,15 @@ It replaces the reference author's design spreadsheet. The network is built
 """
 
 import dataclasses
+import os
 
 import gin
 import keras
 import numpy as np
+import tensorflow as tf
+from absl import logging
 
+from trainer.errors import UserError
 from trainer.models import builder
 
 
@@ -301,3 +305,47 @@ def _macs(op, node):
 
 def _count(weights):
     return sum(int(np.prod(w.shape)) for w in weights)
+
+
+def available_memory():
+    """(bytes available, where) for training, or (None, None) when unknown (accelerators: not checked)."""
+    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+        return None, None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "host RAM available (/proc/meminfo)"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host RAM available"
+    except (ValueError, OSError, AttributeError):
+        return None, None
+
+
+def check_memory(network_plan, data, replicas):
+    """Stops before the first step when the plan's memory estimate exceeds what is available; warns when close.
+
+    Raises:
+      UserError: naming the estimate, what is available and a batch size that fits.
+    """
+    available, where = available_memory()
+    if not available:
+        return
+    memory = training_memory(network_plan)
+    memory = Memory(memory.per_image, memory.fixed * replicas)  # Every replica holds its copy here.
+    need = memory.at(data.batch_size)
+    estimate = (f"about {format_bytes(need)} at BATCH_SIZE {data.batch_size} (estimate: "
+                f"{format_bytes(memory.per_image)} an image of activations kept for the backward pass, "
+                f"{format_bytes(memory.fixed)} of weights, gradients and optimizer state; "
+                f"`python -m trainer.plan` shows it)")
+    if need > available:
+        fits = memory.largest_batch(available) // replicas * replicas
+        fix = (f"use BATCH_SIZE = {fits} or less" if fits >= max(1, replicas) else
+               "even the smallest batch does not fit: use a smaller IMAGE_SIZE or network")
+        raise UserError(f"Training needs {estimate} but only {format_bytes(available)} of {where} is free: "
+                        f"{fix}. (trainer.train.check_memory = False skips this check.)")
+    if need > 0.7 * available:
+        logging.warning("Training needs %s, close to the %s of %s: it may run out of memory.", estimate,
+                        format_bytes(available), where)
