@@ -409,7 +409,6 @@ def run_plan(args):
 
 @pytest.mark.slow
 def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_path, monkeypatch, caplog):
-    from trainer import train as train_lib  # pylint: disable=import-outside-toplevel
     from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
     from trainer.models import plan  # pylint: disable=import-outside-toplevel
 
@@ -421,14 +420,14 @@ def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_p
         return captured["memory"]
 
     monkeypatch.setattr(plan, "training_memory", spy)
-    monkeypatch.setattr(train_lib, "_available_memory", lambda: (1, "host RAM"))
+    monkeypatch.setattr(plan, "available_memory", lambda: (1, "host RAM"))
     with pytest.raises(UserError, match=r"even the smallest batch does not fit"):
         train_in_process(train_base_gin, tmp_path / "a")
     memory = captured["memory"]
     assert memory.per_image > 0 and memory.fixed > 0
     # Room for 7.5 images: BATCH_SIZE 20 does not fit, 7 does.
     available = memory.fixed + int(7.5 * memory.per_image)
-    monkeypatch.setattr(train_lib, "_available_memory", lambda: (available, "host RAM"))
+    monkeypatch.setattr(plan, "available_memory", lambda: (available, "host RAM"))
     with pytest.raises(UserError) as err:
         train_in_process(train_base_gin, tmp_path / "b")
     message = one_line(err.value)
@@ -436,7 +435,7 @@ def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_p
     assert "use BATCH_SIZE = 7 or less" in message and "\n" not in message
     assert not os.path.exists(tmp_path / "b" / "checkpoints")
     # Close: a warning, and the run goes on.
-    monkeypatch.setattr(train_lib, "_available_memory", lambda: (int(memory.at(20) / 0.8), "host RAM"))
+    monkeypatch.setattr(plan, "available_memory", lambda: (int(memory.at(20) / 0.8), "host RAM"))
     caplog.set_level("INFO")
     train_in_process(train_base_gin, tmp_path / "c", stop_after_steps=1)
     assert "it may run out of memory" in caplog.text
