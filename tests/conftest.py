@@ -1,5 +1,7 @@
 """Shared fixtures: small synthetic datasets in Tiny ImageNet's layout, a clean gin config per test."""
 
+import os
+
 import gin
 import pytest
 
@@ -7,6 +9,12 @@ from trainer import cli
 from trainer.data import synthetic
 
 cli.register_configurables()  # Every gin configurable, before any test parses a gin file.
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """The data scan's cache goes to a temporary directory, not the user's ~/.cache."""
+    os.environ["TRAINER_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")

@@ -84,11 +84,10 @@ def run(main, usage=None):
             print(f"error: {err} (see --help)", file=sys.stderr)
             sys.exit(1)
         except Interrupted as err:
-            print(f"stopped: {err}", file=sys.stderr)
+            print(f"stopped: {_first_paragraph(err)}", file=sys.stderr)
             sys.exit(128 + err.signum)
         except UserError as err:
-            message = str(err).split("\n  In call to configurable")[0]  # Gin's call-site suffix.
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {_first_paragraph(err)}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
             print("stopped: interrupted (no checkpoint written)", file=sys.stderr)
@@ -119,6 +118,11 @@ def fast_help(doc):
     if any(a in HELP_FLAGS for a in sys.argv[1:]):
         print(doc.strip())
         sys.exit(0)
+
+
+def _first_paragraph(err):
+    """The error's message without the "In call to configurable ..." lines gin appends."""
+    return str(err).split("\n  In call to configurable")[0]
 
 
 def no_arguments(argv):
