@@ -43,9 +43,6 @@ from trainer.errors import UserError
 from trainer.models import blocks, builder, plan
 from trainer.registry import configurable
 
-METRICS = ("loss", "top1", "top5", "count")
-
-
 @configurable("trainer", denylist=["stop_after_steps"])
 def train(model_dir,
           data,
@@ -286,7 +283,7 @@ def train(model_dir,
                 logging.info("Early stop: %d epochs without a better %s.", since_best, select_best_by)
                 break
 
-        # --- 5. The phase is done: export the best checkpoint. --------------------------------------------------
+        # --- 5. The phase is done: export the best checkpoint and evaluate it in depth. -------------------------
         best = epoch_log.best_row(rows, select_best_by)
         exported = None
         if best and distribution.chief and export:
@@ -300,9 +297,6 @@ def train(model_dir,
         writers.flush()
         summaries.end_summary(model_dir, best, exported)
         return best
-
-
-# --- The compiled steps ------------------------------------------------------------------------------------------
 
 
 # --- Helpers, in the order `train` uses them ----------------------------------------------------------------------
