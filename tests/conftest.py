@@ -3,6 +3,7 @@
 import os
 
 import gin
+import keras
 import pytest
 
 from trainer import cli
@@ -25,11 +26,12 @@ def synthetic_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def clean_gin():
-    """Every test starts and ends with an empty gin configuration."""
+def clean_state():
+    """Every test starts and ends with an empty gin configuration, and ends with a fresh Keras session."""
     gin.clear_config()
     yield
     gin.clear_config()
+    keras.backend.clear_session()
 
 
 @pytest.fixture(scope="session")

@@ -37,12 +37,6 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 IMAGE_TAGS = {"eval/confusion_matrix", "eval/misclassified", "eval/gradcam", "eval/reliability"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    yield  # (conftest clears gin around every test.)
-    keras.backend.clear_session()
-
-
 def evaluate_cli(*args):
     return subprocess.run([sys.executable, "-m", "trainer.evaluate", *args], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300, check=False)

@@ -24,21 +24,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-STEPS_PER_EPOCH = 15  # 300 training images (conftest's train_synthetic_dir), batch 20.
+from helpers import REPO, STEPS_PER_EPOCH, env, main_command, train_in_process
+
 RUN = ("EPOCHS = 3", "trainer.train.steps_per_execution = 1", "trainer.train.checkpoint_every_steps = 4",
        "trainer.train.export = True", "trainer.train.deterministic_ops = True")
 
 
-def main_command(base_gin, model_dir, *bindings):
-    return [sys.executable, "-m", "trainer.main", f"--gin_file={base_gin}", f"--model_dir={model_dir}",
-            *[f"--gin_bindings={b}" for b in bindings]]
-
-
 def run(command, timeout=300):
     """Runs `command` to its end: (returncode, stderr)."""
-    proc = subprocess.run(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.run(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                           timeout=timeout, check=False)
     return proc.returncode, proc.stderr
 
@@ -88,7 +82,7 @@ def run_with_kills(command, model_dir, triggers, timeout=300):
 
     Returns (returncode, log, the trigger that fired or None).
     """
-    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     state = {"step": 0, "lines": []}
 
@@ -254,25 +248,6 @@ def test_kills_after_the_last_step_keep_the_weights_bit_identical(train_base_gin
 
 # --- Resuming with other settings; a finished phase; the other network's error ----------------------------------
 
-def train_in_process(base_gin, model_dir, *bindings, **kwargs):
-    import gin  # pylint: disable=import-outside-toplevel
-
-    from trainer import config  # pylint: disable=import-outside-toplevel
-    from trainer import train as train_lib  # pylint: disable=import-outside-toplevel
-
-    gin.clear_config()
-    config.parse_gin([base_gin], list(bindings), model_dir=str(model_dir))
-    return train_lib.train(**kwargs)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_keras():
-    yield
-    import keras  # pylint: disable=import-outside-toplevel
-
-    keras.backend.clear_session()
-
-
 @pytest.fixture(scope="module")
 def one_epoch(train_base_gin, tmp_path_factory):
     """A finished 1-epoch run (its files are read, never changed: tests copy it)."""
@@ -402,7 +377,7 @@ def test_the_plan_command_says_the_output_is_not_num_classes_logits(blocks, shap
 
 
 def run_plan(args):
-    proc = subprocess.run([sys.executable, "-m", "trainer.plan", *args], cwd=REPO, env=ENV, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "trainer.plan", *args], cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=120, check=False)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -612,7 +587,7 @@ def last_line(log):
 
 def run_until_signal(command, pattern, sig=signal.SIGTERM, timeout=300):
     """Runs `command`, sends `sig` when a log line matches: (returncode, log, seconds from the signal to exit)."""
-    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     watchdog = threading.Timer(timeout, proc.kill)
     watchdog.start()

@@ -18,23 +18,13 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from trainer import config
+from helpers import REPO, STEPS_PER_EPOCH, env, main_command
+from trainer import config, steps
 from trainer import strategy as strategy_lib
 from trainer.errors import UserError
-
-from trainer import steps
 from trainer.models import blocks, builder
 
 pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI runs these.
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-STEPS_PER_EPOCH = 15  # 300 training images (train_synthetic_dir), batch 20.
-
-
-def main_command(base_gin, model_dir, *args):
-    return [sys.executable, "-m", "trainer.main", f"--gin_file={base_gin}", f"--model_dir={model_dir}", *args]
-
 
 def free_port():
     with socket.socket() as s:
@@ -81,7 +71,7 @@ def test_tpu_without_a_tpu_is_a_user_error(tmp_path):
         [sys.executable, "-m", "trainer.main", "--gin_file=gin/quickstart.gin", "--gin_file=gin/strategy/tpu.gin",
          f"--gin_bindings=TPU = '{address}'", f"--gin_bindings=DATA_DIR = '{tmp_path / 'data'}'",
          f"--model_dir={tmp_path / 'run'}"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False)
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     [error] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -96,7 +86,7 @@ def test_two_mirrored_cpu_replicas_match_one_device(train_base_gin, tmp_path):
         result = subprocess.run(
             main_command(train_base_gin, tmp_path / name, *extra,
                          "--gin_bindings=trainer.train.steps_per_execution = 1"),
-            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, check=False)
+            cwd=REPO, env=env(), capture_output=True, text=True, timeout=600, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         logs[name] = result.stderr
     assert "Strategy:  MirroredStrategy, 2 replica(s)" in logs["two"]
@@ -133,7 +123,7 @@ def _start_workers(command, model_dir, tag):
         tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                      "task": {"type": "worker", "index": index}}
         log = open(f"{model_dir}.{tag}.w{index}.log", "w", encoding="utf-8")  # pylint: disable=consider-using-with
-        workers.append((subprocess.Popen(command, cwd=REPO, env=dict(ENV, TF_CONFIG=json.dumps(tf_config)),
+        workers.append((subprocess.Popen(command, cwd=REPO, env=dict(env(), TF_CONFIG=json.dumps(tf_config)),
                                          stdout=subprocess.DEVNULL, stderr=log), log))
     return workers
 

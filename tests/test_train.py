@@ -13,88 +13,21 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import gin
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorboard.backend.event_processing import event_accumulator
 
 from trainer import checkpoints, config, optim, steps, summaries
 from trainer.errors import UserError
 
-from trainer import train as train_lib
+from helpers import (STEPS_PER_EPOCH, checkpoint_step, event_files, latest_step, main_command, read_events,
+                     run_until, scalars, train_in_process)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-STEPS_PER_EPOCH = 15  # 300 training images (train_synthetic_dir), batch 20.
 AUGMENT = ("AUGMENT = \"flip(0.5) | zoom(0.5, 1.5, fill='nearest') | channel_shuffle(1.0)"
            " | coarse_dropout(p=0.2, size_percent=0.02)\"")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_state():
-    yield  # (conftest clears gin around every test.)
-    keras.backend.clear_session()
-
-
-def train_in_process(base_gin, model_dir, *bindings, **kwargs):
-    """Parses `base_gin` plus `bindings` and runs `train()` in this process."""
-    gin.clear_config()
-    config.parse_gin([base_gin], list(bindings), model_dir=str(model_dir))
-    return train_lib.train(**kwargs)
-
-
-def main_command(base_gin, model_dir, *bindings):
-    return [sys.executable, "-m", "trainer.main", f"--gin_file={base_gin}", f"--model_dir={model_dir}",
-            *[f"--gin_bindings={b}" for b in bindings]]
-
-
-def run_until(command, pattern=None, sig=None, timeout=300):
-    """Runs `command`; sends `sig` as soon as a log line matches `pattern`. Returns (returncode, log)."""
-    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    watchdog = threading.Timer(timeout, proc.kill)
-    watchdog.start()
-    lines = []
-    try:
-        for line in proc.stderr:
-            lines.append(line)
-            if pattern and sig and re.search(pattern, line):
-                proc.send_signal(sig)
-                pattern = None
-        proc.wait()
-    finally:
-        watchdog.cancel()
-    return proc.returncode, "".join(lines)
-
-
-def event_files(run_dir, split):
-    return sorted(glob.glob(os.path.join(str(run_dir), split, "events.out.tfevents.*")))
-
-
-def read_events(path):
-    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
-    acc.Reload()
-    return acc
-
-
-def scalars(path, tag):
-    """[(step, value)] of one scalar tag in one event file."""
-    acc = read_events(path)
-    if tag not in acc.Tags()["tensors"]:
-        return []
-    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
-
-
-def checkpoint_step(path):
-    return int(re.search(r"ckpt-(\d+)$", path).group(1))
-
-
-def latest_step(model_dir):
-    return checkpoint_step(tf.train.latest_checkpoint(os.path.join(str(model_dir), "checkpoints")))
 
 
 # --- Optimizer, loss, metrics ----------------------------------------------------

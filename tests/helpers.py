@@ -1,0 +1,86 @@
+"""What the trainer's tests share: running `python -m trainer.main`, training in-process, reading what a run left.
+
+Imported as `import helpers` (pytest puts tests/ on sys.path).
+"""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import gin
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS_PER_EPOCH = 15  # 300 training images (conftest's train_synthetic_dir), batch 20.
+
+
+def env():
+    """The environment of a subprocess: TensorFlow quiet, no GPU, conftest's cache directory."""
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+
+
+def main_command(base_gin, model_dir, *bindings):
+    """`python -m trainer.main` on `base_gin`; a binding starting with '--' is passed as it is (e.g. --gin_file)."""
+    return [sys.executable, "-m", "trainer.main", f"--gin_file={base_gin}", f"--model_dir={model_dir}",
+            *[b if b.startswith("--") else f"--gin_bindings={b}" for b in bindings]]
+
+
+def train_in_process(base_gin, model_dir, *bindings, **kwargs):
+    """Parses `base_gin` plus `bindings` and runs `trainer.train.train()` in this process."""
+    from trainer import config, train  # pylint: disable=import-outside-toplevel
+
+    gin.clear_config()
+    config.parse_gin([base_gin], list(bindings), model_dir=str(model_dir))
+    return train.train(**kwargs)
+
+
+def run_until(command, pattern=None, sig=None, timeout=300):
+    """Runs `command`; sends `sig` as soon as a log line matches `pattern`. Returns (returncode, log).
+
+    The signal follows a line the run has written, never a timer, so where it lands does not depend on speed.
+    """
+    proc = subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if pattern and sig and re.search(pattern, line):
+                proc.send_signal(sig)
+                pattern = None
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    return proc.returncode, "".join(lines)
+
+
+def event_files(run_dir, split):
+    return sorted(glob.glob(os.path.join(str(run_dir), split, "events.out.tfevents.*")))
+
+
+def read_events(path):
+    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(path, tag):
+    """[(step, value)] of one scalar tag in one event file."""
+    acc = read_events(path)
+    if tag not in acc.Tags()["tensors"]:
+        return []
+    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+
+
+def checkpoint_step(path):
+    return int(re.search(r"ckpt-(\d+)$", path).group(1))
+
+
+def latest_step(model_dir):
+    return checkpoint_step(tf.train.latest_checkpoint(os.path.join(str(model_dir), "checkpoints")))
