@@ -303,6 +303,7 @@ def test_a_carried_change_is_logged_as_a_diff_and_the_new_config_saved(train_bas
                                                                         caplog):
     model_dir = copy_run(one_epoch, tmp_path)
     caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")  # (Another test may have left absl at WARNING.)
     train_in_process(train_base_gin, model_dir, "EPOCHS = 2", "trainer.optim.constant.learning_rate = 0.0005")
     log = caplog.text
     assert "The gin configuration changed since the last run of this phase" in log
@@ -321,6 +322,7 @@ def test_a_finished_phase_says_so_and_trains_nothing(train_base_gin, one_epoch, 
     csv_before = (model_dir / "metrics.csv").read_bytes()
     checkpoints_before = sorted(os.listdir(model_dir / "checkpoints"))
     caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")  # (Another test may have left absl at WARNING.)
     best = train_in_process(train_base_gin, model_dir)
     log = caplog.text
     assert re.search(r"Start: +phase already complete \(.*ckpt-15, step 15\): nothing to train", log), log
@@ -412,6 +414,7 @@ def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_p
     # Close: a warning, and the run goes on.
     monkeypatch.setattr(plan, "available_memory", lambda: (int(memory.at(20) / 0.8), "host RAM"))
     caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")  # (Another test may have left absl at WARNING.)
     train_in_process(train_base_gin, tmp_path / "c", stop_after_steps=1)
     assert "it may run out of memory" in caplog.text
 
@@ -533,6 +536,7 @@ def test_the_data_scan_reports_unreadable_images_tiny_classes_and_is_cached(trai
         os.remove(path)  # Class 4 keeps 3 images of 60: tiny, and the split is imbalanced.
     monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
     caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")  # (Another test may have left absl at WARNING.)
     train_in_process(train_base_gin, tmp_path / "run", f"DATA_DIR = '{data_dir}'", "BATCH_SIZE = 10",
                      stop_after_steps=1)
     log = caplog.text
