@@ -84,3 +84,14 @@ def checkpoint_step(path):
 
 def latest_step(model_dir):
     return checkpoint_step(tf.train.latest_checkpoint(os.path.join(str(model_dir), "checkpoints")))
+
+
+def gin_header(gin_file):
+    """The opening comment block of a gin file (relative to the repository), joined into one line."""
+    lines = []
+    with open(os.path.join(REPO, gin_file), encoding="utf-8") as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            lines.append(line.lstrip("#").strip())
+    return " ".join(lines)

@@ -13,6 +13,7 @@ import tensorflow as tf
 from trainer import config
 from trainer.models import builder
 from trainer.models import plan
+from helpers import gin_header
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "gin", "models", "*.gin")))
@@ -29,17 +30,6 @@ def _parse(model_file):
     config.parse_gin([model_file], defaults=[f"NUM_CLASSES = {NUM_CLASSES}"])
 
 
-def _header(model_file):
-    """The opening comment block, joined into one line."""
-    lines = []
-    with open(os.path.join(REPO, model_file), encoding="utf-8") as f:
-        for line in f:
-            if not line.startswith("#"):
-                break
-            lines.append(line.lstrip("#").strip())
-    return " ".join(lines)
-
-
 def _number(text):
     return int(text.replace(",", ""))
 
@@ -51,7 +41,7 @@ def test_the_four_declarations_are_there():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_file", MODEL_FILES)
-def test_plan_matches_keras_and_the_file_header(model_file):
+def test_plan_matches_keras_and_the_filegin_header(model_file):
     _parse(model_file)
     result = plan.make_plan(64)
     model = builder.build_network(64)
@@ -60,7 +50,7 @@ def test_plan_matches_keras_and_the_file_header(model_file):
     t = result.totals
     assert (t.params, t.trainable, t.non_trainable) == (model.count_params(), trainable, non_trainable)
 
-    header = _header(model_file)
+    header = gin_header(model_file)
     params = re.search(r"([\d,]+) parameters \(([\d,]+) trainable, ([\d,]+) non-trainable", header)
     assert params, f"{model_file}: the header must state the parameter count"
     assert tuple(_number(g) for g in params.groups()) == (t.params, t.trainable, t.non_trainable)

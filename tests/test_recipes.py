@@ -23,6 +23,7 @@ from trainer import train as train_lib
 from trainer.data import augment
 from trainer.models import blocks
 from trainer.models import builder
+from helpers import gin_header
 
 pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI runs these.
 
@@ -36,17 +37,6 @@ def _clear_keras():
     keras.backend.clear_session()
 
 
-def _header(recipe):
-    """The opening comment block, joined into one line."""
-    lines = []
-    with open(os.path.join(REPO, recipe), encoding="utf-8") as f:
-        for line in f:
-            if not line.startswith("#"):
-                break
-            lines.append(line.lstrip("#").strip())
-    return " ".join(lines)
-
-
 def _parse(recipe, synthetic_dir, *bindings, model_dir=None):
     config.parse_gin([recipe], [f"DATA_DIR = {synthetic_dir!r}", *bindings], model_dir=model_dir)
 
@@ -54,12 +44,12 @@ def _parse(recipe, synthetic_dir, *bindings, model_dir=None):
 def test_there_is_a_recipe_beyond_the_reference():
     assert "gin/recipes/resnet18_cutmix.gin" in RECIPES
     # It reports well above the reference's 59.49%: the figure is in its header.
-    assert "65.53%" in _header("gin/recipes/resnet18_cutmix.gin")
+    assert "65.53%" in gin_header("gin/recipes/resnet18_cutmix.gin")
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_header_states_its_status_and_source(recipe):
-    header = _header(recipe)
+    header = gin_header(recipe)
     assert re.search(r"Status: \S", header), f"{recipe}: no 'Status:' line in the opening comment"
     cites = re.search(r"https?://\S+|arXiv:\d{4}\.\d{4,5}|docs/reference_recipe\.md", header)
     assert cites, f"{recipe}: the opening comment names no source URL or citation"
@@ -73,7 +63,7 @@ def test_parses_and_builds_the_declared_network_and_policy(recipe, synthetic_dir
     for macro in ("DATA_DIR", "IMAGE_SIZE", "BATCH_SIZE", "EPOCHS", "NUM_CLASSES", "MODEL_DIR", "AUGMENT"):
         gin.query_parameter(f"%{macro}")  # Defined (raises otherwise).
     assert gin.query_parameter("%IMAGE_SIZE") == 64 and gin.query_parameter("%NUM_CLASSES") == 200
-    declared = re.search(r"([\d,]+) parameters", _header(recipe))
+    declared = re.search(r"([\d,]+) parameters", gin_header(recipe))
     assert declared, f"{recipe}: the header declares no parameter count"
     model = builder.build_network(64)
     assert model.count_params() == int(declared.group(1).replace(",", ""))

@@ -54,6 +54,7 @@ from absl import logging
 
 from trainer import checkpoints
 from trainer import cli
+from trainer import run_dir
 from trainer.errors import UserError
 
 SAVED_MODEL = "saved_model"
@@ -245,13 +246,7 @@ def _owner_alive(path):
     pid = path.rsplit("-", 1)[-1]
     if not pid.isdigit() or int(pid) == os.getpid() or "://" in path:
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
+    return run_dir.process_alive(pid)
 
 
 def _remove(path, ignore_errors=False):

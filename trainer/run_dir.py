@@ -93,13 +93,7 @@ class ModelDirLock:
             return True  # Empty or garbled: its writer died between creating and writing it.
         if host != socket.gethostname():
             return self._age() > STALE_AFTER_SECONDS  # Its heartbeat stopped.
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
-        return False
+        return not process_alive(pid)
 
     def heartbeat(self):
         """Refreshes the lock's modification time (at most every HEARTBEAT_SECONDS)."""
@@ -115,6 +109,17 @@ class ModelDirLock:
         if self._held and self._holder() == f"{socket.gethostname()} {os.getpid()}":
             os.remove(self.path)
         self._held = False
+
+
+def process_alive(pid):
+    """True unless `pid` (an int or a string of digits) is provably not a live process on this host."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
 
 
 class StopSignals:
