@@ -15,8 +15,9 @@ FLAGS = flags.FLAGS
 
 
 def _help():
-    files = "\n".join(f"  {f}" for f in config.available_gin_files() if f.count("/") == 1 and
-                      not f.endswith("common.gin"))
+    runnable = [f for f in config.available_gin_files()
+                if (f.count("/") == 1 and not f.endswith("common.gin")) or f.startswith("gin/recipes/")]
+    files = "\n".join(f"  {f}" for f in runnable)
     return (f"Runnable gin files:\n{files}\n\nMacros users edit (set them with --gin_bindings):\n"
             f"{config.describe_macros()}\n")
 
