@@ -13,7 +13,7 @@ import os
 import tensorflow as tf
 from absl import logging
 
-from trainer import summaries
+from trainer import checkpoints, summaries
 
 
 def step_offset(init_from, rows, first_epoch, steps_per_epoch):
@@ -21,19 +21,10 @@ def step_offset(init_from, rows, first_epoch, steps_per_epoch):
     if rows:
         return rows[0]["global_step"] - rows[0]["step"]
     if init_from:
-        history = history_of(init_from)
+        history = checkpoints.read_history(init_from)
         if history:
             return history[-1]["global_step"]
     return (first_epoch - 1) * steps_per_epoch
-
-
-def history_of(checkpoint_path):
-    """The committed epochs' rows in a checkpoint (another phase's), or [] if it has none."""
-    try:
-        return json.loads(tf.train.load_checkpoint(checkpoint_path).get_tensor(
-            "history/.ATTRIBUTES/VARIABLE_VALUE").decode())
-    except (tf.errors.OpError, ValueError, KeyError):
-        return []
 
 
 def new_row(epoch, step, offset, train_means, val, seconds, learning_rate):
