@@ -87,13 +87,7 @@ class Checkpoints:
 
     def remove_partial_saves(self):
         """Removes what a save killed midway left behind (`ckpt-N_temp` directories), in checkpoints/ and best/."""
-        for directory in (self.directory, os.path.join(self._model_dir, "best")):
-            for leftover in tf.io.gfile.glob(os.path.join(directory, "*_temp*")):
-                logging.warning("Removing %s, left by a save that was killed midway.", leftover)
-                if tf.io.gfile.isdir(leftover):
-                    tf.io.gfile.rmtree(leftover)
-                else:
-                    tf.io.gfile.remove(leftover)
+        remove_partial_saves(self._model_dir)
 
     def restore(self):
         """Restores the newest checkpoint of this phase, if there is one.
@@ -147,6 +141,27 @@ class Checkpoints:
         """MultiWorkerMirroredStrategy: saves at the step the workers agreed on after a SIGTERM."""
         if self._preemption:
             self._preemption.save_checkpoint_if_preempted(checkpoint_number=step)
+
+
+def remove_partial_saves(model_dir, ignore_errors=False):
+    """Removes the `ckpt-N_temp` leftovers of saves killed midway, in model_dir/checkpoints and model_dir/best.
+
+    Args:
+      model_dir: the model directory.
+      ignore_errors: leave what cannot be removed (a read-only or full disk), silently.
+    """
+    for directory in ("checkpoints", "best"):
+        for leftover in tf.io.gfile.glob(os.path.join(model_dir, directory, "*_temp*")):
+            try:
+                if not ignore_errors:
+                    logging.warning("Removing %s, left by a save that was killed midway.", leftover)
+                if tf.io.gfile.isdir(leftover):
+                    tf.io.gfile.rmtree(leftover)
+                else:
+                    tf.io.gfile.remove(leftover)
+            except tf.errors.OpError:
+                if not ignore_errors:
+                    raise
 
 
 def _step_of(path):

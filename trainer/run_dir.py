@@ -17,6 +17,7 @@ import time
 import tensorflow as tf
 from absl import logging
 
+from trainer import checkpoints
 from trainer.errors import UserError
 
 HEARTBEAT_SECONDS = 30
@@ -289,12 +290,7 @@ def disk_errors(model_dir):
         problem = next((p for p in _DISK_PROBLEMS if p in text), None)
         if not problem:
             raise
-        for directory in ("checkpoints", "best"):  # A save killed by the error leaves its ckpt-N_temp.
-            for leftover in tf.io.gfile.glob(os.path.join(model_dir, directory, "*_temp*")):
-                try:
-                    tf.io.gfile.rmtree(leftover) if tf.io.gfile.isdir(leftover) else tf.io.gfile.remove(leftover)
-                except tf.errors.OpError:
-                    pass
+        checkpoints.remove_partial_saves(model_dir, ignore_errors=True)  # The save the error killed.
         latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
         raise UserError(f"Cannot write to the model directory {model_dir}: {problem}. Free some space there (or use "
                         f"a writable --model_dir) and run the same command: it resumes from "
