@@ -19,8 +19,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["trainer", "trainer.data", "trainer.data.augment", "trainer.evaluation", "trainer.models",
-              "trainer.gin"],
+    packages=["trainer", "trainer.data", "trainer.data.augment", "trainer.data.sources", "trainer.evaluation",
+              "trainer.models", "trainer.gin"],
     package_dir={"trainer.gin": "gin"},
     package_data={"trainer.gin": _gin_files()},
     install_requires=[

@@ -18,6 +18,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 15  # 300 training images (conftest's train_synthetic_dir), batch 20.
 
 
+def decode_file(path, image_size, resize="bilinear"):
+    """uint8 [S, S, 3]: an image file decoded as the pipeline decodes it (`Preprocessing.decode`)."""
+    from trainer.data.preprocess import Preprocessing  # pylint: disable=import-outside-toplevel
+
+    return Preprocessing(image_size, resize).decode(tf.io.read_file(path))
+
+
 def env():
     """The environment of a subprocess: TensorFlow quiet, no GPU, conftest's cache directory."""
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")

@@ -16,7 +16,7 @@ import pytest
 
 from trainer.data import download as dl
 from trainer.data import synthetic
-from trainer.data.tiny_imagenet import DatasetNotFoundError, TinyImageNet
+from trainer.data.sources.tiny_imagenet import DatasetNotFoundError, TinyImageNet
 from trainer.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

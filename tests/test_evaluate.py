@@ -11,9 +11,9 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import gin
+import helpers
 import keras
 import numpy as np
 import pytest
@@ -24,6 +24,8 @@ from trainer import checkpoints
 from trainer import config
 from trainer import train as train_lib
 from trainer.data import pipeline
+from trainer.data.preprocess import Preprocessing
+from trainer.data.sources import FileSource
 from trainer.errors import UserError
 from trainer.evaluation import evaluator  # Also registers its gin configurable.
 from trainer.evaluation import gradcam as gradcam_lib
@@ -161,17 +163,23 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path):
         tf.io.write_file(files[-1], tf.io.encode_jpeg(tf.cast(image * 255, tf.uint8)))
     with open(files[3], "wb") as f:
         f.write(b"not a jpeg")
-    reader = types.SimpleNamespace(data_dir=str(tmp_path / "data"), wnids=["a", "b", "c", "d"],
-                                   class_names=["red", "green", "blue", "yellow"], num_classes=4,
-                                   files=lambda split: (files, [int(v) for v in labels]))
+    class Listed(FileSource):
+        kind, location, splits = "listed", str(tmp_path / "data"), ("val",)
+        class_ids, class_names = ["a", "b", "c", "d"], ["red", "green", "blue", "yellow"]
+
+        def _list(self, split):
+            return files, [int(v) for v in labels]
+
+    reader = Listed()
     model = _cue_model()
     path = tf.train.Checkpoint(weights={w.path: w for w in model.weights}).save(str(tmp_path / "best" / "ckpt"))
     before = [w.numpy() for w in model.weights]
-    data = pipeline.Data(reader, image_size=32, batch_size=4)
+    data = pipeline.Data(reader, Preprocessing(32), batch_size=4)
     report = evaluator.evaluate_checkpoint(model, path, data, "val", str(tmp_path / "eval"))
     assert report["checkpoint_name"] == "best-1"
-    assert report["data"] == {"data_dir": str(tmp_path / "data"), "num_files": 7, "num_scored": 6,
-                              "num_skipped": 1, "skipped_files": [files[3]]}
+    assert report["data"] == {"data_dir": str(tmp_path / "data"), "source": {"kind": "listed",
+                                                                            "location": str(tmp_path / "data")},
+                              "num_files": 7, "num_scored": 6, "num_skipped": 1, "skipped_files": ["img_3.JPEG"]}
     out = tmp_path / "eval" / "best-1"
     with open(out / "predictions.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -204,8 +212,8 @@ def _parse(train_base_gin, model_dir, *bindings):
 
 def _val_logits(model):
     """Independently: decode every val image as make_dataset does, run the model, in batches of 20."""
-    files, labels = pipeline.data().reader.files("val")
-    images = np.stack([tf.cast(pipeline.decode(f, 32), tf.float32).numpy() / 255.0 for f in files])
+    files, labels = pipeline.data().source.files("val")
+    images = np.stack([tf.cast(helpers.decode_file(f, 32), tf.float32).numpy() / 255.0 for f in files])
     logits = [model(images[i:i + 20], training=False).numpy() for i in range(0, len(images), 20)]
     flipped = [model(images[i:i + 20, :, ::-1], training=False).numpy() for i in range(0, len(images), 20)]
     return np.concatenate(logits), np.concatenate(flipped), np.array(labels)
@@ -247,7 +255,7 @@ def test_report_equals_numpy_recomputation_and_the_logged_best_top1(train_base_g
     with open(out / "predictions.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(labels) == 100
-    names = pipeline.data().reader.wnids
+    names = pipeline.data().source.wnids
     assert [r["predicted_wnid"] for r in rows] == [names[p] for p in predicted]
     acc = event_tags(out)
     assert IMAGE_TAGS <= set(acc.Tags()["tensors"])
@@ -291,13 +299,12 @@ def test_cli_help_and_missing_checkpoint(train_base_gin, tmp_path):
 
 def test_scoring_batches_equal_the_pipelines_eval_batches(synthetic_dir):
     """Resize method and standardisation as `Data.eval`: the images the evaluator scores are the trainer's."""
-    from trainer.data.tiny_imagenet import TinyImageNet
+    from trainer.data.sources.tiny_imagenet import TinyImageNet
 
-    data = pipeline.Data(TinyImageNet(synthetic_dir), image_size=24, batch_size=16, resize="nearest",
-                         mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
-    files = data.reader.files("val")[0]
+    data = pipeline.Data(TinyImageNet(synthetic_dir), Preprocessing(24, "nearest", (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)),
+                         batch_size=16)
     expected = [images.numpy() for images, _ in data.eval("val")]
-    got = [images.numpy() for images, _ in evaluator._scoring_dataset(files, data)]
+    got = [images.numpy() for images, _ in evaluator._scoring_dataset(data, "val")]
     assert len(got) == len(expected) == 4  # 50 images in batches of 16, the last one padded.
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a[:len(b)], b)
@@ -314,7 +321,7 @@ def test_export_of_a_trainer_run_agrees_with_the_evaluator(train_base_gin, train
     assert meta["source"]["val_top1"] == logged[30] and meta["source"]["best_top1"] == max(logged.values())
     _parse(train_base_gin, trained_run)
     report = evaluator.evaluate_model_dir(str(trained_run), "latest")
-    files, labels = pipeline.data().reader.files("val")
+    files, labels = pipeline.data().source.files("val")
     serve = tf.saved_model.load(str(tmp_path / "export" / "saved_model")).signatures["serving_default"]
     probabilities = serve(images=tf.constant([tf.io.read_file(f).numpy() for f in files]))["probabilities"].numpy()
     assert np.mean(probabilities.argmax(axis=1) == np.array(labels)) == pytest.approx(report["metrics"]["top1"])

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import gin
+import helpers
 import keras
 import numpy as np
 import pytest
@@ -22,8 +23,10 @@ import tensorflow as tf
 from trainer import checkpoints
 from trainer import config
 from trainer import export
+from trainer import run_dir
 from trainer.data import pipeline
-from trainer.data.tiny_imagenet import TinyImageNet
+from trainer.data.preprocess import Preprocessing
+from trainer.data.sources.tiny_imagenet import TinyImageNet
 from trainer.errors import UserError
 
 pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI runs these.
@@ -65,13 +68,14 @@ AUGMENT = None
 
     data = pipeline.data()  # What the trainer calls before it writes operative_config.gin.
     model = builder.build_network(IMAGE_SIZE)
-    files, labels = data.reader.files("train")
-    images = np.stack([pipeline.decode(f, IMAGE_SIZE).numpy() for f in files]).astype(np.float32) / 255.0
+    files, labels = data.source.files("train")
+    images = np.stack([helpers.decode_file(f, IMAGE_SIZE).numpy() for f in files]).astype(np.float32) / 255.0
     model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(images, np.array(labels), batch_size=20, epochs=10, shuffle=True, verbose=0)
     os.makedirs(run)
     with open(os.path.join(run, "operative_config.gin"), "w", encoding="utf-8") as f:
         f.write(gin.operative_config_str())
+    run_dir.write_data_settings(run, data)  # What the trainer records when it starts.
     gin.clear_config()
     weights = checkpoints.weights_by_path(model)
     step = tf.Variable(0, dtype=tf.int64)
@@ -114,7 +118,7 @@ def tiny_model(num_classes=3, size=8):
 
 
 def export_tiny(export_dir, source="first"):
-    return export.export_model(tiny_model(), 8, ["a", "b", "c"], ["A", "B", "C"], str(export_dir),
+    return export.export_model(tiny_model(), Preprocessing(8), ["a", "b", "c"], ["A", "B", "C"], str(export_dir),
                                source=source, top_k=2)
 
 
@@ -168,7 +172,7 @@ def test_exported_model_classifies_val_images_in_label_order(trained_run, synthe
 
     # The .keras model loads with stock Keras (no custom objects) and gives the same probabilities.
     model = keras.saving.load_model(os.path.join(trained_run, "export", "model.keras"))
-    images = np.stack([pipeline.decode(f, IMAGE_SIZE).numpy() for f in files]).astype(np.float32) / 255.0
+    images = np.stack([helpers.decode_file(f, IMAGE_SIZE).numpy() for f in files]).astype(np.float32) / 255.0
     np.testing.assert_allclose(tf.nn.softmax(model(images)).numpy(), out["probabilities"].numpy(), atol=1e-5)
 
 
@@ -191,22 +195,24 @@ def test_no_run_or_no_checkpoint_is_a_user_error(tmp_path):
         checkpoints.find_checkpoint(str(tmp_path), "best")
 
 
-def test_missing_dataset_falls_back_to_previous_export_classes(trained_run, tmp_path):
+def test_export_needs_no_dataset_and_a_damaged_data_json_is_one_line(trained_run, tmp_path):
+    """The classes and the preprocessing come from the run's data.json, not from the dataset."""
     run = tmp_path / "moved_run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
     config_path = run / "operative_config.gin"
     text = config_path.read_text()
     config_path.write_text("\n".join(f"DATA_DIR = '{tmp_path}/gone'" if line.startswith("DATA_DIR =") else line
                                      for line in text.splitlines()))
-    with pytest.raises(UserError, match=r"Cannot tell the class names: Tiny ImageNet not found"):
-        export.export_checkpoint(str(run))
-    assert not os.path.exists(run / "export")
-    gin.clear_config()
-    os.makedirs(run / "export")
-    shutil.copy(os.path.join(trained_run, "export", "classes.json"), run / "export")
     meta = export.export_checkpoint(str(run))
     assert meta["wnids"] == read_json(os.path.join(trained_run, "export", "classes.json"))["wnids"]
-    assert os.path.isdir(run / "export" / "saved_model")
+    assert os.path.isdir(run / "export" / "saved_model") and not os.path.exists(f"{tmp_path}/gone")
+    gin.clear_config()
+    (run / "data.json").write_text('{"source": {"kind": "tiny_imagenet"}, "class_ids": [')
+    with pytest.raises(UserError, match=r"Cannot read .*data.json .*damaged. Rerun the same training command"):
+        export.export_checkpoint(str(run))
+    (run / "data.json").unlink()
+    with pytest.raises(UserError, match=r"No data.json in .*moved_run"):
+        export.export_checkpoint(str(run))
 
 
 # --- export_model: atomic replacement. ---------------------------------------------
@@ -253,7 +259,7 @@ def test_stale_partial_is_removed_and_a_killed_swap_is_undone(tmp_path):
 
 def test_classes_must_match_the_network(tmp_path):
     with pytest.raises(UserError, match=r"outputs 3 classes but 2 wnids and 3 class names"):
-        export.export_model(tiny_model(), 8, ["a", "b"], ["A", "B", "C"], str(tmp_path / "e"))
+        export.export_model(tiny_model(), Preprocessing(8), ["a", "b"], ["A", "B", "C"], str(tmp_path / "e"))
 
 
 # --- The command line. ----------------------------------------------------------------
@@ -293,9 +299,8 @@ def test_signature_prepares_images_as_the_evaluation_pipeline(tmp_path, syntheti
     keras.utils.set_random_seed(2)
     model = tiny_model(num_classes=5, size=8)
     reader = TinyImageNet(synthetic_dir)
-    data = pipeline.Data(reader, image_size=8, batch_size=50, resize=resize, mean=mean, std=std)
-    meta = export.export_model(model, 8, reader.wnids, reader.class_names, str(tmp_path / "e"), resize_method=resize,
-                               mean=mean, std=std)
+    data = pipeline.Data(reader, Preprocessing(8, resize, mean, std), batch_size=50)
+    meta = export.export_model(model, data.preprocess, reader.wnids, reader.class_names, str(tmp_path / "e"))
     assert meta["resize_method"] == resize and meta["antialias"] == (resize != "nearest")
     assert meta["mean"] == (None if mean is None else list(mean))
     assert meta["std"] == (None if std is None else list(std))

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trainer.data import pipeline, synthetic
-from trainer.data.tiny_imagenet import TinyImageNet
+from trainer.data.preprocess import Preprocessing
+from trainer.data.sources.tiny_imagenet import TinyImageNet
 from trainer.errors import UserError
 
 WNIDS = [synthetic.wnid(i) for i in range(3)]
@@ -87,11 +88,11 @@ def test_undecodable_images_are_skipped_and_counted(layout, garbage, truncate):
         good = 0
         for path in files:  # What TensorFlow itself can decode.
             try:
-                tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+                tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
                 good += 1
             except tf.errors.OpError:
                 pass
-        data = pipeline.Data(TinyImageNet(data_dir), image_size=8, batch_size=1, deterministic=True)
+        data = pipeline.Data(TinyImageNet(data_dir), Preprocessing(8), batch_size=1, deterministic=True)
         counter = tf.Variable(0, dtype=tf.int64)
         batches = iter(data.train(decoded_counter=counter))
         images, labels = next(batches)

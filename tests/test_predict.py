@@ -19,7 +19,7 @@ from PIL import Image
 from test_export import exported_run  # Shares test_export's run (made once per session).
 
 from trainer import predict
-from trainer.data.tiny_imagenet import TinyImageNet
+from trainer.data.sources.tiny_imagenet import TinyImageNet
 from trainer.errors import UserError
 
 pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI runs these.
@@ -125,7 +125,7 @@ def test_bad_files_fail_alone_in_process(predictor, image_dir):
 def test_test_split_file(run_dir, synthetic_dir, tmp_path):
     result = run_predict(f"--model_dir={run_dir}", "--split=test", f"--data_dir={synthetic_dir}")
     assert result.returncode == 0, result.stderr
-    path = os.path.join(run_dir, predict.TEST_PREDICTIONS)
+    path = os.path.join(run_dir, predict.SPLIT_PREDICTIONS.format(split="test"))
     assert path in result.stdout
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()

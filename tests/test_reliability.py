@@ -524,7 +524,8 @@ def test_the_data_scan_reports_unreadable_images_tiny_classes_and_is_cached(trai
                                                                            tmp_path, monkeypatch, caplog):
     import shutil  # pylint: disable=import-outside-toplevel
 
-    from trainer.data import synthetic, tiny_imagenet  # pylint: disable=import-outside-toplevel
+    from trainer.data import synthetic
+    from trainer.data.sources import tiny_imagenet  # pylint: disable=import-outside-toplevel
 
     data_dir = tmp_path / "data" / "tiny-imagenet-200"
     shutil.copytree(train_synthetic_dir, data_dir)
@@ -567,7 +568,8 @@ def test_the_data_scan_reports_unreadable_images_tiny_classes_and_is_cached(trai
 def test_a_missing_class_folder_is_the_headline(train_synthetic_dir, tmp_path):
     import shutil  # pylint: disable=import-outside-toplevel
 
-    from trainer.data import synthetic, tiny_imagenet  # pylint: disable=import-outside-toplevel
+    from trainer.data import synthetic
+    from trainer.data.sources import tiny_imagenet  # pylint: disable=import-outside-toplevel
 
     data_dir = tmp_path / "tiny-imagenet-200"
     shutil.copytree(train_synthetic_dir, data_dir)

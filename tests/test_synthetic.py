@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from trainer.data import synthetic
-from trainer.data.tiny_imagenet import INCOMPLETE_MARKER, DatasetNotFoundError, TinyImageNet
+from trainer.data.sources.tiny_imagenet import INCOMPLETE_MARKER, DatasetNotFoundError, TinyImageNet
 from trainer.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,11 +18,13 @@ An export directory (model_dir/export by default) holds:
                    null), top_k, the signature, and `source` (the checkpoint and
                    step exported).
 
-The signature prepares an image exactly as training did (`trainer.data.pipeline`:
-`decode`, then `_finish`): decode to uint8 RGB, resize to image_size x image_size
-with the run's `trainer.data.resize` method (antialiased unless 'nearest') unless
-it already has that size, round back to uint8, scale by 1/255, then subtract
-`mean` and divide by `std` when the run set them.
+The signature prepares an image with the run's own `Preprocessing`
+(`trainer.data.preprocess`), the object training and evaluation use: decode
+to uint8 RGB, take the centred square if the run set `crop='center'` (else the
+whole image is stretched to a square), resize to image_size x image_size with
+the run's resize method (antialiased unless 'nearest') unless it already has
+that size, round back to uint8, scale by 1/255, then subtract `mean` and
+divide by `std` when the run set them.
 
 An export is written next to its destination (`<export_dir>.partial-<pid>`)
 and swapped in whole: a failed export (a full disk) leaves the previous one
@@ -43,7 +45,6 @@ if __name__ == "__main__":  # `--help` answers before TensorFlow loads.
 
 
 import datetime
-import inspect
 import json
 import os
 
@@ -63,7 +64,6 @@ CLASSES_FILE = "classes.json"
 METADATA_FILE = "export.json"
 SIGNATURE = "serving_default"
 INPUT_SCALE = 1.0 / 255.0
-DEFAULT_RESIZE_METHOD = "bilinear"
 FORMAT_VERSION = 1
 _PARTIAL = ".partial-"
 _PREVIOUS = ".previous-"
@@ -72,66 +72,42 @@ _PREVIOUS = ".previous-"
 class _Serving(tf.Module):
     """The SavedModel's root: the network's variables and the `serving_default` function."""
 
-    def __init__(self, model, metadata):
+    def __init__(self, model, metadata, preprocess):
         super().__init__(name="serving")
         self.model_variables = list(model.variables)  # Tracked: saved with the SavedModel.
         self._forward = lambda images: model(images, training=False)  # A closure: the Keras object is not saved.
-        self._size = metadata["image_size"]
+        self._preprocess = preprocess
         self._wnids = tf.constant(metadata["wnids"], tf.string)
         self._names = tf.constant(metadata["names"], tf.string)
         self._top_k = metadata["top_k"]
-        self._resize_method = metadata["resize_method"]
-        self._antialias = metadata["antialias"]
-        self._mean, self._std = metadata["mean"], metadata["std"]
         self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
 
-    def _prepare(self, encoded):
-        """Encoded bytes -> uint8 [S, S, 3], exactly as `trainer.data.pipeline.decode` prepares training images."""
-        image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
-        image = tf.ensure_shape(image, [None, None, 3])
-
-        def resize():
-            resized = tf.image.resize(image, [self._size, self._size], method=self._resize_method,
-                                      antialias=self._antialias)
-            return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-        native = tf.reduce_all(tf.equal(tf.shape(image)[:2], self._size))
-        return tf.ensure_shape(tf.cond(native, lambda: image, resize), [self._size, self._size, 3])
-
     def _serve(self, images):
-        pixels = tf.map_fn(self._prepare, images, fn_output_signature=tf.TensorSpec(
-            [self._size, self._size, 3], tf.uint8))
-        inputs = tf.cast(pixels, tf.float32) / 255.0  # As `pipeline._finish`: / 255, then standardised.
-        if self._mean is not None:
-            inputs = (inputs - tf.constant(self._mean, tf.float32)) / tf.constant(self._std, tf.float32)
-        logits = tf.cast(self._forward(inputs), tf.float32)
+        size = self._preprocess.image_size
+        pixels = tf.map_fn(self._preprocess.decode, images, fn_output_signature=tf.TensorSpec([size, size, 3],
+                                                                                            tf.uint8))
+        logits = tf.cast(self._forward(self._preprocess.prepare(pixels)), tf.float32)
         probabilities = tf.nn.softmax(logits, axis=-1)
         top_p, top_i = tf.math.top_k(probabilities, k=self._top_k)
         return {"probabilities": probabilities, "top_k_indices": top_i, "top_k_probabilities": top_p,
                 "top_k_wnids": tf.gather(self._wnids, top_i), "top_k_names": tf.gather(self._names, top_i)}
 
 
-def export_model(model, image_size, wnids, class_names, export_dir, source=None, top_k=5,
-                 resize_method=DEFAULT_RESIZE_METHOD, mean=None, std=None):
+def export_model(model, preprocess, wnids, class_names, export_dir, source=None, top_k=5):
     """Writes a SavedModel, the `.keras` model and the class list to `export_dir`, replacing it atomically.
 
     Everything is written to `<export_dir>.partial-<pid>` first, then swapped in;
     leftovers of an export killed earlier are removed first.
 
     Args:
-      model: a Keras model mapping float32 [N, image_size, image_size, 3] images (pixels / 255, then
-        standardised with `mean` and `std` if given) to logits [N, C].
-      image_size: the side the network was trained at.
-      wnids: the C class ids, in label order (wnids.txt order).
+      model: a Keras model mapping float32 [N, S, S, 3] images, prepared by `preprocess`, to logits [N, C].
+      preprocess: the run's `trainer.data.preprocess.Preprocessing` (the serving function calls it).
+      wnids: the C class ids, in label order.
       class_names: a human-readable name per class, in the same order.
       export_dir: the export directory (created or replaced).
       source: a JSON-serialisable description of what was exported (e.g. the
         checkpoint path and step), recorded in export.json.
       top_k: classes returned by the signature's top-k outputs (at most C).
-      resize_method: the `tf.image.resize` method training used (`trainer.data.resize`);
-        antialiased unless 'nearest', as `trainer.data.pipeline.decode` does.
-      mean: None, or the 3 per-channel means training subtracted after / 255 (`trainer.data.mean`).
-      std: the 3 per-channel standard deviations training divided by (with `mean`).
 
     Returns:
       The metadata written to export.json, as a dict.
@@ -148,10 +124,8 @@ def export_model(model, image_size, wnids, class_names, export_dir, source=None,
                         f"{num_classes} of each.")
     if top_k < 1:
         raise UserError(f"Cannot export {export_dir}: top_k must be >= 1, got {top_k}.")
-    if (mean is None) != (std is None) or (mean is not None and (len(mean) != 3 or len(std) != 3)):
-        raise UserError(f"Cannot export {export_dir}: mean and std must both be None or both 3 numbers, got "
-                        f"{mean!r} and {std!r}.")
     export_dir = _local(export_dir).rstrip("/")
+    image_size, mean, std = preprocess.image_size, preprocess.mean, preprocess.std
     standardise = "" if mean is None else ", then (x - mean) / std"
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -163,9 +137,13 @@ def export_model(model, image_size, wnids, class_names, export_dir, source=None,
         "mean": None if mean is None else [float(v) for v in mean],
         "std": None if std is None else [float(v) for v in std],
         "input": f"float32 RGB [N, image_size, image_size, 3] = uint8 pixels * input_scale{standardise}",
-        "resize_method": resize_method,
-        "antialias": resize_method != "nearest",
-        "resize_rule": "resized only when not already image_size x image_size, then rounded to uint8",
+        "resize_method": preprocess.resize,
+        "antialias": preprocess.antialias,
+        "crop": preprocess.crop,
+        "resize_rule": ("the centred square is cut out first, then " if preprocess.crop == "center" else
+                        "a non-square image is stretched to a square: ") +
+                       "resized only when not already image_size x image_size, then rounded to uint8",
+        "preprocessing": preprocess.to_json(),
         "top_k": min(int(top_k), num_classes),
         "signature": {"name": SIGNATURE, "input": "images: 1-D tf.string of encoded images (JPEG, PNG, GIF, BMP)",
                       "outputs": ["probabilities", "top_k_indices", "top_k_probabilities", "top_k_wnids",
@@ -197,7 +175,9 @@ def export_model(model, image_size, wnids, class_names, export_dir, source=None,
 
 def _write_export(model, metadata, directory):
     """Writes the SavedModel, model.keras, classes.json and export.json into `directory`."""
-    serving = _Serving(model, metadata)
+    from trainer.data.preprocess import Preprocessing  # pylint: disable=import-outside-toplevel
+
+    serving = _Serving(model, metadata, Preprocessing.from_json(metadata["preprocessing"]))
     tf.saved_model.save(serving, os.path.join(directory, SAVED_MODEL),
                         signatures={SIGNATURE: serving.serve.get_concrete_function()})
     model.save(os.path.join(directory, KERAS_MODEL))
@@ -282,8 +262,7 @@ def export_trained(model_dir, data, checkpoint="best", export_dir=None, top_k=5)
 
     Args:
       model_dir: the run's model directory.
-      data: the phase's `trainer.data.pipeline.Data`: the classes (`data.reader.wnids`,
-        `.class_names`), `image_size`, `resize`, `mean` and `std` the network was trained with.
+      data: the phase's `trainer.data.pipeline.Data`: the classes (`data.source`) and the preprocessing.
       checkpoint: 'best', 'latest' or a checkpoint path (`checkpoints.find_checkpoint`).
       export_dir: default <model_dir>/export.
       top_k: classes in the signature's top-k outputs.
@@ -295,11 +274,11 @@ def export_trained(model_dir, data, checkpoint="best", export_dir=None, top_k=5)
     Raises:
       UserError: no such checkpoint, a checkpoint of another network, a failed export.
     """
-    return _export_run(model_dir, checkpoint, export_dir, top_k, data.image_size, data.reader.wnids,
-                       data.reader.class_names, data.resize, data.mean, data.std)
+    return _export_run(model_dir, checkpoint, export_dir, top_k, data.preprocess, data.source.class_ids,
+                       data.source.class_names)
 
 
-def _export_run(model_dir, checkpoint, export_dir, top_k, image_size, wnids, class_names, resize, mean, std):
+def _export_run(model_dir, checkpoint, export_dir, top_k, preprocess, wnids, class_names):
     from trainer.models import builder  # pylint: disable=import-outside-toplevel
 
     model_dir = _local(model_dir)
@@ -308,7 +287,7 @@ def _export_run(model_dir, checkpoint, export_dir, top_k, image_size, wnids, cla
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")  # Mixed-precision runs keep float32 weights.
     try:
-        model = builder.build_network(image_size)
+        model = builder.build_network(preprocess.image_size)
     finally:
         keras.mixed_precision.set_global_policy(policy)
     checkpoints.restore_weights(model, path)
@@ -316,19 +295,16 @@ def _export_run(model_dir, checkpoint, export_dir, top_k, image_size, wnids, cla
     source = {"model_dir": model_dir, "checkpoint": path,
               "kind": checkpoint if checkpoint in checkpoints.CHECKPOINT_DIRS else "path", **info}
     logging.info("Exporting %s checkpoint %s (step %s) to %s.", source["kind"], path, info["step"], export_dir)
-    metadata = export_model(model, image_size, wnids, class_names, export_dir, source=source, top_k=top_k,
-                            resize_method=resize, mean=mean, std=std)
+    metadata = export_model(model, preprocess, wnids, class_names, export_dir, source=source, top_k=top_k)
     return {**metadata, "export_dir": export_dir}
 
 
 def export_checkpoint(model_dir, checkpoint="best", export_dir=None, top_k=5):
-    """Exports a run's checkpoint from its model directory alone (its operative_config.gin and checkpoints).
+    """Exports a run's checkpoint from its model directory alone: no dataset needed.
 
-    The gin configuration in force is replaced by the run's operative config.
-    The classes and the preprocessing come from `trainer.data` as the run
-    configured it; when its dataset is gone, the classes come from a previous
-    export's classes.json and the preprocessing from the gin values
-    (`trainer.data.image_size`, `.resize`, `.mean`, `.std`).
+    The network comes from the run's operative_config.gin (the gin configuration
+    in force is replaced by it); the classes and the preprocessing from what the
+    run recorded when it started (`run_dir.read_data_settings`: model_dir/data.json).
 
     Args:
       model_dir: the run's model directory.
@@ -340,61 +316,22 @@ def export_checkpoint(model_dir, checkpoint="best", export_dir=None, top_k=5):
       The export metadata (export.json) as a dict, plus `export_dir`.
 
     Raises:
-      UserError: no run in model_dir, no checkpoint, no class list, a failed export.
+      UserError: no run in model_dir, no checkpoint, no data settings, a failed export.
     """
     from trainer import config  # pylint: disable=import-outside-toplevel
-    from trainer.data import pipeline  # pylint: disable=import-outside-toplevel
-    from trainer.data.tiny_imagenet import DatasetNotFoundError  # pylint: disable=import-outside-toplevel
 
     gin.clear_config()  # The run's configuration alone.
     model_dir = _local(model_dir)
-    export_dir = _local(export_dir) if export_dir else os.path.join(model_dir, "export")
     operative = os.path.join(model_dir, "operative_config.gin")
     if not tf.io.gfile.exists(operative):
         raise UserError(f"No operative_config.gin in {model_dir}: expected the model directory of a run of "
                         "`python -m trainer.main` (it writes operative_config.gin when it starts).")
     checkpoints.find_checkpoint(model_dir, checkpoint)  # Fail early, before parsing.
+    settings = run_dir.read_data_settings(model_dir)
     cli.register_configurables()
     config.parse_gin([operative])
-    with gin.unlock_config():  # Exporting never writes a dataset (the quickstart's synthetic one).
-        gin.bind_parameter("trainer.data.synthetic_if_missing", False)
-    try:
-        data = pipeline.data()
-    except DatasetNotFoundError as err:
-        problem = str(err).split("\n  In call to configurable")[0].split(". ")[0]
-        wnids, names = _previous_classes(export_dir, problem)
-        image_size = data_setting("image_size")
-        if not isinstance(image_size, int):
-            raise UserError(f"{operative} binds no trainer.data.image_size (IMAGE_SIZE); expected an integer, "
-                            f"got {image_size!r}.") from None
-        return _export_run(model_dir, checkpoint, export_dir, top_k, image_size, wnids, names,
-                           data_setting("resize"), data_setting("mean"), data_setting("std"))
-    return export_trained(model_dir, data, checkpoint, export_dir, top_k)
-
-
-def data_setting(name):
-    """`trainer.data.<name>` as the gin configuration in force binds it (macros resolved), else its default."""
-    from trainer import registry  # pylint: disable=import-outside-toplevel
-
-    try:
-        value = gin.query_parameter(f"trainer.data.{name}")
-    except ValueError:
-        return inspect.signature(registry.CONFIGURABLES["trainer.data"]).parameters[name].default
-    while isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
-        value = value.scoped_configurable_fn()
-    return value
-
-
-def _previous_classes(export_dir, problem):
-    """(wnids, names) of a previous export's classes.json, when the run's dataset is gone."""
-    previous = os.path.join(export_dir, CLASSES_FILE)
-    if tf.io.gfile.exists(previous):
-        classes = read_classes(export_dir)
-        logging.warning("%s; using the class list of the previous export, %s.", problem, previous)
-        return classes["wnids"], classes["names"]
-    raise UserError(f"Cannot tell the class names: {problem}, and there is no previous export's {previous}. "
-                    "Restore the dataset at the run's DATA_DIR, or export with --export_dir pointing at an "
-                    "export of this run that holds classes.json.") from None
+    return _export_run(model_dir, checkpoint, export_dir, top_k, settings.preprocess, settings.class_ids,
+                       settings.class_names)
 
 
 def read_classes(export_dir):

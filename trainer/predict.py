@@ -17,17 +17,20 @@ every image was classified).
 `--output=FILE` also writes a CSV: a header, then one row per classified
 image: file, then wnid_i, name_i, probability_i for ranks i = 1..k.
 
-`--split=test --data_dir=DIR` classifies every image of DIR/test/images and
-writes the Tiny ImageNet test-set predictions file, one `file_name wnid` line
-per image (sorted by file name), to --output, by default
-`<model_dir>/predictions_test.txt` (next to the run it comes from).
+`--split=NAME` classifies every image of a split of a dataset, of any source
+(Tiny ImageNet, class folders, TFRecord shards): the run's own dataset when
+--model_dir is a run's model directory (its data.json), or --data_dir (its
+layout recognised). It writes one `name class_id` line per image, sorted (the
+name is the file name, or the example id when file names repeat): for
+`--split=test` on Tiny ImageNet that is the test-set predictions file. It goes
+to --output, by default `<model_dir>/predictions_<split>.txt`.
 
 Flags:
   --model_dir   a run's model directory (uses its export/) or an export directory.
   --top_k       classes shown per image (default 5).
   --output      CSV file for images; the predictions file for --split.
-  --split       'test': predict the dataset's test split (needs --data_dir).
-  --data_dir    the Tiny ImageNet directory, for --split.
+  --split       predict this split of the dataset ('test', 'val', ...).
+  --data_dir    the dataset directory, for --split (default: the run's).
   --batch_size  images per call of the SavedModel (default 32).
 """
 if __name__ == "__main__":  # `--help` answers before TensorFlow loads.
@@ -53,8 +56,8 @@ from trainer.errors import UserError
 SAVED_MODEL = "saved_model"
 CLASSES_FILE = "classes.json"
 SIGNATURE = "serving_default"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-TEST_PREDICTIONS = "predictions_test.txt"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+SPLIT_PREDICTIONS = "predictions_{split}.txt"
 
 
 @dataclasses.dataclass
@@ -166,17 +169,38 @@ def list_images(paths):
 
 
 def predict_files(predictor, files, top_k=5, batch_size=32):
-    """Classifies image files, each decoded on its own first so that one bad file fails alone.
-
-    Args:
-      predictor: a `Predictor`.
-      files: image paths.
-      top_k: classes kept per image.
-      batch_size: images per call of the SavedModel.
+    """Classifies image files; one that cannot be read or decoded fails alone (see `predict_encoded`).
 
     Returns:
       (predictions, failures): a `Prediction` per classified image, in the order of `files`, and
       (file, reason) for each file that could not be read or decoded.
+    """
+    failures = []
+
+    def read():
+        for file in files:
+            try:
+                with tf.io.gfile.GFile(file, "rb") as f:
+                    yield file, f.read()
+            except (OSError, tf.errors.OpError) as err:
+                failures.append((file, _reason(err)))
+
+    predictions, bad = predict_encoded(predictor, read(), top_k, batch_size)
+    return predictions, failures + bad
+
+
+def predict_encoded(predictor, named, top_k=5, batch_size=32):
+    """Classifies encoded images, each checked on its own first so that one bad image fails alone.
+
+    Args:
+      predictor: a `Predictor`.
+      named: (name, encoded bytes) pairs.
+      top_k: classes kept per image.
+      batch_size: images per call of the SavedModel.
+
+    Returns:
+      (predictions, failures): a `Prediction` per classified image, in order, and (name, reason) for each
+      image that could not be decoded.
     """
     predictions, failures = [], []
     batch = []
@@ -186,26 +210,24 @@ def predict_files(predictor, files, top_k=5, batch_size=32):
             rows = predictor.probabilities([data for _, data in batch])
         except tf.errors.OpError:  # Should not happen after the check: fall back to one image at a time.
             rows = []
-            for file, data in batch:
+            for name, data in batch:
                 try:
                     rows.append(predictor.probabilities([data])[0])
                 except tf.errors.OpError as err:
-                    failures.append((file, _reason(err)))
+                    failures.append((name, _reason(err)))
                     rows.append(None)
-        for (file, _), row in zip(batch, rows):
+        for (name, _), row in zip(batch, rows):
             if row is not None:
-                predictions.append(Prediction(file, *predictor.top_k(row, top_k)))
+                predictions.append(Prediction(name, *predictor.top_k(row, top_k)))
         batch.clear()
 
-    for file in files:
+    for name, data in named:
         try:
-            with tf.io.gfile.GFile(file, "rb") as f:
-                data = f.read()
             tf.io.decode_image(data, channels=3, expand_animations=False)  # What the signature does first.
-        except (OSError, tf.errors.OpError) as err:
-            failures.append((file, _reason(err)))
+        except tf.errors.OpError as err:
+            failures.append((name, _reason(err)))
             continue
-        batch.append((file, data))
+        batch.append((name, data))
         if len(batch) >= batch_size:
             flush()
     if batch:
@@ -232,28 +254,54 @@ def write_csv(predictions, path):
     _write_text(path, buffer.getvalue())
 
 
-def predict_test_split(predictor, data_dir, output, batch_size=32):
-    """Classifies every image of <data_dir>/test/images and writes `file_name wnid` lines to `output`.
-
-    Args:
-      predictor: a `Predictor`.
-      data_dir: the Tiny ImageNet directory.
-      output: the predictions file to write.
-      batch_size: images per call of the SavedModel.
-
-    Returns:
-      (predictions, failures) as `predict_files` returns them.
+def open_split_source(model_dir, data_dir=None):
+    """The dataset to predict a split of: the run's (model_dir/data.json), at `data_dir` if given.
 
     Raises:
-      UserError: no test/images directory in data_dir.
+      UserError: no dataset named, or none found there.
     """
-    test_dir = os.path.join(data_dir if "://" in data_dir else os.path.expanduser(data_dir), "test", "images")
-    if not tf.io.gfile.isdir(test_dir):
-        raise UserError(f"No test images in {data_dir}: expected the Tiny ImageNet layout with {test_dir}/.")
-    files = [os.path.join(test_dir, n.rstrip("/")) for n in sorted(tf.io.gfile.listdir(test_dir))
-             if n.lower().endswith(IMAGE_SUFFIXES)]
-    predictions, failures = predict_files(predictor, files, top_k=1, batch_size=batch_size)
-    _write_text(output, "".join(f"{os.path.basename(p.file)} {p.wnids[0]}\n" for p in predictions))
+    from trainer import cli, run_dir  # pylint: disable=import-outside-toplevel
+    from trainer.data import sources  # pylint: disable=import-outside-toplevel
+
+    cli.register_configurables()
+    description = None
+    if tf.io.gfile.exists(os.path.join(model_dir, run_dir.DATA_FILE)):
+        description = dict(run_dir.read_data_settings(model_dir).source)
+    if data_dir:
+        kind = sources.looks_like(data_dir)
+        if description is None or (kind and kind != description["kind"]):
+            description = {"kind": kind}
+        description["location"] = data_dir
+    if description is None or not description.get("kind"):
+        raise UserError(f"No dataset to predict: {model_dir} is not a run's model directory with a {run_dir.DATA_FILE}"
+                        f", and --data_dir {'holds no known layout' if data_dir else 'is not set'}. Give "
+                        "--data_dir=DIR: Tiny ImageNet's layout, class folders or TFRecord shards.")
+    source = sources.open_source(description)
+    if tf.io.gfile.exists(os.path.join(model_dir, run_dir.DATA_FILE)):
+        source.pin(model_dir)  # The run's own validation split, if its source draws one.
+    return source
+
+
+def predict_split(predictor, source, split, output, batch_size=32):
+    """Classifies every image of a split of `source`; writes sorted `name class_id` lines to `output`.
+
+    The name is the example's file name, or its id (the path within the dataset) when file names repeat.
+
+    Returns:
+      (predictions, failures) as `predict_encoded` returns them.
+
+    Raises:
+      UserError: the source has no such split.
+    """
+    source.check_split(split)
+    ids = source.listing(split)[0]
+    short = {i: os.path.basename(i) for i in ids}
+    if len(set(short.values())) < len(ids):
+        short = {i: i for i in ids}
+    named = ((short[id_.decode("utf-8", "surrogateescape")], image)
+             for image, _, id_ in source.examples(split).as_numpy_iterator())
+    predictions, failures = predict_encoded(predictor, named, top_k=1, batch_size=batch_size)
+    _write_text(output, "".join(sorted(f"{p.file} {p.wnids[0]}\n" for p in predictions)))
     return predictions, failures
 
 
@@ -286,14 +334,14 @@ def main(argv):
     if flag_values.split and paths:
         raise UserError(f"Give image files and directories, or --split=test, not both (got --split and {paths[0]}).")
     if not flag_values.split and not paths:
-        raise UserError("Nothing to classify: expected image files or directories (or --split=test --data_dir=DIR).")
-    if flag_values.split and not flag_values.data_dir:
-        raise UserError("--split=test needs --data_dir: the Tiny ImageNet directory holding test/images.")
-    predictor = Predictor(find_export(flag_values.model_dir))
+        raise UserError("Nothing to classify: expected image files or directories (or --split=NAME).")
+    model_dir = flag_values.model_dir if "://" in flag_values.model_dir else os.path.expanduser(flag_values.model_dir)
+    predictor = Predictor(find_export(model_dir))
     if flag_values.split:
-        output = flag_values.output or os.path.join(flag_values.model_dir, TEST_PREDICTIONS)
-        predictions, failures = predict_test_split(predictor, flag_values.data_dir, output, flag_values.batch_size)
-        print(f"Wrote {len(predictions)} predictions ({flag_values.split} split) to {output}.")
+        source = open_split_source(model_dir, flag_values.data_dir)
+        output = flag_values.output or os.path.join(model_dir, SPLIT_PREDICTIONS.format(split=flag_values.split))
+        predictions, failures = predict_split(predictor, source, flag_values.split, output, flag_values.batch_size)
+        print(f"Wrote {len(predictions)} predictions ({flag_values.split} split of {source.location}) to {output}.")
     else:
         files, failures = list_images(paths)
         more, bad = predict_files(predictor, files, flag_values.top_k, flag_values.batch_size)
@@ -317,9 +365,10 @@ def run():
                         required=True)
     flags.DEFINE_integer("top_k", 5, "Classes shown per image.", lower_bound=1)
     flags.DEFINE_string("output", None, "CSV file for images; for --split, the predictions file "
-                        f"(default <model_dir>/{TEST_PREDICTIONS}).")
-    flags.DEFINE_enum("split", None, ["test"], "Classify this split of --data_dir instead of image arguments.")
-    flags.DEFINE_string("data_dir", None, "The Tiny ImageNet directory, for --split.")
+                        "(default <model_dir>/predictions_<split>.txt).")
+    flags.DEFINE_string("split", None, "Classify this split of the dataset ('test', 'val', ...) instead of image "
+                        "arguments.")
+    flags.DEFINE_string("data_dir", None, "The dataset directory, for --split (default: the run's).")
     flags.DEFINE_integer("batch_size", 32, "Images per call of the SavedModel.", lower_bound=1)
     cli.run(main, usage=lambda: __doc__)
 

@@ -8,6 +8,7 @@ on another host that has not been refreshed for `STALE_AFTER_SECONDS`.
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -220,6 +221,54 @@ def settings(data, num_classes):
     return {"IMAGE_SIZE": data.image_size, "BATCH_SIZE": data.batch_size, "AUGMENT": data.augment,
             "NUM_CLASSES": num_classes, "trainer.network.name": name,
             "trainer.network.blocks": json.dumps(blocks, sort_keys=True, default=repr)}
+
+
+# What evaluation, export, predict and compare need of a run's data, written when the run starts: the source, the
+# classes and the preprocessing. Read in one place (`read_data_settings`), never re-derived from gin values.
+DATA_FILE = "data.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """A run's data as it recorded it: `source` (the source's describe()), classes, `preprocess`."""
+
+    source: dict
+    class_ids: list
+    class_names: list
+    preprocess: object  # trainer.data.preprocess.Preprocessing
+
+
+def write_data_settings(model_dir, data):
+    """Records the run's source, classes and preprocessing in model_dir/data.json."""
+    write_text(os.path.join(model_dir, DATA_FILE), json.dumps({
+        "source": data.source.describe(), "class_ids": list(data.source.class_ids),
+        "class_names": list(data.source.class_names), "preprocessing": data.preprocess.to_json()}, indent=1) + "\n")
+
+
+def read_data_settings(model_dir):
+    """A run's `DataSettings` from model_dir/data.json.
+
+    Raises:
+      UserError: the file is missing or damaged (naming it and what was expected).
+    """
+    from trainer.data.preprocess import Preprocessing  # pylint: disable=import-outside-toplevel
+
+    path = os.path.join(model_dir, DATA_FILE)
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            value = json.loads(f.read())
+        settings = DataSettings(dict(value["source"]), list(value["class_ids"]), list(value["class_names"]),
+                                Preprocessing.from_json(value["preprocessing"]))
+        if len(settings.class_ids) != len(settings.class_names):
+            raise ValueError("class_ids and class_names differ in length")
+        return settings
+    except tf.errors.NotFoundError:
+        raise UserError(f"No {DATA_FILE} in {model_dir}: expected the model directory of a run of "
+                        "`python -m trainer.main` (it records its classes and preprocessing there when it "
+                        "starts).") from None
+    except (ValueError, KeyError, TypeError, AttributeError, tf.errors.OpError) as err:
+        raise UserError(f"Cannot read {path} ({err}): it is damaged. Rerun the same training command to write "
+                        "it again (it resumes the run).") from None
 
 
 def check_resumable(model_dir, settings):

@@ -98,12 +98,13 @@ class Progress:
 def banner(data, network, distribution, model_dir, epochs, first_epoch, start):
     """The lines a user reads before the first step: what runs, on what, where, from where."""
     lines = [
-        f"Dataset:   {data.reader.data_dir} ({data.num_classes} classes, {data.num_train} train / "
-        f"{data.num_val} val images){' - synthetic, written by the quickstart' if data.synthetic else ''}",
+        f"Dataset:   {data.source.location} ({data.source.kind}: {data.num_classes} classes, {data.num_train} "
+        f"train / {data.num_val} val images){' - synthetic, written by the quickstart' if data.synthetic else ''}",
         f"Network:   {network['name']} ({network['params']:,} parameters, {network['macs'] / 1e6:,.1f} MMACs "
         f"per image at {data.image_size} px)",
         f"Data:      {data.image_size} px, batch {data.batch_size}, {data.steps_per_epoch} steps an epoch, "
         f"epochs {first_epoch}-{first_epoch + epochs - 1}",
+        f"Feeding:   {data.memory_mode()[1]}",
         f"Strategy:  {type(distribution.strategy).__name__}, {distribution.strategy.num_replicas_in_sync} "
         "replica(s)",
         f"Model dir: {model_dir}",
@@ -293,15 +294,22 @@ def _hparam_value(value):
     return str(value)
 
 
-def data_report(data, model_dir):
-    """Reports the data before training: a summary line, a warning per problem, model_dir/data_report.json."""
-    from trainer.data import tiny_imagenet  # pylint: disable=import-outside-toplevel
+def data_report(data, model_dir, share_decode=True):
+    """Reports the data before training: a summary line, a warning per problem, model_dir/data_report.json.
 
-    report = tiny_imagenet.scan(data.reader)
+    With `share_decode`, a training set held in memory is decoded here, once: the scan and the pipeline share it.
+    """
+    from trainer.data import scan  # pylint: disable=import-outside-toplevel
+
+    decoded = None
+    if share_decode and data.memory_mode()[0] and not scan.is_cached(data.source):
+        _, labels, ids = data.load_train()
+        decoded = {"train": (ids, labels.numpy().tolist())}
+    report = scan.scan(data.source, decoded=decoded)
     path = os.path.join(model_dir, "data_report.json")
     run_dir.write_text(path, json.dumps(report, indent=1) + "\n")
     cached = f"; cached in {report['cached']}" if report.get("cached") else ""
-    logging.info("Data check: %s (details: %s%s).", tiny_imagenet.scan_summary(report), path, cached)
+    logging.info("Data check: %s (details: %s%s).", scan.scan_summary(report), path, cached)
     for problem in report["problems"]:
         logging.warning("Data check: %s", problem)
 
@@ -338,9 +346,9 @@ def write_run_start(model_dir, writers, network_plan, global_step, preview, data
         "image_size": data.image_size, "batch_size": data.batch_size}))
     if preview is not None:
         images, labels = (np.asarray(t) for t in preview)
-        if data.mean is not None:  # Back to [0, 1] to be seen.
-            images = images * np.array(data.std) + np.array(data.mean)
-        names = [data.reader.class_names[i] for i in labels.argmax(-1)]
+        if data.preprocess.mean is not None:  # Back to [0, 1] to be seen.
+            images = images * np.array(data.preprocess.std) + np.array(data.preprocess.mean)
+        names = [data.source.class_names[i] for i in labels.argmax(-1)]
         titles = [n if row.max() > 0.99 else f"{n} ({row.max():.0%})" for n, row in zip(names, labels)]  # Mixed.
         grid = figures.image_grid(images, titles, "augmented training images (label; share when mixed)", cols=8)
         writers.image("train", global_step, "augmented_inputs", tf.io.decode_png(grid))

@@ -113,7 +113,7 @@ def train(model_dir,
         available (host RAM when training on CPU): stop naming a batch size that fits, warn when close.
       scan_data: before training, decode every image once and report per split the images found and the
         unreadable ones, empty or tiny classes and class imbalance (model_dir/data_report.json; the scan is
-        cached per dataset, see `tiny_imagenet.scan`).
+        cached per dataset, see `trainer.data.scan`).
       stop_after_steps: checkpoint and return at this step; for tests.
 
     Returns:
@@ -144,10 +144,15 @@ def train(model_dir,
     run_dir.makedirs(model_dir)
     with run_dir.disk_errors(model_dir), run_dir.claimed(model_dir, distribution) as (lock, signals), \
             _precision(mixed_precision):
+        data.pin(model_dir)  # A source's own validation split stays the same when the run resumes.
         if distribution.chief:  # (Resuming, the check above found it equal.)
             run_dir.write_text(os.path.join(model_dir, run_dir.SETTINGS_FILE), json.dumps(settings, indent=1) + "\n")
+            run_dir.write_data_settings(model_dir, data)
+        network_plan = plan.make_plan(data.image_size)
+        if check_memory:  # Before anything is decoded.
+            plan.check_memory(network_plan, data, distribution.strategy.num_replicas_in_sync)
         if distribution.chief and scan_data:
-            summaries.data_report(data, model_dir)
+            summaries.data_report(data, model_dir, share_decode=not distribution.multi_worker)
         if seed is not None:
             keras.utils.set_random_seed(seed)
         if deterministic_ops:
@@ -197,11 +202,8 @@ def train(model_dir,
             start = "fresh weights" + (f" (seed {seed})" if seed is not None else "")
         decoded = tf.Variable(0, dtype=tf.int64, trainable=False)  # Counts decoded images.
         val_data = distribution.strategy.distribute_datasets_from_function(lambda ctx: data.eval("val", ctx))
-        network_plan = plan.make_plan(data.image_size)
         summaries.banner(data, summaries.network_summary(model, network_plan), distribution, model_dir, epochs,
                          first_epoch, start)
-        if check_memory and done < total_steps:
-            plan.check_memory(network_plan, data, distribution.strategy.num_replicas_in_sync)
         commit = functools.partial(epoch_log.commit, history=history, checkpoints=checkpoints, writers=writers,
                                    model_dir=model_dir, chief=distribution.chief, metric=select_best_by)
         if done % steps_per_epoch == 0 and 0 < done and not any(r["step"] == done for r in rows):
@@ -275,7 +277,7 @@ def train(model_dir,
             rows = commit(rows, row, plateau_rate=plateau.update(row) if plateau else None, opt=opt)
             progress.finish(steps.means(epoch_totals), val, time.time() - epoch_start)
             if first_epoch + epoch == first_epoch and not distribution.multi_worker:
-                _report_skipped(data.num_train, int(decoded.numpy()), data.reader.data_dir)
+                _report_skipped(data.num_train, int(decoded.numpy()), data.source.location)
             if done < total_steps and _should_stop(signals, done, stop_after_steps):
                 return _stop(signals, checkpoints, writers, done, first_epoch + epoch, model_dir)
             since_best = len(rows) - 1 - rows.index(epoch_log.best_row(rows, select_best_by))
@@ -304,8 +306,8 @@ def train(model_dir,
 
 def _check_settings(data, num_classes, distribution, steps_per_execution, checkpoint_every_steps):
     if data.num_classes != num_classes:
-        raise UserError(f"NUM_CLASSES is {num_classes} but the dataset at {data.reader.data_dir} has "
-                        f"{data.num_classes} classes (wnids.txt): set NUM_CLASSES = {data.num_classes}.")
+        raise UserError(f"NUM_CLASSES is {num_classes} but the {data.source.kind} dataset at {data.source.location} "
+                        f"has {data.num_classes} classes: set NUM_CLASSES = {data.num_classes}.")
     if data.steps_per_epoch < 1:
         raise UserError(f"BATCH_SIZE {data.batch_size} is larger than the training set ({data.num_train} "
                         f"images): use at most {data.num_train}.")
@@ -358,7 +360,7 @@ def _stop(signals, checkpoints, writers, done, epoch, model_dir):
 
 
 def _report_skipped(num_files, decoded, data_dir):
-    """Logs the training images that could not be decoded (each file is decoded once, into memory)."""
+    """Logs the training images of the first epoch that could not be decoded (and were skipped)."""
     if 0 < decoded < num_files:
         logging.warning("%d of %d training images in %s could not be decoded and were skipped.",
                         num_files - decoded, num_files, data_dir)

@@ -42,7 +42,7 @@ import zlib
 from absl import flags
 
 from trainer import cli
-from trainer.data import tiny_imagenet
+from trainer.data.sources import tiny_imagenet
 from trainer.errors import UserError
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"

@@ -1,17 +1,27 @@
 """The input pipeline: one `Data` object carries everything the trainer needs from the data.
 
 `trainer.data` (a gin configurable, bound once in gin/common.gin) opens the
-dataset and holds the settings: resolution, batch size, augmentation policy,
-resize method, normalisation, seeds. The trainer asks it for the training
-and evaluation `tf.data.Dataset`s and for counts (classes, images, steps).
+dataset through its source (`trainer.data.sources`: Tiny ImageNet's layout
+by default, class folders or TFRecord shards by including gin/data/<kind>.gin)
+and holds the settings: the preprocessing (`trainer.data.preprocess`:
+resolution, resize, crop, standardisation), batch size, augmentation policy,
+seeds. The trainer asks it for the training and evaluation
+`tf.data.Dataset`s and for counts (classes, images, steps).
 
-Training data: every image is decoded once (corrupt files are skipped and
-counted), resized to the phase resolution and kept as uint8 in memory; each
-epoch is a full permutation of all images (as the reference's
-`flow_from_dataframe` drew), batched, then augmented per batch by vectorised
-ops (`trainer.data.augment`). The permutation shuffles indices (8 bytes an
-image), so it costs no memory beyond the decoded images themselves. Batches
-are float32 (pixels / 255, then optionally standardised) with one-hot labels.
+Training data comes one of two ways, chosen by `memory_mode`:
+
+  in memory   every image is decoded once (in parallel, straight into one
+              array of uint8 at the phase resolution; corrupt ones skipped and
+              counted); each epoch is a full permutation of them (as the
+              reference's `flow_from_dataframe` drew). Chosen when the decoded
+              training set fits `memory_budget`.
+  streaming   each epoch reads and decodes every image again: the order of
+              files (or TFRecord shards) is drawn anew each epoch, then a
+              shuffle buffer of `shuffle_buffer` decoded images mixes them.
+              For datasets larger than memory.
+
+Batches are then augmented by vectorised ops (`trainer.data.augment`) and
+standardised; labels are one-hot.
 
 Evaluation batches are padded up to whole batches with all-zero images and
 all-zero label rows, so every batch has a static shape (TPUs need it) and
@@ -20,56 +30,84 @@ padded rows carry no weight: the trainer treats a zero label row as absent.
 
 import dataclasses
 import functools
-import os
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from trainer.data import augment as augment_lib
+from trainer.data import sources as sources_lib
 from trainer.data import synthetic
-from trainer.data.tiny_imagenet import TinyImageNet
+from trainer.data.preprocess import RESIZE_METHODS, Preprocessing  # noqa: F401 (RESIZE_METHODS: re-exported)
+from trainer.data.sources import image_folder, tfrecord, tiny_imagenet  # noqa: F401 (registers their gin names)
 from trainer.errors import UserError
 from trainer.registry import configurable
 
 AUTOTUNE = tf.data.AUTOTUNE
-RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area")
+DEFAULT_BUDGET_FRACTION = 0.5  # Of the memory available when the run starts (see `memory_mode`).
 
 
 @dataclasses.dataclass
 class Data:
-    """A dataset in the Tiny ImageNet layout and how to feed it (see `data`)."""
+    """A dataset (its `source`) and how to feed it (see `data`)."""
 
-    reader: TinyImageNet
-    image_size: int
+    source: sources_lib.Source
+    preprocess: Preprocessing
     batch_size: int
     augment: str | None = None
     seed: int = 0
-    resize: str = "bilinear"
-    mean: tuple | None = None
-    std: tuple | None = None
-    shuffle_buffer: int | None = None
-    cache: str | None = "memory"
+    in_memory: bool | None = None
+    memory_budget: int | None = None
+    shuffle_buffer: int = 10_000
     num_parallel_calls: int = AUTOTUNE
     prefetch: int = AUTOTUNE
     deterministic: bool = False
     synthetic: bool = False
+    _loaded: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def image_size(self):
+        return self.preprocess.image_size
 
     @property
     def num_classes(self):
-        return self.reader.num_classes
+        return self.source.num_classes
 
     @property
     def num_train(self):
-        return len(self.reader.files("train")[0])
+        return self.source.count("train")
 
     @property
     def num_val(self):
-        return len(self.reader.files("val")[0])
+        return self.source.count("val")
 
     @property
     def steps_per_epoch(self):
         return self.num_train // self.batch_size
+
+    def decoded_bytes(self, num_pipelines=1):
+        """Bytes of the decoded training images one input pipeline holds in memory (uint8)."""
+        return -(-self.num_train // num_pipelines) * self.image_size ** 2 * 3
+
+    def memory_mode(self, num_pipelines=1):
+        """(in_memory, reason): whether the training set is decoded into memory, and why, in one line."""
+        from trainer.models import plan  # pylint: disable=import-outside-toplevel
+
+        size = plan.format_bytes(self.decoded_bytes(num_pipelines))
+        if self.in_memory is not None:
+            return self.in_memory, (f"{'in memory' if self.in_memory else 'streaming'}: forced by "
+                                    f"trainer.data.in_memory = {self.in_memory} (decoded training set {size})")
+        if self.memory_budget is not None:
+            budget, where = self.memory_budget, "trainer.data.memory_budget"
+        else:
+            available, _ = plan.available_memory(host=True)
+            if available is None:
+                return True, f"in memory: decoded training set {size} (available memory unknown)"
+            budget, where = int(available * DEFAULT_BUDGET_FRACTION), \
+                f"{DEFAULT_BUDGET_FRACTION:.0%} of the {plan.format_bytes(available)} available"
+        fits = self.decoded_bytes(num_pipelines) <= budget
+        return fits, (f"{'in memory' if fits else 'streaming'}: decoded training set {size} "
+                      f"{'<=' if fits else '>'} budget {plan.format_bytes(budget)} ({where})")
 
     def train(self, input_context=None, resume_step=0, decoded_counter=None):
         """The endless, shuffled, augmented training batches (see `make_dataset`)."""
@@ -78,6 +116,22 @@ class Data:
     def eval(self, split="val", input_context=None):
         """One ordered pass over `split`, padded to whole batches (see `make_dataset`)."""
         return make_dataset(self, split, False, input_context)
+
+    def pin(self, model_dir):
+        """Fixes in `model_dir` what a resumed run must see again (the source's own validation split)."""
+        self.source.pin(model_dir)
+
+    def load_train(self, input_context=None):
+        """The training images decoded into memory, once: (images uint8 [N, S, S, 3], labels int32 [N], ids [N]).
+
+        Decoded in parallel straight into one aligned array that the tensor then
+        shares (no copy); a corrupt image is skipped. Kept for the next call.
+        """
+        key = (0, 1) if input_context is None else (input_context.input_pipeline_id,
+                                                    input_context.num_input_pipelines)
+        if key not in self._loaded:
+            self._loaded[key] = _load(self, input_context)
+        return self._loaded[key]
 
 
 def _check_int(name, value, lo, hi):
@@ -89,38 +143,46 @@ def _check_int(name, value, lo, hi):
 def data(data_dir,
          image_size,
          batch_size,
+         source=tiny_imagenet.tiny_imagenet,
          augment=None,
          seed=0,
          resize="bilinear",
+         crop="stretch",
          mean=None,
          std=None,
-         shuffle_buffer=None,
-         cache="memory",
+         in_memory=None,
+         memory_budget=None,
+         shuffle_buffer=10_000,
          num_parallel_calls=AUTOTUNE,
          prefetch=AUTOTUNE,
          deterministic=False,
          synthetic_if_missing=False,
          synthetic_options=None):
-    """Opens a dataset in the Tiny ImageNet layout and says how to feed it.
+    """Opens a dataset through its source and says how to feed it.
 
     Args:
-      data_dir: the `tiny-imagenet-200`-style directory (local or gs://).
+      data_dir: the dataset directory (local, gs:// or any tf.io.gfile file system).
       image_size: the side images are resized to (64 is Tiny ImageNet's own).
       batch_size: the global batch size (split over replicas).
+      source: a reference to a `trainer.sources.*` factory, called with `data_dir`:
+        `@trainer.sources.tiny_imagenet` (the default), `.image_folder` or `.tfrecord`
+        (gin/data/<kind>.gin binds it).
       augment: a policy string for `trainer.data.augment` (training only), or None.
       seed: seeds the data order and the augmentation (mixed with the input
         pipeline's id and the step a resumed run starts from).
       resize: 'bilinear' (with antialiasing), 'nearest' (the reference's 32 px
         phase: PIL's default), 'bicubic' or 'area'; images already at
         `image_size` are not resized.
+      crop: 'stretch' (a non-square image is resized whole) or 'center' (its centred square).
       mean: None (pixels / 255 in [0, 1]), or per-channel means to subtract after
         the augmentation, on the [0, 1] scale.
       std: per-channel standard deviations to divide by (with `mean`).
-      shuffle_buffer: None: a full permutation of the training images every
-        epoch, over images decoded once into memory. An integer: a shuffle
-        buffer of that many images after `cache` (for datasets too big for memory).
-      cache: with `shuffle_buffer`: 'memory', a file path prefix (the split, size
-        and input pipeline are appended), or None. Evaluation data is cached in memory.
+      in_memory: None: decode the training set into memory when it fits `memory_budget`,
+        else stream it; True or False forces either.
+      memory_budget: bytes the decoded training images may take; None: half the
+        memory available when the run starts.
+      shuffle_buffer: streaming only: decoded images mixed by the shuffle buffer
+        (the file or shard order is drawn anew every epoch before it).
       num_parallel_calls: parallelism of decode and augmentation.
       prefetch: batches to prefetch.
       deterministic: keep element order under parallel maps (slower).
@@ -133,39 +195,28 @@ def data(data_dir,
 
     Raises:
       UserError: a setting out of range; DatasetNotFoundError (a UserError):
-        the directory does not hold the layout.
+        the directory does not hold the source's layout.
     """
-    _check_int("IMAGE_SIZE (trainer.data.image_size)", image_size, 8, 1024)
     _check_int("BATCH_SIZE (trainer.data.batch_size)", batch_size, 1, 1 << 20)
-    if resize not in RESIZE_METHODS:
-        raise UserError(f"trainer.data.resize must be one of {', '.join(RESIZE_METHODS)}, got {resize!r}.")
-    if (mean is None) != (std is None) or (mean is not None and (len(mean) != 3 or len(std) != 3
-                                                                 or min(std) <= 0)):
-        raise UserError(f"trainer.data.mean and std must both be None or both 3 numbers (std > 0), got "
-                        f"{mean!r} and {std!r}.")
-    if shuffle_buffer is not None:
-        _check_int("trainer.data.shuffle_buffer", shuffle_buffer, 1, 1 << 40)
+    _check_int("trainer.data.shuffle_buffer", shuffle_buffer, 1, 1 << 40)
+    if memory_budget is not None:
+        _check_int("trainer.data.memory_budget (bytes)", memory_budget, 0, 1 << 60)
+    if in_memory not in (None, True, False):
+        raise UserError(f"trainer.data.in_memory must be None (decide by the memory budget), True or False, got "
+                        f"{in_memory!r}.")
+    if not callable(source):
+        raise UserError(f"trainer.data.source must be a source, e.g. @trainer.sources.image_folder, got "
+                        f"{source!r}.")
+    preprocess = Preprocessing(image_size, resize, None if mean is None else tuple(mean),
+                               None if std is None else tuple(std), crop)
     augment_lib.build_policy(augment)  # A bad policy fails here, before anything runs.
-    data_dir = os.path.expanduser(data_dir)
+    data_dir = sources_lib.local(data_dir)
     written = False
     if synthetic_if_missing and not tf.io.gfile.exists(data_dir):
         synthetic.ensure_synthetic(data_dir, **(synthetic_options or {}))
         written = True
-    return Data(TinyImageNet(data_dir), image_size, batch_size, augment, seed, resize,
-                None if mean is None else tuple(mean), None if std is None else tuple(std), shuffle_buffer,
-                cache, num_parallel_calls, prefetch, deterministic, synthetic=written or synthetic_if_missing)
-
-
-def decode(path, image_size, resize="bilinear"):
-    """Reads one JPEG (greyscale ones too) as uint8 [image_size, image_size, 3]."""
-    image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
-
-    def resized():
-        out = tf.image.resize(image, [image_size, image_size], method=resize, antialias=resize != "nearest")
-        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
-
-    native = tf.reduce_all(tf.equal(tf.shape(image)[:2], image_size))  # Tiny ImageNet at 64 px.
-    return tf.ensure_shape(tf.cond(native, lambda: image, resized), [image_size, image_size, 3])
+    return Data(source(data_dir), preprocess, batch_size, augment, seed, in_memory, memory_budget, shuffle_buffer,
+                num_parallel_calls, prefetch, deterministic, synthetic=written or synthetic_if_missing)
 
 
 def make_dataset(settings, split, training, input_context=None, decoded_counter=None, resume_step=0):
@@ -173,12 +224,12 @@ def make_dataset(settings, split, training, input_context=None, decoded_counter=
 
     Args:
       settings: a `Data`.
-      split: 'train', 'val' or 'test'.
+      split: a split of the source ('train', 'val', ...).
       training: if True: shuffle, repeat forever, augment, drop the last
-        partial batch. If False: one pass in file order, padded to whole batches.
+        partial batch. If False: one pass in the source's order, padded to whole batches.
       input_context: a `tf.distribute.InputContext` to shard over input pipelines.
       decoded_counter: an int64 tf.Variable incremented per decoded image (the
-        caller compares it with the number of files to count corrupt ones).
+        caller compares it with the number of images to count corrupt ones).
       resume_step: the training step a resumed run starts from (mixed into the seed).
 
     Returns:
@@ -186,35 +237,29 @@ def make_dataset(settings, split, training, input_context=None, decoded_counter=
       [B, num_classes]).
     """
     s = settings
-    files, labels = s.reader.files(split)
-    if labels is None:
-        labels = [-1] * len(files)  # Unlabelled (test): all-zero label rows.
+    s.source.check_split(split)
     batch_size, pipeline_id, num_pipelines = s.batch_size, 0, 1
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(s.batch_size)
         pipeline_id, num_pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
     seed = (s.seed * 1_000_003 + resume_step * 1_009 + pipeline_id) % 2**31
 
-    ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(labels, tf.int32)))
-    if num_pipelines > 1:
-        ds = ds.shard(num_pipelines, pipeline_id)
-    ds = ds.map(lambda f, y: (decode(f, s.image_size, s.resize), y), num_parallel_calls=s.num_parallel_calls,
-                deterministic=s.deterministic or not training)
-    ds = ds.ignore_errors(log_warning=True)  # A corrupt JPEG is skipped, never ends the epoch.
-    if decoded_counter is not None:
-        ds = ds.map(functools.partial(_count, decoded_counter))
-
-    if training and s.shuffle_buffer is None:
-        ds = _permuted(ds, seed, batch_size)  # Batched already: one gather a batch.
-    elif training:
-        if s.cache:
-            ds = ds.cache("" if s.cache == "memory" else
-                          f"{s.cache}-{split}-{s.image_size}px-{pipeline_id}of{num_pipelines}")
-        ds = ds.shuffle(s.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
-        ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=s.num_parallel_calls)
+    if training and s.memory_mode(num_pipelines)[0]:
+        images, labels, _ = s.load_train(input_context)
+        if decoded_counter is not None:
+            decoded_counter.assign_add(int(labels.shape[0]))
+        ds = _permuted(images, labels, seed, batch_size)  # Batched already: one gather a batch.
     else:
-        ds = ds.cache()
-    finish = functools.partial(_finish, num_classes=s.num_classes, mean=s.mean, std=s.std)
+        ds = _decoded(s, split, input_context, shuffle_seed=seed if training else None,
+                      deterministic=s.deterministic or not training)
+        if decoded_counter is not None:
+            ds = ds.map(functools.partial(_count, decoded_counter))
+        if training:
+            ds = ds.shuffle(s.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+            ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=s.num_parallel_calls)
+        else:
+            ds = ds.cache()
+    finish = functools.partial(_finish, num_classes=s.num_classes, preprocess=s.preprocess)
     if training:
         policy = augment_lib.build_policy(s.augment)
         seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
@@ -230,26 +275,60 @@ def make_dataset(settings, split, training, input_context=None, decoded_counter=
     return ds.with_options(options).prefetch(s.prefetch)
 
 
-def _permuted(decoded, seed, batch_size):
-    """Decodes every image once into memory; then endless epochs, each a full permutation of them.
+def _decoded(s, split, input_context=None, shuffle_seed=None, deterministic=True, with_ids=False):
+    """(uint8 image [S, S, 3], label) of a split (and the example id `with_ids`); corrupt images skipped."""
+    decode = s.preprocess.decode
+    ds = s.source.examples(split, shuffle_seed=shuffle_seed, input_context=input_context)
+    ds = ds.map((lambda image, label, id_: (decode(image), label, id_)) if with_ids else
+                (lambda image, label, id_: (decode(image), label)),
+                num_parallel_calls=s.num_parallel_calls, deterministic=deterministic)
+    return ds.ignore_errors(log_warning=True)  # A corrupt image is skipped, never ends the epoch.
 
-    The permutation shuffles indices; each batch is one gather of `batch_size`
-    of them (a gather per image cost 2.5x the throughput of the whole pipeline).
-    Batches run across epoch boundaries, as a repeated shuffle's do.
+
+def _aligned_uint8(shape, align=64):
+    """An uninitialised uint8 array whose buffer is `align`-byte aligned (TensorFlow can then share it)."""
+    size = int(np.prod(shape))
+    buffer = np.empty(size + align, np.uint8)
+    offset = (-buffer.ctypes.data) % align
+    return buffer[offset:offset + size].reshape(shape)
+
+
+def _load(s, input_context):
+    """Decodes this input pipeline's training images into one array (see `Data.load_train`)."""
+    num_pipelines = input_context.num_input_pipelines if input_context is not None else 1
+    capacity = -(-s.num_train // num_pipelines)
+    size = s.image_size
+    images = _aligned_uint8((capacity, size, size, 3))
+    labels = np.empty(capacity, np.int32)
+    ids, count = [], 0
+    # In the source's order, so that the seeded permutations are the same whatever the decode threads did.
+    for image_batch, label_batch, id_batch in _decoded(s, "train", input_context, deterministic=True,
+                                                       with_ids=True).batch(256).prefetch(2):
+        n = int(label_batch.shape[0])
+        images[count:count + n] = image_batch.numpy()
+        labels[count:count + n] = label_batch.numpy()
+        ids += [i.decode("utf-8", "surrogateescape") for i in id_batch.numpy()]
+        count += n
+    if not count:
+        raise UserError(f"No training image of {s.source.location} could be decoded: every file is corrupt or "
+                        "unreadable.")
+    images = images[:count]  # A view: no copy.
+    logging.info("Decoded %d training images into memory (%.0f MB).", count, images.nbytes / 2**20)
+    return tf.experimental.dlpack.from_dlpack(images.__dlpack__()), tf.constant(labels[:count]), ids
+
+
+def _permuted(images, labels, seed, batch_size):
+    """Endless epochs over images held in memory, each a full permutation of them.
+
+    The permutation shuffles indices (8 bytes an image); each batch is one
+    gather of `batch_size` of them (a gather per image cost 2.5x the
+    throughput of the whole pipeline). Batches run across epoch boundaries,
+    as a repeated shuffle's do.
 
     Returns:
       A dataset of (uint8 images [B, S, S, 3], int labels [B]).
     """
-    images, labels = [], []
-    for image_batch, label_batch in decoded.batch(1024).prefetch(2):
-        images.append(image_batch.numpy())
-        labels.append(label_batch.numpy())
-    if not images:
-        raise UserError("No training image could be decoded: every file is corrupt or unreadable.")
-    images = tf.constant(np.concatenate(images))
-    labels = tf.constant(np.concatenate(labels))
     count = int(labels.shape[0])
-    logging.info("Decoded %d training images into memory (%.0f MB).", count, images.shape.num_elements() / 2**20)
     order = tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True).repeat()
     return order.batch(batch_size, drop_remainder=True).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
 
@@ -268,13 +347,11 @@ def _pad(batch, batch_size):
     return tf.ensure_shape(images, [batch_size] + images.shape[1:]), tf.ensure_shape(labels, [batch_size])
 
 
-def _finish(batch, num_classes, mean=None, std=None, policy=None, seed=None):
-    """uint8 images, int labels -> float32 images, one-hot labels; augmentation; standardisation."""
+def _finish(batch, num_classes, preprocess, policy=None, seed=None):
+    """uint8 images, int labels -> float32 images, one-hot labels; augmentation between scale and normalise."""
     images, labels = batch
-    images = tf.cast(images, tf.float32) / 255.0
+    images = preprocess.scale(images)
     labels = tf.one_hot(labels, num_classes, dtype=tf.float32)  # -1 -> all-zero row.
     if policy is not None:
         images, labels = policy(images, labels, tf.cast(seed, tf.int32))
-    if mean is not None:
-        images = (images - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
-    return images, labels
+    return preprocess.normalise(images), labels

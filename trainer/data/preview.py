@@ -84,7 +84,7 @@ def sample_training_images(n, shuffle_buffer=512):
 
     from trainer.data import pipeline  # pylint: disable=import-outside-toplevel
 
-    settings = dataclasses.replace(pipeline.data(), cache=None, shuffle_buffer=shuffle_buffer)
+    settings = dataclasses.replace(pipeline.data(), in_memory=False, shuffle_buffer=shuffle_buffer)  # Streamed.
     dataset = settings.train()
     images = dataset.unbatch().map(lambda image, label: image).take(n)
     return tf.stack(list(images))

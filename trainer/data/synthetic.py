@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import cli
-from trainer.data import tiny_imagenet
+from trainer.data.sources import tiny_imagenet
 from trainer.errors import UserError
 
 PARAMS_FILE = "synthetic.json"  # The arguments a synthetic dataset was written with.

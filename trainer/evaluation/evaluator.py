@@ -7,16 +7,16 @@ flip TTA):
 
   report.json      everything, machine-readable
   report.md        summary, the worst classes, the most confused pairs
-  predictions.csv  file, true wnid, predicted wnid, probability, top-5 wnids
+  predictions.csv  example id (the file name within the dataset), true class id, predicted class id,
+                   probability, top-5 class ids
   events.out.*     TensorBoard: scalars, the confusion matrix (classes ordered
                    so confusions cluster), misclassified images, Grad-CAM
                    overlays, a reliability diagram, a per-class table
 
-The images are prepared exactly as `Data.eval(split)` prepares them
-(`pipeline.decode` with the run's resize method, then / 255 and the run's
-standardisation, as `pipeline._finish`), in batches of the training batch
-size padded the same way, so with flip TTA off the top-1 is the number the
-trainer's per-epoch evaluation logs for the same weights.
+The images come from the run's data source and are prepared by the run's
+`Preprocessing` (`data.preprocess`), the object training uses, in batches of
+the training batch size padded the same way, so with flip TTA off the top-1
+is the number the trainer's per-epoch evaluation logs for the same weights.
 
 The trainer calls `evaluate_best_of_phase(model_dir, data, model, strategy)`
 at the end of a phase; `python -m trainer.evaluate` evaluates any checkpoint.
@@ -52,29 +52,32 @@ def checkpoint_name(path):
     return base
 
 
-def standardise(images, data):
-    """float32 images in [0, 1] -> the network's input, as `pipeline._finish` makes it (`data.mean`, `data.std`)."""
-    if data.mean is None:
-        return images
-    return (images - np.asarray(data.mean, np.float32)) / np.asarray(data.std, np.float32)
+def load_images(data, split, indices):
+    """The images at positions `indices` of `split`, decoded as evaluation decodes them, before normalisation.
 
-
-def load_images(paths, data):
-    """Decodes image files as the evaluation pipeline does, before standardisation: float32 [N, S, S, 3] in [0, 1]."""
-    return np.stack([(tf.cast(pipeline.decode(p, data.image_size, data.resize), tf.float32) / 255.0).numpy()
-                     for p in paths])
-
-
-def _scoring_dataset(files, data):
-    """(images, index) batches of `data.batch_size`, the last padded with zero images of index -1.
-
-    The images are those `data.eval()` yields (`pipeline.decode`, / 255, standardised).
-    A file that cannot be decoded is skipped (its index never appears).
+    Returns:
+      float32 [len(indices), S, S, 3] in [0, 1], in the order of `indices` (one pass over the split's bytes).
     """
-    batch_size, image_size = data.batch_size, data.image_size
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(files), tf.range(len(files), dtype=tf.int32)))
-    ds = ds.map(lambda f, i: (pipeline.decode(f, image_size, data.resize), i), num_parallel_calls=_AUTOTUNE,
-                deterministic=True)
+    wanted = tf.constant(sorted({int(i) for i in indices}), tf.int64)
+    if not len(indices):
+        return np.zeros((0, data.image_size, data.image_size, 3), np.float32)
+    ds = data.source.examples(split).enumerate().filter(lambda i, example: tf.reduce_any(tf.equal(i, wanted)))
+    found = {int(i): data.preprocess.scale(data.preprocess.decode(example[0])).numpy()
+             for i, example in ds}
+    return np.stack([found[int(i)] for i in indices])
+
+
+def _scoring_dataset(data, split):
+    """(images, index) batches of `data.batch_size` in the split's order, the last padded with index -1.
+
+    The images are those `data.eval()` yields (`data.preprocess`: decode, scale, normalise); the index is the
+    example's position in `data.source.listing(split)`. An image that cannot be decoded is skipped (its index
+    never appears).
+    """
+    batch_size, image_size, preprocess = data.batch_size, data.image_size, data.preprocess
+    ds = data.source.examples(split).enumerate()
+    ds = ds.map(lambda i, example: (preprocess.decode(example[0]), tf.cast(i, tf.int32)),
+                num_parallel_calls=_AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors(log_warning=True)
 
     def finish(images, index):
@@ -82,28 +85,25 @@ def _scoring_dataset(files, data):
         images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
         index = tf.pad(index, [[0, missing]], constant_values=-1)
         images = tf.ensure_shape(images, [batch_size, image_size, image_size, 3])
-        images = tf.cast(images, tf.float32) / 255.0
-        if data.mean is not None:
-            images = (images - tf.constant(data.mean, tf.float32)) / tf.constant(data.std, tf.float32)
-        return images, tf.ensure_shape(index, [batch_size])
+        return preprocess.prepare(images), tf.ensure_shape(index, [batch_size])
 
     return ds.batch(batch_size).map(finish, num_parallel_calls=_AUTOTUNE).prefetch(_AUTOTUNE)
 
 
-def score(model, files, data, strategy=None, tta_flip=False):
-    """Runs the model over image files.
+def score(model, data, split, strategy=None, tta_flip=False):
+    """Runs the model over every image of a split.
 
     Args:
-      model: maps float32 [B, S, S, 3] images, prepared as `data` prepares them, to logits.
-      files: image paths.
-      data: the `pipeline.Data`: resolution, resize method, standardisation and
-        the global batch size (a multiple of the strategy's replicas).
+      model: maps float32 [B, S, S, 3] images, prepared as `data.preprocess` prepares them, to logits.
+      data: the `pipeline.Data`: the source, the preprocessing and the global batch size (a multiple
+        of the strategy's replicas).
+      split: a split of the source.
       strategy: a tf.distribute strategy the model was built under (None: the default one).
       tta_flip: also score each image flipped left-right.
 
     Returns:
-      (index, logits, flipped_logits): index int [M] of the files that decoded,
-      in file order; float32 logits [M, K]; flipped_logits [M, K] or None.
+      (index, logits, flipped_logits): index int [M] of the examples that decoded (positions in
+      `data.source.listing(split)`), in order; float32 logits [M, K]; flipped_logits [M, K] or None.
     """
     strategy = strategy or tf.distribute.get_strategy()
 
@@ -118,11 +118,12 @@ def score(model, files, data, strategy=None, tta_flip=False):
         return strategy.run(replica_step, args=batch)
 
     parts = []
-    for batch in strategy.experimental_distribute_dataset(_scoring_dataset(files, data)):
+    for batch in strategy.experimental_distribute_dataset(_scoring_dataset(data, split)):
         parts.append([np.concatenate([t.numpy() for t in strategy.experimental_local_results(out)])
                       for out in step(batch)])
     if not parts:
-        raise UserError(f"None of the {len(files)} images could be decoded: nothing to evaluate.")
+        raise UserError(f"None of the {data.source.count(split)} {split} images of {data.source.location} could be "
+                        "decoded: nothing to evaluate.")
     logits, index = (np.concatenate([p[i] for p in parts]) for i in range(2))
     flipped = np.concatenate([p[2] for p in parts]) if tta_flip else None
     keep = index >= 0
@@ -180,8 +181,8 @@ def evaluate_checkpoint(model, checkpoint_path, data, split, eval_dir, writer=No
         (`builder.build_network`) under `strategy`. A given model gets its
         weights back afterwards: the trainer may pass the model it trains.
       checkpoint_path: a training checkpoint (`checkpoints.find_checkpoint`).
-      data: the phase's `pipeline.Data`: the dataset reader (`data.reader`), image
-        size, batch size (images per model call), resize method and standardisation.
+      data: the phase's `pipeline.Data`: the source (`data.source`), the preprocessing
+        (`data.preprocess`) and the batch size (images per model call).
       split: 'val' or 'train'.
       eval_dir: the files go to `<eval_dir>/<name>/` (`model_dir/eval` for a run).
       writer: a `tf.summary` writer; None = one writing to `<eval_dir>/<name>/`.
@@ -207,7 +208,7 @@ def evaluate_checkpoint(model, checkpoint_path, data, split, eval_dir, writer=No
     if data.batch_size % strategy.num_replicas_in_sync:
         raise UserError(f"Evaluation batch size {data.batch_size} does not split over "
                         f"{strategy.num_replicas_in_sync} replicas: use a multiple of them.")
-    dataset = data.reader
+    source = data.source
     if model is None:
         from trainer.models import builder  # pylint: disable=import-outside-toplevel
         with strategy.scope():
@@ -217,30 +218,30 @@ def evaluate_checkpoint(model, checkpoint_path, data, split, eval_dir, writer=No
         saved = [w.numpy() for w in model.weights]
     if model.output_shape[-1] != data.num_classes:
         raise UserError(f"The network outputs {model.output_shape[-1]} classes but the dataset at "
-                        f"{dataset.data_dir} has {data.num_classes}: expected the NUM_CLASSES of the run.")
+                        f"{source.location} has {data.num_classes}: expected the NUM_CLASSES of the run.")
     layer = gradcam_lib.find_layer(model, gradcam_layer)  # Fails early on a bad name.
     name = checkpoint_name(checkpoint_path) + ("-train" if split == "train" else "") + ("-flip" if tta_flip else "")
     out_dir = os.path.join(eval_dir, name)
     try:
         checkpoints.restore_weights(model, checkpoint_path)
-        files, labels = dataset.files(split)
-        index, logits, flipped = score(model, files, data, strategy, tta_flip)
+        ids, labels = source.listing(split)
+        index, logits, flipped = score(model, data, split, strategy, tta_flip)
         labels = np.asarray(labels)[index]
-        scored_files = [files[i] for i in index]
+        scored_ids = [ids[i] for i in index]
         result = compute_metrics(logits, labels, data.num_classes, flipped, num_confused)
         info = checkpoints.describe_checkpoint(checkpoint_path)
         step = info["step"] if info["step"] is not None else 0
-        report = _report(result, data, checkpoint_path, name, info, split, tta_flip, layer.name, files, scored_files,
+        report = _report(result, data, checkpoint_path, name, info, split, tta_flip, layer.name, ids, scored_ids,
                          labels, num_confused)
         report["out_dir"], report["replicas"] = out_dir, strategy.num_replicas_in_sync
         tf.io.gfile.makedirs(out_dir)
         reports.write_atomic(os.path.join(out_dir, "report.json"), reports.to_json(report))
         reports.write_atomic(os.path.join(out_dir, "report.md"), reports.markdown(report))
         reports.write_atomic(os.path.join(out_dir, "predictions.csv"),
-                             reports.predictions_csv(_prediction_rows(result, dataset, scored_files, labels)))
+                             reports.predictions_csv(_prediction_rows(result, source, scored_ids, labels)))
         own_writer = writer is None
         writer = writer or tf.summary.create_file_writer(out_dir)
-        _summaries(writer, step, report, result, model, layer, data, scored_files, labels, num_misclassified,
+        _summaries(writer, step, report, result, model, layer, data, split, index, labels, num_misclassified,
                    num_gradcam)
         writer.flush()
         if own_writer:
@@ -286,7 +287,7 @@ def evaluate_best_of_phase(model_dir, data, model=None, strategy=None):
 
     Args:
       model_dir: the phase's model directory.
-      data: the phase's `pipeline.Data` (reader, image size, batch size, resize, standardisation).
+      data: the phase's `pipeline.Data` (source, preprocessing, batch size).
       model: the trained model (its weights are put back afterwards), or None for a fresh one.
       strategy: the `strategy.Distribution` (or the tf.distribute strategy) `model` was built under.
 
@@ -322,21 +323,21 @@ def gin_value(name, default=UserError):
     return value
 
 
-def _report(result, data, checkpoint_path, name, info, split, tta_flip, layer_name, files, scored_files, labels,
+def _report(result, data, checkpoint_path, name, info, split, tta_flip, layer_name, ids, scored_ids, labels,
             num_confused):
-    dataset = data.reader
-    names, wnids = dataset.class_names, dataset.wnids
+    source = data.source
+    names, wnids = source.class_names, source.class_ids
     counts = result["per_class"]
     support = counts["support"]
-    skipped = sorted(set(files) - set(scored_files))
+    skipped = sorted(set(ids) - set(scored_ids))
     return {
         "checkpoint": checkpoint_path, "checkpoint_name": name, "checkpoint_step": info["step"],
         "checkpoint_epoch": info["epoch"], "checkpoint_val_top1": info["val_top1"],
         "checkpoint_best_top1": info["best_top1"], "split": split, "image_size": data.image_size,
-        "batch_size": data.batch_size, "resize": data.resize,
-        "mean": None if data.mean is None else list(data.mean), "std": None if data.std is None else list(data.std),
+        "batch_size": data.batch_size, "preprocessing": data.preprocess.to_json(),
         "tta_flip": tta_flip, "gradcam_layer": layer_name, "num_confused": num_confused,
-        "data": {"data_dir": dataset.data_dir, "num_files": len(files), "num_scored": len(scored_files),
+        "data": {"data_dir": source.location, "source": source.describe(), "num_files": len(ids),
+                 "num_scored": len(scored_ids),
                  "num_skipped": len(skipped), "skipped_files": skipped},
         "metrics": {"loss": result["loss"], "top1": result["top1"], "top5": result["top5"], "top_k": result["top_k"],
                     "ece": result["ece"], "ece_bins": len(result["reliability"]),
@@ -355,27 +356,23 @@ def _report(result, data, checkpoint_path, name, info, split, tta_flip, layer_na
     }
 
 
-def _relative(path, root):
-    return path.removeprefix(root.rstrip("/") + "/")
-
-
-def _prediction_rows(result, dataset, scored_files, labels):
-    probabilities, wnids = result["probabilities"], dataset.wnids
+def _prediction_rows(result, source, scored_ids, labels):
+    probabilities, wnids = result["probabilities"], source.class_ids
     top = np.argsort(-probabilities, axis=1, kind="stable")[:, :result["top_k"]]
-    return [{"file": _relative(f, dataset.data_dir), "true_wnid": wnids[labels[i]],
+    return [{"file": f, "true_wnid": wnids[labels[i]],
              "predicted_wnid": wnids[result["predictions"][i]],
              "probability": f"{probabilities[i, result['predictions'][i]]:.6f}",
-             "top5_wnids": " ".join(wnids[j] for j in top[i])} for i, f in enumerate(scored_files)]
+             "top5_wnids": " ".join(wnids[j] for j in top[i])} for i, f in enumerate(scored_ids)]
 
 
 def _image_summary(name, png):
     tf.summary.image(name, tf.image.decode_png(png, channels=3)[None], max_outputs=1)
 
 
-def _summaries(writer, step, report, result, model, layer, data, scored_files, labels, num_misclassified,
+def _summaries(writer, step, report, result, model, layer, data, split, index, labels, num_misclassified,
                num_gradcam):
     """Scalars, the confusion matrix, misclassified images, Grad-CAM, reliability, per-class table."""
-    names, m = data.reader.class_names, report["metrics"]
+    names, m = data.source.class_names, report["metrics"]
     title = f"{report['checkpoint_name']} on {report['split']}"
     predictions, probabilities = result["predictions"], result["probabilities"]
     confidence = probabilities[np.arange(len(labels)), predictions]
@@ -383,7 +380,7 @@ def _summaries(writer, step, report, result, model, layer, data, scored_files, l
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:num_misclassified]  # Most confident first.
     # Grad-CAM on the mistakes; with none, on the least confident right answers.
     explained = wrong[:num_gradcam] if len(wrong) else np.argsort(confidence, kind="stable")[:num_gradcam]
-    images = load_images([scored_files[i] for i in np.union1d(wrong, explained)], data)
+    images = load_images(data, split, [index[i] for i in np.union1d(wrong, explained)])
     lookup = {int(i): images[n] for n, i in enumerate(np.union1d(wrong, explained))}
 
     def caption(i):
@@ -402,7 +399,7 @@ def _summaries(writer, step, report, result, model, layer, data, scored_files, l
         _image_summary("eval/misclassified", grid)
         if len(explained):
             batch = np.stack([lookup[int(i)] for i in explained])
-            cams = gradcam_lib.gradcam(model, standardise(batch, data), predictions[explained], layer)
+            cams = gradcam_lib.gradcam(model, data.preprocess.normalise(batch).numpy(), predictions[explained], layer)
             _image_summary("eval/gradcam", figures.image_grid(
                 batch, [caption(i) for i in explained],
                 f"Grad-CAM of the predicted class at '{layer.name}', {title}", overlays=cams))

@@ -118,10 +118,12 @@ def markdown(report):
     if report.get("checkpoint_best_top1") is not None:
         lines.append(f"- best val top-1 of the run's history in the checkpoint: "
                      f"{100 * report['checkpoint_best_top1']:.2f}%")
-    if report.get("resize"):
-        standardised = ("" if report.get("mean") is None
-                        else f", standardised (mean {report['mean']}, std {report['std']})")
-        lines.append(f"- preprocessing: resize '{report['resize']}', pixels / 255{standardised}")
+    prep = report.get("preprocessing")
+    if prep:
+        standardised = ("" if prep.get("mean") is None
+                        else f", standardised (mean {prep['mean']}, std {prep['std']})")
+        lines.append(f"- preprocessing: {prep['crop']}, resize '{prep['resize']}' to {prep['image_size']} px, "
+                     f"pixels / 255{standardised}")
     lines += ["", f"## The {min(WORST_CLASSES, len(report['per_class']))} worst classes", "",
               per_class_table(report["per_class"], WORST_CLASSES), "",
               f"## The most confused pairs (up to {report['num_confused']})", "",

@@ -307,25 +307,73 @@ def _count(weights):
     return sum(int(np.prod(w.shape)) for w in weights)
 
 
-def available_memory():
-    """(bytes available, where) for training, or (None, None) when unknown (accelerators: not checked)."""
-    if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+def _cgroup_room():
+    """(bytes, where) the process's cgroup still allows (v2, else v1), or None without a limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file, encoding="ascii") as f:
+                limit = f.read().strip()
+            with open(usage_file, encoding="ascii") as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            return max(int(limit) - usage, 0), f"left under the cgroup memory limit ({limit_file})"
+    return None
+
+
+def _address_space_room():
+    """(bytes, where) `ulimit -v` still allows this process, or None without a limit."""
+    import resource  # pylint: disable=import-outside-toplevel
+
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm", encoding="ascii") as f:
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return max(soft - used, 0), "left under the address-space limit (ulimit -v)"
+
+
+def available_memory(host=False):
+    """(bytes available, where) for training, or (None, None) when unknown.
+
+    The least of the host's available RAM, what the process's cgroup memory
+    limit leaves and what `ulimit -v` leaves.
+
+    Args:
+      host: the host's memory even with an accelerator (the decoded data lives there); else
+        (None, None) with an accelerator: its memory is not checked.
+    """
+    if not host and (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU")):
         return None, None
+    found = []
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "host RAM available (/proc/meminfo)"
+                    found.append((int(line.split()[1]) * 1024, "host RAM available (/proc/meminfo)"))
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host RAM available"
-    except (ValueError, OSError, AttributeError):
-        return None, None
+    if not found:
+        try:
+            found.append((os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host RAM available"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    found += [room for room in (_cgroup_room(), _address_space_room()) if room]
+    return min(found) if found else (None, None)
 
 
-def check_memory(network_plan, data, replicas):
-    """Stops before the first step when the plan's memory estimate exceeds what is available; warns when close.
+def check_memory(network_plan, data, replicas, num_pipelines=1):
+    """Stops before the first step (and before any decoding) when the memory estimate exceeds what is available.
+
+    The estimate is the network's (activations, weights, gradients, optimizer
+    state) plus the decoded training images when they are held in memory, or
+    the shuffle buffer's images when they are streamed. Warns when close.
 
     Raises:
       UserError: naming the estimate, what is available and a batch size that fits.
@@ -335,15 +383,22 @@ def check_memory(network_plan, data, replicas):
         return
     memory = training_memory(network_plan)
     memory = Memory(memory.per_image, memory.fixed * replicas)  # Every replica holds its copy here.
-    need = memory.at(data.batch_size)
+    in_memory, _ = data.memory_mode(num_pipelines)
+    image_bytes = data.image_size ** 2 * 3
+    data_bytes = data.decoded_bytes(num_pipelines) if in_memory else min(data.shuffle_buffer, data.num_train) * \
+        image_bytes
+    need = memory.at(data.batch_size) + data_bytes
     estimate = (f"about {format_bytes(need)} at BATCH_SIZE {data.batch_size} (estimate: "
                 f"{format_bytes(memory.per_image)} an image of activations kept for the backward pass, "
-                f"{format_bytes(memory.fixed)} of weights, gradients and optimizer state; "
-                f"`python -m trainer.plan` shows it)")
+                f"{format_bytes(memory.fixed)} of weights, gradients and optimizer state, "
+                f"{format_bytes(data_bytes)} of decoded images {'in memory' if in_memory else 'in the shuffle buffer'}"
+                f"; `python -m trainer.plan` shows the network's part)")
     if need > available:
-        fits = memory.largest_batch(available) // replicas * replicas
+        fits = max(memory.largest_batch(available - data_bytes), 0) // replicas * replicas
         fix = (f"use BATCH_SIZE = {fits} or less" if fits >= max(1, replicas) else
                "even the smallest batch does not fit: use a smaller IMAGE_SIZE or network")
+        if in_memory and data_bytes > available / 4:
+            fix += " or stream the data (trainer.data.in_memory = False)"
         raise UserError(f"Training needs {estimate} but only {format_bytes(available)} of {where} is free: "
                         f"{fix}. (trainer.train.check_memory = False skips this check.)")
     if need > 0.7 * available:

@@ -1,4 +1,4 @@
-"""Tests for trainer.data.tiny_imagenet on small synthetic datasets."""
+"""Tests for trainer.data.sources.tiny_imagenet on small synthetic datasets."""
 
 import os
 import shutil
@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from trainer.data import synthetic
-from trainer.data.tiny_imagenet import DOWNLOAD_COMMAND, INCOMPLETE_MARKER
-from trainer.data.tiny_imagenet import DatasetNotFoundError, TinyImageNet
+from trainer.data.sources.tiny_imagenet import DOWNLOAD_COMMAND, INCOMPLETE_MARKER
+from trainer.data.sources.tiny_imagenet import DatasetNotFoundError, TinyImageNet
 from trainer.errors import UserError
 
 CLASSES, PER_CLASS, VAL_PER_CLASS, TEST_IMAGES, SIZE = 4, 6, 3, 5, 16

@@ -1,0 +1,116 @@
+"""The one preparation of an image: encoded bytes -> the network's input.
+
+Training, evaluation, predict and the export's serving function all call
+the same `Preprocessing`, so "prepared exactly as in training" is a property
+of the code:
+
+    decode(bytes)   -> uint8 [S, S, 3]   any format tf.io.decode_image reads (JPEG, PNG, GIF's first frame,
+                                         BMP), greyscale, RGBA and CMYK too; resized to S x S unless it has that
+                                         size already (Tiny ImageNet at 64 px), then rounded back to uint8
+    scale(uint8)    -> float32 [0, 1]    pixels / 255 (training augments here, between scale and normalise)
+    normalise(x)    -> float32           (x - mean) / std when the run sets them
+    prepare(uint8)  =  normalise(scale(.))
+
+`crop='center'` first cuts the largest centred square out of a non-square
+image (no stretching); the default `'stretch'` resizes the whole image to a
+square, as Keras' `image_dataset_from_directory` does.
+"""
+
+import dataclasses
+
+import tensorflow as tf
+
+from trainer.errors import UserError
+
+RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area")
+CROPS = ("stretch", "center")
+INPUT_SCALE = 1.0 / 255.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the network's input (see the module docstring).
+
+    Attributes:
+      image_size: the side S of the network's input.
+      resize: 'bilinear' (antialiased), 'nearest' (not antialiased), 'bicubic' or 'area'.
+      mean: None, or 3 per-channel means subtracted after scaling to [0, 1].
+      std: 3 per-channel standard deviations divided by (with `mean`).
+      crop: 'stretch' (resize the whole image) or 'center' (the centred square, then resize).
+    """
+
+    image_size: int
+    resize: str = "bilinear"
+    mean: tuple | None = None
+    std: tuple | None = None
+    crop: str = "stretch"
+
+    def __post_init__(self):
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 1024:
+            raise UserError(f"IMAGE_SIZE (trainer.data.image_size) must be an integer in [8, 1024], got {size!r}.")
+        if self.resize not in RESIZE_METHODS:
+            raise UserError(f"trainer.data.resize must be one of {', '.join(RESIZE_METHODS)}, got "
+                            f"{self.resize!r}.")
+        if self.crop not in CROPS:
+            raise UserError(f"trainer.data.crop must be one of {', '.join(CROPS)}, got {self.crop!r}.")
+        mean, std = self.mean, self.std
+        if (mean is None) != (std is None) or (mean is not None and (
+                len(mean) != 3 or len(std) != 3 or min(std) <= 0)):
+            raise UserError(f"trainer.data.mean and std must both be None or both 3 numbers (std > 0), got "
+                            f"{mean!r} and {std!r}.")
+        if mean is not None:
+            object.__setattr__(self, "mean", tuple(float(v) for v in mean))
+            object.__setattr__(self, "std", tuple(float(v) for v in std))
+
+    @property
+    def antialias(self):
+        return self.resize != "nearest"
+
+    def decode(self, encoded):
+        """Encoded image bytes (a scalar tf.string) -> uint8 [S, S, 3]."""
+        image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+        image = tf.ensure_shape(image, [None, None, 3])
+        size = self.image_size
+        if self.crop == "center":
+            height, width = tf.shape(image)[0], tf.shape(image)[1]
+            side = tf.minimum(height, width)
+            image = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2, side, side)
+
+        def resized():
+            out = tf.image.resize(image, [size, size], method=self.resize, antialias=self.antialias)
+            return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+        native = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
+        return tf.ensure_shape(tf.cond(native, lambda: image, resized), [size, size, 3])
+
+    def scale(self, images):
+        """uint8 pixels -> float32 in [0, 1]."""
+        return tf.cast(images, tf.float32) * INPUT_SCALE
+
+    def normalise(self, images):
+        """float32 images in [0, 1] -> the network's input ((x - mean) / std, or as they are)."""
+        if self.mean is None:
+            return images
+        return (images - tf.constant(self.mean, tf.float32)) / tf.constant(self.std, tf.float32)
+
+    def prepare(self, images):
+        """uint8 images -> the network's input (scale, then normalise)."""
+        return self.normalise(self.scale(images))
+
+    def __call__(self, encoded):
+        """Encoded bytes -> the network's input, float32 [S, S, 3]."""
+        return self.prepare(self.decode(encoded))
+
+    def to_json(self):
+        return {"image_size": self.image_size, "resize": self.resize, "antialias": self.antialias,
+                "crop": self.crop, "input_scale": INPUT_SCALE,
+                "mean": None if self.mean is None else list(self.mean),
+                "std": None if self.std is None else list(self.std)}
+
+    @classmethod
+    def from_json(cls, value):
+        """The inverse of `to_json` (extra keys ignored; `crop` defaults to 'stretch' for older runs)."""
+        return cls(int(value["image_size"]), value.get("resize", "bilinear"),
+                   None if value.get("mean") is None else tuple(value["mean"]),
+                   None if value.get("std") is None else tuple(value["std"]), value.get("crop", "stretch"))

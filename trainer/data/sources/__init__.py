@@ -1,0 +1,240 @@
+"""Data sources: where a dataset's examples come from, behind one small interface.
+
+A source tells the rest of the framework what it needs of a dataset and
+nothing of its layout. The trainer, the data scan, evaluation, predict,
+export and compare only ever see a `Source`:
+
+  kind, location           'tiny_imagenet' and its DATA_DIR, for messages and the run's settings
+  class_ids, class_names   label i is class_ids[i]; a readable name for each class
+  splits                   the splits it holds ('train', 'val'; 'test' is unlabelled)
+  count(split)             images in a split, known without decoding any
+  examples(split, ...)     a tf.data.Dataset of (encoded image bytes, label int32, example id string);
+                           the label of an unlabelled image is -1
+  listing(split)           (ids, labels) of every example of a split, in `examples` order
+  fingerprint()            identifies the content cheaply (the scan's cache key)
+  describe()               JSON: what the run's settings record of the source
+  pin(model_dir)           fixes what a resumed run must see again (image_folder's own validation split)
+
+Decoding is never a source's job: every source hands over encoded bytes and
+`trainer.data.preprocess` decodes them, one way for every source.
+
+A source is a gin configurable under `trainer.sources`, chosen by one
+binding (`trainer.data.source = @trainer.sources.image_folder`, in
+`gin/data/<kind>.gin`) and called with DATA_DIR. A new layout is one module
+here, one gin file and its tests.
+"""
+
+import os
+
+import tensorflow as tf
+
+from trainer.errors import UserError
+
+AUTOTUNE = tf.data.AUTOTUNE
+LABELLED_SPLITS = ("train", "val")
+
+# Written at the top of a dataset directory while it is being written (by the downloader's extraction, the
+# synthetic writer or the converter) and removed when it is complete: such a directory is never read as a dataset.
+INCOMPLETE_MARKER = ".incomplete"
+
+
+class DatasetNotFoundError(UserError):
+    """The dataset directory is missing, incomplete or not in the layout its source reads."""
+
+
+class Source:
+    """The interface (see the module docstring). Subclasses set the attributes and implement `examples`."""
+
+    kind = None
+    location = None
+    class_ids = ()
+    class_names = ()
+    splits = ()
+
+    @property
+    def num_classes(self):
+        return len(self.class_ids)
+
+    def count(self, split):
+        """Images in `split` (no decoding)."""
+        raise NotImplementedError
+
+    def examples(self, split, shuffle_seed=None, input_context=None):
+        """(encoded bytes, label int32, example id) of a split.
+
+        Args:
+          split: one of `splits`.
+          shuffle_seed: None: a fixed order. An integer: the order of files (or
+            shards) is drawn anew at each iteration of the dataset, e.g. each epoch of a `.repeat()`.
+          input_context: a `tf.distribute.InputContext`: this input pipeline's share (disjoint shares).
+        """
+        raise NotImplementedError
+
+    def listing(self, split):
+        """(ids, labels) of every example of `split`, in the order of `examples(split)` (a pass over the data)."""
+        ids, labels = [], []
+        for label, id_ in self.examples(split).map(lambda image, label, id_: (label, id_)).as_numpy_iterator():
+            ids.append(id_.decode("utf-8", "surrogateescape"))
+            labels.append(int(label))
+        return ids, labels
+
+    def fingerprint(self):
+        """A string that changes whenever the dataset's content does (the scan's cache key)."""
+        raise NotImplementedError
+
+    def describe(self):
+        """What the run's settings record of the source (JSON)."""
+        return {"kind": self.kind, "location": self.location}
+
+    def pin(self, model_dir):
+        """Fixes, in the model directory, whatever a resumed run of it must see again (nothing by default)."""
+
+    def check_split(self, split):
+        if split not in self.splits:
+            raise UserError(f"The {self.kind} dataset at {self.location} has no split {split!r}: expected one of "
+                            f"{', '.join(repr(s) for s in self.splits)}.")
+
+
+class FileSource(Source):
+    """A source whose examples are image files listed up front: `files(split)` is all a subclass gives."""
+
+    def __init__(self):
+        self._files = {}
+
+    def files(self, split):
+        """(paths, labels) of a split in a fixed order; labels are None for an unlabelled split (listed once)."""
+        self.check_split(split)
+        if split not in self._files:
+            self._files[split] = self._list(split)
+        return self._files[split]
+
+    def _list(self, split):
+        raise NotImplementedError
+
+    def count(self, split):
+        return len(self.files(split)[0])
+
+    def listing(self, split):
+        paths, labels = self.files(split)
+        return [relative(p, self.location) for p in paths], [-1] * len(paths) if labels is None else list(labels)
+
+    def examples(self, split, shuffle_seed=None, input_context=None):
+        paths, labels = self.files(split)
+        labels = [-1] * len(paths) if labels is None else labels
+        ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), tf.constant(labels, tf.int32),
+                                                 tf.constant(self.listing(split)[0], tf.string)))
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        if shuffle_seed is not None:  # The file order is the epoch's order: a full permutation, new each epoch.
+            ds = ds.shuffle(max(len(paths), 1), seed=shuffle_seed, reshuffle_each_iteration=True)
+        return ds.map(lambda path, label, id_: (tf.io.read_file(path), label, id_), num_parallel_calls=AUTOTUNE,
+                      deterministic=shuffle_seed is None)
+
+    def fingerprint(self):
+        import hashlib  # pylint: disable=import-outside-toplevel
+
+        digest = hashlib.sha1(f"{self.kind}\n{self.location}\n".encode())
+        folders = set()
+        for split in self.splits:
+            paths = self.files(split)[0]
+            digest.update(f"{split}:{len(paths)}\n".encode())
+            for path in paths:
+                digest.update(path.encode("utf-8", "surrogateescape") + b"\n")
+                folders.add(os.path.dirname(path))
+        if not is_remote(self.location):
+            for folder in sorted(folders | {self.location}):
+                try:
+                    digest.update(f"{folder}:{os.stat(folder).st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+                except OSError:
+                    pass
+        return digest.hexdigest()
+
+
+def open_source(description):
+    """Opens the source a `describe()` dict describes (its kind, location and the options its factory takes).
+
+    Raises:
+      UserError: an unknown kind; the source's own errors (e.g. DatasetNotFoundError).
+    """
+    import inspect  # pylint: disable=import-outside-toplevel
+
+    from trainer import registry  # pylint: disable=import-outside-toplevel
+
+    factory = registry.CONFIGURABLES.get(f"trainer.sources.{description.get('kind')}")
+    if factory is None:
+        known = sorted(s.rsplit(".", 1)[1] for s in registry.CONFIGURABLES if s.startswith("trainer.sources."))
+        raise UserError(f"Unknown data source {description.get('kind')!r}: expected one of {', '.join(known)}.")
+    params = inspect.signature(factory).parameters
+    options = {k: v for k, v in description.items() if k in params and k != "data_dir"}
+    return factory(description["location"], **options)
+
+
+# --- Helpers every source uses: paths through tf.io.gfile, so gs:// (and ram://) work as local paths. ---------
+
+
+def is_remote(path):
+    return "://" in path
+
+
+def local(path):
+    """`~` expanded for a local path; a URL as it is."""
+    return path if is_remote(path) else os.path.expanduser(path)
+
+
+def join(*parts):
+    return os.path.join(*parts)
+
+
+def relative(path, root):
+    return path.removeprefix(root.rstrip("/") + "/")
+
+
+def listdir(path):
+    """Entry names of a directory, without the trailing '/' some file systems (GCS) add."""
+    return [name.rstrip("/") for name in tf.io.gfile.listdir(path)]
+
+
+def read_lines(path, remedy="download the dataset again"):
+    """Lines of a text file, without line endings (blank lines kept for line numbers).
+
+    Raises:
+      UserError: the file is not UTF-8 text or cannot be read.
+    """
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_no = data[:err.start].count(b"\n") + 1
+        raise UserError(f"{path}, line {line_no}: not UTF-8 text ({err.reason} at byte {err.start}): the file is "
+                        f"damaged or not the dataset's; {remedy}.") from None
+    except tf.errors.OpError as err:
+        raise UserError(f"Cannot read {path}: {err.message}.") from None
+    if "\0" in text:
+        raise UserError(f"{path}, line {text[:text.index(chr(0))].count(chr(10)) + 1}: a NUL byte: the file is "
+                        f"damaged or not a text file; {remedy}.")
+    return text.split("\n") if "\r" not in text else text.splitlines()
+
+
+def looks_like(data_dir):
+    """The kind of layout `data_dir` holds ('tiny_imagenet', 'tfrecord', 'image_folder'), or None."""
+    data_dir = local(data_dir)
+    if not tf.io.gfile.isdir(data_dir):
+        return None
+    if tf.io.gfile.exists(join(data_dir, "wnids.txt")) and tf.io.gfile.isdir(join(data_dir, "train")):
+        return "tiny_imagenet"
+    if tf.io.gfile.exists(join(data_dir, "index.json")) and tf.io.gfile.glob(join(data_dir, "*.tfrecord")):
+        return "tfrecord"
+    entries = [e for e in listdir(data_dir) if not e.startswith(".")]
+    if entries and any(tf.io.gfile.isdir(join(data_dir, e)) for e in entries):
+        return "image_folder"
+    return None
+
+
+def wrong_layout_hint(data_dir, expected):
+    """' It looks like a <kind> dataset: include gin/data/<kind>.gin.' when it holds another layout, else ''."""
+    kind = looks_like(data_dir)
+    if kind and kind != expected:
+        return (f" It looks like a {kind} dataset instead: include gin/data/{kind}.gin after the runnable gin "
+                f"file (--gin_file=gin/data/{kind}.gin).")
+    return ""
