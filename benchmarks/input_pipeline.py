@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trainer import cli  # pylint: disable=wrong-import-position
 from trainer import config  # pylint: disable=wrong-import-position
 from trainer.data import synthetic  # pylint: disable=wrong-import-position
-from trainer.data.tiny_imagenet import TinyImageNet  # pylint: disable=wrong-import-position
+from trainer.data.sources.tiny_imagenet import TinyImageNet  # pylint: disable=wrong-import-position
 
 POLICY_FILE = "gin/augment/reference_heavy.gin"
 

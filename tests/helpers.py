@@ -102,3 +102,24 @@ def gin_header(gin_file):
                 break
             lines.append(line.lstrip("#").strip())
     return " ".join(lines)
+
+
+def write_image_folder(tiny_dir, out, split_layout=True):
+    """Rewrites a Tiny ImageNet layout as class folders: out/train/<wnid>/, out/val/<wnid>/, out/test/ (the same
+    files, byte for byte) and words.txt, or with `split_layout=False` only out/<wnid>/ with the training images."""
+    from trainer.data.sources.tiny_imagenet import TinyImageNet  # pylint: disable=import-outside-toplevel
+
+    source = TinyImageNet(tiny_dir)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(tiny_dir, "words.txt"), "rb") as src, open(os.path.join(out, "words.txt"), "wb") as dst:
+        dst.write(src.read())  # The class names, as image_folder reads them too.
+    for split in ("train", "val", "test") if split_layout else ("train",):
+        paths, labels = source.files(split)
+        for i, path in enumerate(paths):
+            folder = os.path.join(out, split) if split_layout else out
+            if labels is not None:
+                folder = os.path.join(folder, source.wnids[labels[i]])
+            os.makedirs(folder, exist_ok=True)
+            with open(path, "rb") as src, open(os.path.join(folder, os.path.basename(path)), "wb") as dst:
+                dst.write(src.read())
+    return out

@@ -156,7 +156,7 @@ def test_best_checkpoint_export_layout_and_metadata(trained_run, synthetic_dir):
     assert meta["source"]["best_top1"] == pytest.approx(0.9)
     assert meta["source"]["val_top1"] == pytest.approx(0.9) and meta["source"]["epoch"] == 4
     assert meta["mean"] is None and meta["std"] is None
-    assert not [p for p in os.listdir(trained_run) if ".partial-" in p or ".previous-" in p]
+    assert not [p for p in os.listdir(trained_run) if p.startswith(("partial.", "previous."))]
 
 
 def test_exported_model_classifies_val_images_in_label_order(trained_run, synthetic_dir):
@@ -241,15 +241,15 @@ def test_failed_export_keeps_the_previous_one(tmp_path, monkeypatch):
 
 def test_stale_partial_is_removed_and_a_killed_swap_is_undone(tmp_path):
     export_dir = tmp_path / "export"
-    stale = tmp_path / f"export.partial-{dead_pid()}"
+    stale = tmp_path / f"partial.export-{dead_pid()}"
     os.makedirs(stale / "saved_model")
     export_tiny(export_dir, source="first")
     assert not stale.exists() and os.listdir(tmp_path) == ["export"]
 
     # Killed between moving the old export away and moving the new one in: the old one comes back first.
-    previous = tmp_path / f"export.previous-{dead_pid()}"
+    previous = tmp_path / f"previous.export-{dead_pid()}"
     os.rename(export_dir, previous)
-    os.makedirs(tmp_path / f"export.partial-{dead_pid()}")
+    os.makedirs(tmp_path / f"partial.export-{dead_pid()}")
     with pytest.raises(UserError):  # (Fails on purpose: 2 wnids for 3 outputs.) Nothing is touched.
         export.export_model(tiny_model(), 8, ["a", "b"], ["A", "B"], str(export_dir))
     export_tiny(export_dir, source="second")

@@ -44,7 +44,7 @@ class Trigger:
 
     kinds: 'step' (the progress line of step `after`), 'state' (checkpoints/checkpoint names ckpt-`after`:
     the epoch's checkpoint is written, nothing derived from it yet), 'ckpt_temp' / 'best_temp' (a save into
-    checkpoints/ or best/ is under way), 'export' (an export.partial-* directory exists).
+    checkpoints/ or best/ is under way), 'export' (a partial.export-* directory exists).
     """
 
     def __init__(self, kind, after):
@@ -74,7 +74,7 @@ class Trigger:
                 return any("_temp" in name for name in os.listdir(directory))
             except OSError:
                 return False
-        return bool(glob.glob(os.path.join(model_dir, "export.partial-*")))
+        return bool(glob.glob(os.path.join(model_dir, "partial.export-*")))
 
 
 def run_with_kills(command, model_dir, triggers, timeout=300):
@@ -153,7 +153,7 @@ def val_points(model_dir, tag="top1"):
 def leftovers(model_dir):
     """Half-written things: checkpoint temps, partial exports, atomic-write temps."""
     found = []
-    for pattern in ("checkpoints/*_temp*", "best/*_temp*", "*.partial-*", "*.previous-*", "*.tmp-*", "LOCK"):
+    for pattern in ("checkpoints/*_temp*", "best/*_temp*", "partial.*", "previous.*", "*.tmp-*", "LOCK"):
         found += glob.glob(os.path.join(str(model_dir), pattern))
     return found
 
@@ -524,6 +524,7 @@ def test_the_data_scan_reports_unreadable_images_tiny_classes_and_is_cached(trai
                                                                            tmp_path, monkeypatch, caplog):
     import shutil  # pylint: disable=import-outside-toplevel
 
+    from trainer.data import scan as scan_lib
     from trainer.data import synthetic
     from trainer.data.sources import tiny_imagenet  # pylint: disable=import-outside-toplevel
 
@@ -535,34 +536,45 @@ def test_the_data_scan_reports_unreadable_images_tiny_classes_and_is_cached(trai
             f.write(b"\xff\xd8\xff\xe0 not a jpeg")
     for path in sorted(glob.glob(str(data_dir / "train" / synthetic.wnid(4) / "images" / "*")))[3:]:
         os.remove(path)  # Class 4 keeps 3 images of 60: tiny, and the split is imbalanced.
+    bad_ids = [os.path.relpath(p, data_dir) for p in bad]  # The scan names images by their example ids.
     monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
     caplog.set_level("INFO")
     caplog.set_level("INFO", logger="absl")  # (Another test may have left absl at WARNING.)
+    scanned = []
+    decodable = scan_lib.decodable
+    monkeypatch.setattr(scan_lib, "decodable", lambda source, split: scanned.append(split) or decodable(source, split))
     train_in_process(train_base_gin, tmp_path / "run", f"DATA_DIR = '{data_dir}'", "BATCH_SIZE = 10",
                      stop_after_steps=1)
+    assert scanned == ["val", "test"]  # The training split's one decode pass is the in-memory load's.
     log = caplog.text
     assert re.search(r"Data check: train 243 images \(4 unreadable\), 3 to 60 a class; val 100 images \(0 "
                      r"unreadable\); test 5 images \(0 unreadable\) \(details: .*data_report\.json; cached in ", log)
-    assert f"Data check: 4 of the 243 train images cannot be decoded and are skipped: {bad[0]}, {bad[1]}, {bad[2]} " \
-           "and 1 more." in log
+    assert f"Data check: 4 of the 243 train images cannot be decoded and are skipped: {bad_ids[0]}, {bad_ids[1]}, " \
+           f"{bad_ids[2]} and 1 more." in log
     assert f"1 classes have fewer than 10% of the median 60 training images: {synthetic.wnid(4)} (3)." in log
     assert "The training classes are imbalanced: 3 (" in log
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
-    assert report["splits"]["train"]["unreadable"] == bad  # All of them, not only the first few.
+    assert report["splits"]["train"]["unreadable"] == bad_ids  # All of them, not only the first few.
     assert report["train_per_class"][synthetic.wnid(0)] == 56 and report["tiny_classes"] == [synthetic.wnid(4)]
     assert len(glob.glob(str(tmp_path / "cache" / "scan-*.json"))) == 1
 
     # A second run takes the cached scan: nothing is decoded for it.
-    def no_decoding(paths):
+    def no_decoding(source, split):
         raise AssertionError("the dataset was scanned again")
 
-    monkeypatch.setattr(tiny_imagenet, "_undecodable", no_decoding)
-    again = tiny_imagenet.scan(tiny_imagenet.TinyImageNet(str(data_dir)))
-    assert again["splits"]["train"]["unreadable"] == bad and again["cached"]
+    monkeypatch.setattr(scan_lib, "decodable", no_decoding)
+    again = scan_lib.scan(tiny_imagenet.TinyImageNet(str(data_dir)))
+    assert again["splits"]["train"]["unreadable"] == bad_ids and again["cached"]
+    # A cache of valid JSON but the wrong shape is scanned again, not trusted.
+    [cache] = glob.glob(str(tmp_path / "cache" / "scan-*.json"))
+    with open(cache, "w", encoding="utf-8") as f:
+        json.dump(["not", "a", "report"], f)
+    with pytest.raises(AssertionError, match="scanned again"):
+        scan_lib.scan(tiny_imagenet.TinyImageNet(str(data_dir)))
     # Another file: another key, scanned again.
     os.remove(bad[0])
     with pytest.raises(AssertionError, match="scanned again"):
-        tiny_imagenet.scan(tiny_imagenet.TinyImageNet(str(data_dir)))
+        scan_lib.scan(tiny_imagenet.TinyImageNet(str(data_dir)))
 
 
 def test_a_missing_class_folder_is_the_headline(train_synthetic_dir, tmp_path):

@@ -24,7 +24,7 @@ CONFIGURABLE_MODULES = ("trainer.train", "trainer.data.pipeline", "trainer.evalu
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
-from trainer.errors import UserError  # noqa: E402
+from trainer.errors import UserError, data_error_line  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -92,8 +92,12 @@ def run(main, usage=None):
         except KeyboardInterrupt:
             print("stopped: interrupted (no checkpoint written)", file=sys.stderr)
             sys.exit(130)
-        except Exception:  # pragma: no cover - unexpected: keep the full traceback.
-            traceback.print_exc()
+        except Exception as err:  # pylint: disable=broad-except
+            line = data_error_line(err)  # A data check inside a tf.data pipeline (a corrupt shard).
+            if line:
+                print(f"error: {line}", file=sys.stderr)
+                sys.exit(1)
+            traceback.print_exc()  # Unexpected: keep the full traceback.
             sys.exit(2)
 
     asked_for_help = any(a in HELP_FLAGS for a in sys.argv[1:])

@@ -26,7 +26,9 @@ the run's resize method (antialiased unless 'nearest') unless it already has
 that size, round back to uint8, scale by 1/255, then subtract `mean` and
 divide by `std` when the run set them.
 
-An export is written next to its destination (`<export_dir>.partial-<pid>`)
+An export is written next to its destination (`partial.<name>-<pid>` beside
+`<name>`; no staging name begins with the export's own, which object stores
+and ram:// would take for the export itself)
 and swapped in whole: a failed export (a full disk) leaves the previous one
 as it was.
 
@@ -65,8 +67,8 @@ METADATA_FILE = "export.json"
 SIGNATURE = "serving_default"
 INPUT_SCALE = 1.0 / 255.0
 FORMAT_VERSION = 1
-_PARTIAL = ".partial-"
-_PREVIOUS = ".previous-"
+_PARTIAL = "partial"
+_PREVIOUS = "previous"
 
 
 class _Serving(tf.Module):
@@ -96,7 +98,7 @@ class _Serving(tf.Module):
 def export_model(model, preprocess, wnids, class_names, export_dir, source=None, top_k=5):
     """Writes a SavedModel, the `.keras` model and the class list to `export_dir`, replacing it atomically.
 
-    Everything is written to `<export_dir>.partial-<pid>` first, then swapped in;
+    Everything is written to `partial.<name>-<pid>` beside it first, then swapped in;
     leftovers of an export killed earlier are removed first.
 
     Args:
@@ -156,7 +158,7 @@ def export_model(model, preprocess, wnids, class_names, export_dir, source=None,
         "keras_version": keras.__version__,
     }
     _clean_leftovers(export_dir)
-    partial = f"{export_dir}{_PARTIAL}{os.getpid()}"
+    partial = _staging(export_dir, _PARTIAL)
     try:
         _remove(partial)
         tf.io.gfile.makedirs(partial)
@@ -192,30 +194,37 @@ def _write_json(path, value):
 
 def _swap_in(partial, export_dir):
     """Replaces `export_dir` by `partial`: old away, new in, old deleted (restored if the new cannot go in)."""
-    previous = f"{export_dir}{_PREVIOUS}{os.getpid()}"
-    had_previous = tf.io.gfile.exists(export_dir)
+    previous = _staging(export_dir, _PREVIOUS)
+    had_previous = _present(export_dir)
     if had_previous:
         _remove(previous)
-        tf.io.gfile.rename(export_dir, previous)
+        _move(export_dir, previous)
     try:
-        tf.io.gfile.rename(partial, export_dir)
+        _move(partial, export_dir)
     except (OSError, tf.errors.OpError):
         if had_previous:
-            tf.io.gfile.rename(previous, export_dir)
+            _move(previous, export_dir)
         raise
     if had_previous:
         _remove(previous, ignore_errors=True)
 
 
+def _staging(export_dir, kind, pid=None):
+    """`<parent>/<kind>.<name>-<pid>`: where an export is staged (partial) or the old one waits (previous)."""
+    parent, name = os.path.split(export_dir)
+    return os.path.join(parent, f"{kind}.{name}-{os.getpid() if pid is None else pid}")
+
+
 def _clean_leftovers(export_dir):
-    """Removes `<export_dir>.partial-*` of dead exports; brings back a `.previous-*` a killed swap left alone."""
-    for path in sorted(tf.io.gfile.glob(f"{export_dir}{_PARTIAL}*") + tf.io.gfile.glob(f"{export_dir}{_PREVIOUS}*")):
+    """Removes `partial.<name>-*` of dead exports; brings back a `previous.<name>-*` a killed swap left alone."""
+    for path in sorted(tf.io.gfile.glob(_staging(export_dir, _PARTIAL, "*")) +
+                       tf.io.gfile.glob(_staging(export_dir, _PREVIOUS, "*"))):
         path = path.rstrip("/")
         if _owner_alive(path):
             continue
-        if _PREVIOUS in path[len(export_dir):] and not tf.io.gfile.exists(export_dir):
+        if os.path.basename(path).startswith(_PREVIOUS) and not _present(export_dir):
             logging.warning("Restoring %s: an export was killed while swapping it for a new one.", path)
-            tf.io.gfile.rename(path, export_dir)
+            _move(path, export_dir)
             continue
         logging.warning("Removing %s, left by an export that did not finish.", path)
         _remove(path, ignore_errors=True)
@@ -229,9 +238,28 @@ def _owner_alive(path):
     return run_dir.process_alive(pid)
 
 
+def _move(src, dst):
+    """Renames the directory `src` to `dst`; on object stores (and ram://), file by file (no directory objects)."""
+    if "://" not in src:
+        tf.io.gfile.rename(src, dst)
+        return
+    for root, _, names in tf.io.gfile.walk(src):
+        target = dst + root[len(src):]
+        tf.io.gfile.makedirs(target)
+        for name in names:
+            tf.io.gfile.rename(os.path.join(root, name), os.path.join(target, name), overwrite=True)
+    tf.io.gfile.rmtree(src)
+
+
+def _present(path):
+    """Whether `path` itself exists: some file systems (ram://) also say so for any longer name it begins."""
+    parent, name = os.path.split(path.rstrip("/"))
+    return tf.io.gfile.exists(path) and name in {n.rstrip("/") for n in tf.io.gfile.listdir(parent)}
+
+
 def _remove(path, ignore_errors=False):
     try:
-        if tf.io.gfile.exists(path):
+        if _present(path):
             tf.io.gfile.rmtree(path) if tf.io.gfile.isdir(path) else tf.io.gfile.remove(path)
     except (OSError, tf.errors.OpError):
         if not ignore_errors:

@@ -189,12 +189,13 @@ class StopSignals:
 
 
 def write_text(path, text):
-    """Writes a small file atomically (temp file, then rename); gs:// paths are written directly."""
-    if "://" in path:
-        with tf.io.gfile.GFile(path, "w") as f:
-            f.write(text)
-        return
+    """Writes a small file atomically: a temporary file, then renamed over `path` (gs:// and ram:// too)."""
     tmp = f"{path}.tmp-{os.getpid()}"
+    if "://" in path:  # (Some file systems' GFile(..., "w") appends to an existing file: ram:// does.)
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            f.write(text)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+        return
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)

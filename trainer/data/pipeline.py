@@ -282,7 +282,8 @@ def _decoded(s, split, input_context=None, shuffle_seed=None, deterministic=True
     ds = ds.map((lambda image, label, id_: (decode(image), label, id_)) if with_ids else
                 (lambda image, label, id_: (decode(image), label)),
                 num_parallel_calls=s.num_parallel_calls, deterministic=deterministic)
-    return ds.ignore_errors(log_warning=True)  # A corrupt image is skipped, never ends the epoch.
+    # A corrupt image is skipped, never ends the epoch (unless the source is strict: see `Source.strict`).
+    return ds if s.source.strict else ds.ignore_errors(log_warning=True)
 
 
 def _aligned_uint8(shape, align=64):

@@ -78,7 +78,7 @@ def _scoring_dataset(data, split):
     ds = data.source.examples(split).enumerate()
     ds = ds.map(lambda i, example: (preprocess.decode(example[0]), tf.cast(i, tf.int32)),
                 num_parallel_calls=_AUTOTUNE, deterministic=True)
-    ds = ds.ignore_errors(log_warning=True)
+    ds = ds if data.source.strict else ds.ignore_errors(log_warning=True)
 
     def finish(images, index):
         missing = batch_size - tf.shape(index)[0]
@@ -399,7 +399,8 @@ def _summaries(writer, step, report, result, model, layer, data, split, index, l
         _image_summary("eval/misclassified", grid)
         if len(explained):
             batch = np.stack([lookup[int(i)] for i in explained])
-            cams = gradcam_lib.gradcam(model, data.preprocess.normalise(batch).numpy(), predictions[explained], layer)
+            cams = gradcam_lib.gradcam(model, np.asarray(data.preprocess.normalise(batch)), predictions[explained],
+                                       layer)
             _image_summary("eval/gradcam", figures.image_grid(
                 batch, [caption(i) for i in explained],
                 f"Grad-CAM of the predicted class at '{layer.name}', {title}", overlays=cams))

@@ -14,6 +14,8 @@ export and compare only ever see a `Source`:
   fingerprint()            identifies the content cheaply (the scan's cache key)
   describe()               JSON: what the run's settings record of the source
   pin(model_dir)           fixes what a resumed run must see again (image_folder's own validation split)
+  strict                   False: an unusable example (unreadable, undecodable) is skipped and counted;
+                           True: it stops the run (a TFRecord source with on_corrupt='stop')
 
 Decoding is never a source's job: every source hands over encoded bytes and
 `trainer.data.preprocess` decodes them, one way for every source.
@@ -50,6 +52,7 @@ class Source:
     class_ids = ()
     class_names = ()
     splits = ()
+    strict = False
 
     @property
     def num_classes(self):
@@ -232,9 +235,9 @@ def looks_like(data_dir):
 
 
 def wrong_layout_hint(data_dir, expected):
-    """' It looks like a <kind> dataset: include gin/data/<kind>.gin.' when it holds another layout, else ''."""
+    """' It holds the <kind> layout instead: include gin/data/<kind>.gin ...' for another layout, else ''."""
     kind = looks_like(data_dir)
     if kind and kind != expected:
-        return (f" It looks like a {kind} dataset instead: include gin/data/{kind}.gin after the runnable gin "
+        return (f" It holds the {kind} layout instead: include gin/data/{kind}.gin after the runnable gin "
                 f"file (--gin_file=gin/data/{kind}.gin).")
     return ""

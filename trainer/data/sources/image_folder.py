@@ -57,6 +57,9 @@ class ImageFolder(sources.FileSource):
         if tf.io.gfile.exists(sources.join(self.location, INCOMPLETE_MARKER)):
             raise DatasetNotFoundError(f"The dataset at '{self.location}' is only partially written (it still holds "
                                        f"'{INCOMPLETE_MARKER}'): write it again.")
+        if sources.looks_like(self.location) in ("tiny_imagenet", "tfrecord"):
+            hint = sources.wrong_layout_hint(self.location, self.kind)
+            raise DatasetNotFoundError(f"'{self.location}' is not a folder per class.{hint}")
         self.split_layout = tf.io.gfile.isdir(sources.join(self.location, "train"))
         if self.split_layout and not tf.io.gfile.isdir(sources.join(self.location, "val")):
             raise DatasetNotFoundError(f"'{self.location}' has train/ but no val/ folder. {_LAYOUT}")

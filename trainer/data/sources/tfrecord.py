@@ -13,7 +13,9 @@ index: TFRecordDataset raises DataLossError ("corrupted record at <offset>",
 no file name) on a damaged record and then ends that file, and it ends a
 truncated file silently, without any error. `on_corrupt='skip'` keeps the
 records read before the damage and logs the shard (one stderr line);
-`on_corrupt='stop'` fails with an error naming the shard (see `user_error`).
+`on_corrupt='stop'` fails with an error naming the shard (marked with
+`trainer.errors.DATA_ERROR_MARK`, so the command prints that one line), and the
+pipeline then stops on any unusable record instead of skipping it (`strict`).
 """
 
 import hashlib
@@ -24,7 +26,7 @@ import tensorflow as tf
 
 from trainer.data import sources
 from trainer.data.sources import INCOMPLETE_MARKER, DatasetNotFoundError
-from trainer.errors import UserError
+from trainer.errors import DATA_ERROR_MARK, UserError
 from trainer.registry import configurable
 
 INDEX_FILE = "index.json"
@@ -43,9 +45,10 @@ FEATURES = {
 #  "splits": {"train": {"count": N, "shards": [{"file": "train-00000-of-00002.tfrecord", "count": n}, ...]},
 #             "val": {...}, "test": {...}}}
 ON_CORRUPT = ("skip", "stop")
-CORRUPT_PREFIX = "Corrupt TFRecord shard "  # Starts the read-time error of on_corrupt='stop' (see `user_error`).
+CORRUPT_PREFIX = "Corrupt TFRecord shard "
 AUTOTUNE = sources.AUTOTUNE
 MAX_CYCLE_LENGTH = 16  # Shards read at once by one input pipeline.
+BLOCK = 16  # Consecutive records taken from a shard in turn (and checked and parsed together).
 _REMOTE_BUFFER = 4 << 20  # Read buffer a shard on a remote file system (gs://): fewer, larger requests.
 _LAYOUT = ("Expected index.json and <split>-NNNNN-of-NNNNN.tfrecord shards written by "
            "`python -m trainer.data.convert --data_dir=SRC --out=DATA_DIR`.")
@@ -89,20 +92,6 @@ def parse_index(text, path):
     return index
 
 
-def user_error(err):
-    """The UserError a read-time error of `on_corrupt='stop'` stands for, or None for any other error.
-
-    A tf.data pipeline cannot raise a Python exception: the shard check raises
-    InvalidArgumentError with a message starting with CORRUPT_PREFIX. A caller
-    iterating a dataset catches `tf.errors.OpError` and raises this instead.
-    """
-    message = getattr(err, "message", str(err))
-    if CORRUPT_PREFIX not in message:
-        return None
-    line = message[message.index(CORRUPT_PREFIX):].split("\n")[0]
-    return UserError(line.split("]")[0].replace("\\'", "'").strip())
-
-
 class TFRecord(sources.Source):
     """Shards and their index (see the module docstring).
 
@@ -126,6 +115,7 @@ class TFRecord(sources.Source):
         if on_corrupt not in ON_CORRUPT:
             raise UserError(f"trainer.sources.tfrecord.on_corrupt must be 'skip' or 'stop', got {on_corrupt!r}.")
         self.on_corrupt = on_corrupt
+        self.strict = on_corrupt == "stop"
         self.location = self.data_dir = sources.local(data_dir).rstrip("/") or "/"
         if not tf.io.gfile.isdir(self.location):
             raise DatasetNotFoundError(f"No TFRecord dataset at '{self.location}': the directory does not exist. "
@@ -172,6 +162,11 @@ class TFRecord(sources.Source):
         return int(self.index["splits"][split]["count"])
 
     def examples(self, split, shuffle_seed=None, input_context=None):
+        """(encoded bytes, label int32, example id) of a split, its shards read in parallel (see `Source`).
+
+        Under several input pipelines each reads its own shard files (fixed, then shuffled within the
+        pipeline), or, with fewer shards than pipelines, every shard and its own 1/n of each one's records.
+        """
         self.check_split(split)
         shards = self.shards(split)
         paths = [sources.join(self.location, s["file"]) for s in shards]
@@ -190,33 +185,33 @@ class TFRecord(sources.Source):
         if shuffle_seed is not None:
             files = files.shuffle(max(len(paths), 1), seed=shuffle_seed, reshuffle_each_iteration=True)
         share = (pipelines, pipeline_id) if record_share else (1, 0)
-        records = files.interleave(lambda path, count: self._read_shard(path, count, *share),
+        batches = files.interleave(lambda path, count: self._read_shard(path, count, *share),
                                    cycle_length=max(1, min(cycle, MAX_CYCLE_LENGTH)), num_parallel_calls=AUTOTUNE,
                                    deterministic=shuffle_seed is None)
-        records = records.filter(lambda record, end: tf.logical_not(end))
-        return records.map(lambda record, end: _parse(record), num_parallel_calls=AUTOTUNE,
-                           deterministic=shuffle_seed is None)
+        return batches.map(_parse, num_parallel_calls=AUTOTUNE, deterministic=shuffle_seed is None).unbatch()
 
     def _read_shard(self, path, count, num_shares, share):
-        """(record, False) of one shard (this pipeline's share of its records), then (b"", True) at its end.
+        """Batches of BLOCK records of one shard (this pipeline's share of them), checked against the index.
 
-        The end marker carries the check: fewer records than the index says is a corrupt shard, logged
-        ('skip') or an error ('stop').
+        After its records the shard gives an empty batch that carries the check: fewer records than the
+        index says is a corrupt shard, logged ('skip') or an error ('stop'). Batches keep the per-record cost
+        of the check (and of parsing) low; a shard's records are already in random order.
         """
         buffer = _REMOTE_BUFFER if sources.is_remote(self.location) else None
         records = tf.data.TFRecordDataset(path, buffer_size=buffer).ignore_errors()
         if num_shares > 1:
             records = records.shard(num_shares, share)
             count = (count - share + num_shares - 1) // num_shares
-        records = records.map(lambda r: (r, False)).concatenate(
-            tf.data.Dataset.from_tensors((tf.constant(b""), True)))
+        batches = records.batch(BLOCK).map(lambda batch: (batch, False)).concatenate(
+            tf.data.Dataset.from_tensors((tf.zeros([0], tf.string), True)))
         stop = self.on_corrupt == "stop"
 
         def step(read, element):
-            record, end = element
+            batch, end = element
             short = tf.logical_and(end, read < count)
             message = tf.strings.join([
-                CORRUPT_PREFIX, path, ": read ", tf.strings.as_string(read), " of its ", tf.strings.as_string(count),
+                DATA_ERROR_MARK if stop else "", CORRUPT_PREFIX, path, ": read ", tf.strings.as_string(read),
+                " of its ", tf.strings.as_string(count),
                 " records, the rest is damaged or cut off. " + (
                     "Convert the dataset again, or set trainer.sources.tfrecord.on_corrupt = 'skip' to train "
                     "without them." if stop else "Skipped them (trainer.sources.tfrecord.on_corrupt = 'skip').")])
@@ -226,21 +221,9 @@ class TFRecord(sources.Source):
                 warn = lambda: tf.print(tf.strings.join(["WARNING: ", message]), output_stream=sys.stderr)  # noqa: E731
                 checks = [tf.cond(short, warn, tf.no_op)]
             with tf.control_dependencies(checks):
-                return read + tf.cast(tf.logical_not(end), tf.int64), (tf.identity(record), end)
+                return read + tf.size(batch, tf.int64), tf.identity(batch)
 
-        return records.scan(tf.constant(0, tf.int64), step)
-
-    def listing(self, split):
-        self.check_split(split)
-        ids, labels = [], []
-        features = {k: FEATURES[k] for k in ("image/label", "image/id")}
-        records = tf.data.Dataset.from_tensor_slices([sources.join(self.location, s["file"])
-                                                      for s in self.shards(split)])
-        records = records.interleave(tf.data.TFRecordDataset, cycle_length=1)
-        for batch in records.batch(1024).map(lambda r: tf.io.parse_example(r, features)).as_numpy_iterator():
-            ids += [i.decode("utf-8", "surrogateescape") for i in batch["image/id"]]
-            labels += [int(label) for label in batch["image/label"]]
-        return ids, labels
+        return batches.scan(tf.constant(0, tf.int64), step)
 
     def fingerprint(self):
         digest = hashlib.sha1(f"{self.kind}\n{self.location}\n".encode("utf-8", "surrogateescape"))
@@ -255,8 +238,9 @@ class TFRecord(sources.Source):
         return {**super().describe(), "on_corrupt": self.on_corrupt, "source": self.index.get("source")}
 
 
-def _parse(record):
-    example = tf.io.parse_single_example(record, FEATURES)
+def _parse(records):
+    """(encoded bytes, label int32, example id) of serialized tf.train.Examples (any shape)."""
+    example = tf.io.parse_example(records, FEATURES)
     return example["image/encoded"], tf.cast(example["image/label"], tf.int32), example["image/id"]
 
 

@@ -1,0 +1,117 @@
+"""One preparation of an image for every path: training, evaluation, predict and the export's serving function.
+
+For the same bytes, the training pipeline (no augmentation), the evaluation pipeline, the evaluator's scoring
+and the exported SavedModel (what `trainer.predict` calls) feed the network identical tensors.
+"""
+
+import io
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from trainer import export
+from trainer import predict
+from trainer.data import pipeline
+from trainer.data.preprocess import Preprocessing
+from trainer.data.sources import FileSource
+from trainer.errors import UserError
+from trainer.evaluation import evaluator
+
+SIZE = 8
+
+
+def _images(directory):
+    """Files of every kind decode reads: colour and greyscale JPEG, RGBA PNG, GIF, BMP, CMYK JPEG, large and
+    non-square, and one at the network's size (not resized)."""
+    rng = np.random.default_rng(0)
+    made = []
+    for i, (fmt, mode, size) in enumerate([("JPEG", "RGB", (40, 30)), ("JPEG", "L", (16, 16)),
+                                           ("PNG", "RGBA", (9, 21)), ("GIF", "P", (12, 12)),
+                                           ("BMP", "RGB", (64, 48)), ("JPEG", "CMYK", (20, 20)),
+                                           ("PNG", "RGB", (SIZE, SIZE))]):
+        pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGBA").convert(mode)
+        path = os.path.join(directory, f"img_{i}.{fmt.lower()}")
+        buffer = io.BytesIO()
+        image.save(buffer, fmt)
+        with open(path, "wb") as f:
+            f.write(buffer.getvalue())
+        made.append(path)
+    return made
+
+
+class Listed(FileSource):
+    kind, splits, class_ids, class_names = "listed", ("train", "val"), ["a", "b"], ["A", "B"]
+
+    def __init__(self, location, paths):
+        super().__init__()
+        self.location, self._paths = location, paths
+
+    def _list(self, split):
+        return self._paths, [i % 2 for i in range(len(self._paths))]
+
+
+def _flatten_model():
+    """'Logits' that are the input pixels themselves: the served probabilities are softmax(input)."""
+    inputs = keras.Input((SIZE, SIZE, 3))
+    return keras.Model(inputs, keras.layers.Flatten()(inputs))
+
+
+@pytest.mark.parametrize("preprocess", [Preprocessing(SIZE), Preprocessing(SIZE, "nearest", crop="center"),
+                                        Preprocessing(SIZE, "area", (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))],
+                         ids=["bilinear", "nearest-center", "area-standardised"])
+def test_the_four_paths_prepare_identical_tensors(tmp_path, preprocess):
+    paths = _images(str(tmp_path))
+    n = len(paths)
+    data = pipeline.Data(Listed(str(tmp_path), paths), preprocess, batch_size=n, deterministic=True)
+    direct = np.stack([preprocess(tf.io.read_file(p)).numpy() for p in paths])
+    assert direct.shape == (n, SIZE, SIZE, 3) and np.isfinite(direct).all()
+
+    [(evaluated, _)] = list(data.eval("val"))  # 1. The per-epoch evaluation.
+    np.testing.assert_array_equal(evaluated.numpy(), direct)
+    [(scored, index)] = list(evaluator._scoring_dataset(data, "val"))  # 2. The evaluator's scoring.
+    np.testing.assert_array_equal(scored.numpy()[np.argsort(index.numpy())], direct)
+    trained, labels = next(iter(data.train()))  # 3. Training (no augmentation), in any order.
+    order = [int(np.argmin(np.abs(direct - image).sum(axis=(1, 2, 3)))) for image in trained.numpy()]
+    assert sorted(order) == list(range(n))
+    np.testing.assert_array_equal(trained.numpy(), direct[order])
+
+    # 4. The export's serving function, reloaded from disk as `trainer.predict` loads it.
+    export.export_model(_flatten_model(), preprocess, ["a"] * SIZE * SIZE * 3, ["A"] * SIZE * SIZE * 3,
+                        str(tmp_path / "export"))
+    predictor = predict.Predictor(str(tmp_path / "export"))
+    served = predictor.probabilities([open(p, "rb").read() for p in paths])
+    expected = tf.nn.softmax(tf.reshape(tf.constant(direct), [n, -1])).numpy()
+    if preprocess.mean is None:
+        np.testing.assert_array_equal(served, expected)
+    else:  # The SavedModel's graph optimiser rewrites (x - mean) / std: at most an ulp or two apart.
+        np.testing.assert_allclose(served, expected, rtol=2e-6, atol=0)  # A pixel off by one moves it by 1e-2.
+
+
+def test_crop_center_keeps_the_middle_and_stretch_the_whole(tmp_path):
+    pixels = np.zeros((10, 30, 3), np.uint8)
+    pixels[:, 10:20] = 255  # A white square in the middle of a wide black image.
+    encoded = tf.io.encode_png(pixels)
+    assert Preprocessing(10, crop="center").decode(encoded).numpy().min() == 255
+    stretched = Preprocessing(10).decode(encoded).numpy()
+    assert stretched[:, 0].max() < 50 and stretched[:, 5].min() > 200
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(image_size=4), r"IMAGE_SIZE .* integer in \[8, 1024\], got 4"),
+    (dict(image_size=32, resize="lanczos9"), r"resize must be one of bilinear, nearest, bicubic, area"),
+    (dict(image_size=32, crop="middle"), r"crop must be one of stretch, center, got 'middle'"),
+    (dict(image_size=32, mean=(0.5, 0.5, 0.5)), r"mean and std must both be None or both 3 numbers"),
+])
+def test_bad_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        Preprocessing(**kwargs)
+
+
+def test_settings_round_trip_through_json():
+    prep = Preprocessing(24, "nearest", (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "center")
+    assert Preprocessing.from_json(prep.to_json()) == prep

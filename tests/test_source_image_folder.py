@@ -1,0 +1,129 @@
+"""The class-folder source: both layouts, names, the pinned validation split, and every bad layout in one line."""
+
+import json
+import os
+import shutil
+
+import helpers
+import pytest
+import tensorflow as tf
+
+from trainer.data import pipeline
+from trainer.data.preprocess import Preprocessing
+from trainer.data.sources import DatasetNotFoundError
+from trainer.data.sources.image_folder import ImageFolder, image_folder
+from trainer.data.sources.tiny_imagenet import TinyImageNet
+from trainer.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def folders(synthetic_dir, tmp_path_factory):
+    return helpers.write_image_folder(synthetic_dir, str(tmp_path_factory.mktemp("folders") / "photos"))
+
+
+def test_split_layout_holds_the_same_images_as_tiny_imagenet(folders, synthetic_dir):
+    tiny, source = TinyImageNet(synthetic_dir), ImageFolder(folders)
+    assert source.class_ids == tiny.wnids and source.class_names == tiny.class_names  # From words.txt.
+    assert source.splits == ("train", "val", "test")
+    for split in source.splits:
+        assert source.count(split) == tiny.count(split)
+    by_name = {os.path.basename(i): label for i, label in zip(*source.listing("val"))}
+    assert by_name == {os.path.basename(i): label for i, label in zip(*tiny.listing("val"))}
+    assert source.listing("test")[1] == [-1] * tiny.count("test")
+    assert source.describe() == {"kind": "image_folder", "location": folders, "layout": "train/ and val/"}
+
+
+def test_names_file_nested_folders_any_extension_and_other_files(folders, tmp_path, caplog):
+    root = tmp_path / "photos"
+    shutil.copytree(folders, root)
+    first = sorted(os.listdir(root / "train"))[0]
+    (root / "classes.txt").write_text("".join(f"{c}\tname of {c}\n" for c in sorted(os.listdir(root / "train"))))
+    nested = root / "train" / first / "deeper" / "still"
+    nested.mkdir(parents=True)
+    png = tf.io.encode_png(tf.zeros([20, 30, 3], tf.uint8)).numpy()
+    (nested / "extra.PNG").write_bytes(png)
+    (root / "train" / first / "notes.txt").write_text("not an image")
+    caplog.set_level("WARNING", logger="absl")
+    source = ImageFolder(str(root))
+    assert source.class_names[0] == f"name of {first}"  # classes.txt before words.txt.
+    os.remove(root / "classes.txt")
+    os.remove(root / "words.txt")
+    assert ImageFolder(str(root)).class_names[0] == first  # No names file: the folder names.
+    assert source.count("train") == 201 and f"train/{first}/deeper/still/extra.PNG" in source.listing("train")[0]
+    assert "Ignored 1 files that are not jpg/jpeg/png/gif/bmp images" in caplog.text and "notes.txt" in caplog.text
+    data = pipeline.Data(source, Preprocessing(16), batch_size=201, deterministic=True)
+    [(images, labels)] = list(data.eval("train"))
+    assert images.shape == (201, 16, 16, 3) and labels.numpy().sum() == 201
+
+
+def test_single_folder_layout_holds_out_a_seeded_stratified_share_pinned_in_the_model_dir(synthetic_dir, tmp_path):
+    root = helpers.write_image_folder(synthetic_dir, str(tmp_path / "flat"), split_layout=False)
+    source = image_folder(root, val_fraction=0.25, split_seed=3)
+    assert source.splits == ("train", "val") and source.count("val") == 50 and source.count("train") == 150
+    val_ids, val_labels = source.listing("val")
+    assert sorted(val_labels.count(c) for c in range(5)) == [10] * 5  # Stratified: 10 of each class's 40.
+    assert source.listing("val")[0] == image_folder(root, 0.25, 3).listing("val")[0]  # Seeded.
+    assert set(image_folder(root, 0.25, 4).listing("val")[0]) != set(val_ids)
+    assert not set(val_ids) & set(source.listing("train")[0])
+
+    model_dir = str(tmp_path / "run")
+    source.pin(model_dir)
+    saved = json.loads(open(os.path.join(model_dir, "val_split.json"), encoding="utf-8").read())
+    assert saved["val"] == sorted(val_ids) and saved["split_seed"] == 3
+    # A resumed run with another seed (or new files) still validates on the pinned images.
+    again = image_folder(root, val_fraction=0.25, split_seed=99)
+    again.pin(model_dir)
+    assert sorted(again.listing("val")[0]) == sorted(val_ids)
+    with open(os.path.join(model_dir, "val_split.json"), "w", encoding="utf-8") as f:
+        f.write('{"val": 3')
+    with pytest.raises(UserError, match=r"Cannot read the validation split .*val_split.json .*damaged. Move it "
+                                        r"aside"):
+        image_folder(root, 0.25, 3).pin(model_dir)
+
+
+def _tree(tmp_path, files):
+    root = tmp_path / "data"
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content is None:
+            path.mkdir()
+        else:
+            path.write_bytes(content)
+    return str(root)
+
+
+JPEG = tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+
+
+@pytest.mark.parametrize("files, error, message", [
+    ({"train/cat/a.jpg": JPEG, "train/dog": None, "val/cat/b.jpg": JPEG}, UserError,
+     r"The class folder '.*train/dog' holds no image \(.jpg, .jpeg, .png, .gif, .bmp, any case\): add images or "
+     r"remove the folder."),
+    ({"train/cat/a.jpg": JPEG, "train/dog/b.jpg": JPEG, "train/c.jpg": JPEG, "val/cat/d.jpg": JPEG}, UserError,
+     r"'.*train' holds images directly \(c.jpg\), outside any class folder: move each into train/<class>/."),
+    ({"train/cat/a.jpg": JPEG, "train/dog/b.jpg": JPEG, "val/cow/c.jpg": JPEG}, UserError,
+     r"val/ has class folders that train/ does not \(cow\): a class with no training image cannot be learned."),
+    ({"train/cat/a.jpg": JPEG, "train/dog/b.jpg": JPEG}, DatasetNotFoundError,
+     r"has train/ but no val/ folder. Expected a folder per class"),
+    ({"cat/a.jpg": JPEG}, UserError, r"holds one class folder \(cat\): a classifier needs at least two."),
+    ({"readme.md": b"hello"}, DatasetNotFoundError, r"No class folders in '.*data'. Expected a folder per class"),
+])
+def test_bad_layouts_are_one_line_errors(tmp_path, files, error, message):
+    with pytest.raises(error, match=message) as caught:
+        ImageFolder(_tree(tmp_path, files))
+    assert "\n" not in str(caught.value)
+
+
+def test_a_tiny_imagenet_directory_is_named_as_such(synthetic_dir, tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"does not exist"):
+        image_folder(str(tmp_path / "nothing"))
+    with pytest.raises(UserError, match=r"val_fraction must be a number in \(0, 1\), got 1.5"):
+        image_folder(synthetic_dir, val_fraction=1.5)
+    with pytest.raises(DatasetNotFoundError, match=r"is not a folder per class. It holds the tiny_imagenet layout "
+                                                   r"instead: include gin/data/tiny_imagenet.gin"):
+        image_folder(synthetic_dir)
+    flat = _tree(tmp_path, {"cat/a.jpg": JPEG, "dog/b.jpg": JPEG})
+    with pytest.raises(DatasetNotFoundError, match=r"It holds the image_folder layout instead: include "
+                                                   r"gin/data/image_folder.gin"):
+        TinyImageNet(flat)

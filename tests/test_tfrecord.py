@@ -1,0 +1,248 @@
+"""TFRecord shards: the converter (trainer.data.convert) and the source that reads them (sources.tfrecord)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+import tensorflow as tf
+
+from trainer.data import convert
+from trainer.data import sources
+from trainer.data.sources import tfrecord
+from trainer.data.sources.tiny_imagenet import TinyImageNet
+from trainer.data import pipeline
+from trainer.data.preprocess import Preprocessing
+from trainer.errors import UserError, data_error_line
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def converted(synthetic_dir, tmp_path_factory):
+    """The synthetic dataset converted to 4 training shards (val and test: 1 each)."""
+    out = str(tmp_path_factory.mktemp("tfrecord") / "shards")
+    index, state = convert.convert(synthetic_dir, out, shards=4)
+    assert state == "new"
+    return out
+
+
+def _by_id(dataset):
+    return {i.decode(): (int(label), image) for image, label, i in dataset.as_numpy_iterator()}
+
+
+def _ids(dataset):
+    return [i.decode() for _, _, i in dataset.as_numpy_iterator()]
+
+
+class _Context:
+    """The parts of a tf.distribute.InputContext a source reads."""
+
+    def __init__(self, pipelines, pipeline_id):
+        self.num_input_pipelines, self.input_pipeline_id = pipelines, pipeline_id
+
+
+def test_round_trip(synthetic_dir, converted):
+    source, shards = TinyImageNet(synthetic_dir), tfrecord.TFRecord(converted)
+    assert sources.looks_like(converted) == "tfrecord"
+    assert source.class_ids == shards.class_ids and source.class_names == shards.class_names
+    assert shards.splits == ("train", "val", "test")
+    for split in shards.splits:
+        assert shards.count(split) == source.count(split)
+        assert _by_id(shards.examples(split)) == _by_id(source.examples(split))  # Same bytes, labels, ids.
+    assert [len(shards.shards(s)) for s in shards.splits] == [4, 1, 1]
+    assert [s["count"] for s in shards.shards("train")] == [50] * 4
+    # val keeps the source's order; train is shuffled, every shard mixing the classes.
+    assert _ids(shards.examples("val")) == _ids(source.examples("val"))
+    assert shards.listing("val") == source.listing("val")
+    for shard in shards.shards("train"):
+        labels = {int(label) for _, label, _ in _read(converted, shard["file"])}
+        assert len(labels) == 5
+    assert shards.describe()["source"]["kind"] == "tiny_imagenet"
+    assert shards.describe()["kind"] == "tfrecord" and shards.describe()["location"] == converted
+    assert shards.fingerprint() == tfrecord.TFRecord(converted).fingerprint()
+
+
+def _read(directory, name):
+    records = tf.data.TFRecordDataset(os.path.join(directory, name)).batch(64)
+    return list(records.map(tfrecord._parse).unbatch().as_numpy_iterator())  # pylint: disable=protected-access
+
+
+def test_shards_read_in_parallel(converted):
+    shards = tfrecord.TFRecord(converted)
+    owner = {i.decode(): n for n, s in enumerate(shards.shards("train")) for _, _, i in _read(converted, s["file"])}
+    ids = _ids(shards.examples("train"))
+    blocks = [{owner[i] for i in ids[k:k + tfrecord.BLOCK]} for k in range(0, 4 * tfrecord.BLOCK, tfrecord.BLOCK)]
+    assert blocks == [{0}, {1}, {2}, {3}]  # Interleaved: a block of records from each shard in turn.
+
+
+@pytest.mark.parametrize("split", ["train", "test"])  # 4 shards for 2 pipelines; 1 shard for 2 (records shared).
+def test_input_pipelines_disjoint(converted, split):
+    shards = tfrecord.TFRecord(converted)
+    shares = [_ids(shards.examples(split, shuffle_seed=7 + k, input_context=_Context(2, k))) for k in range(2)]
+    assert not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == sorted(_ids(shards.examples(split)))
+    assert abs(len(shares[0]) - len(shares[1])) <= 1
+
+
+def test_shuffle_differs_between_epochs(converted):
+    shards = tfrecord.TFRecord(converted)
+    epochs = _ids(shards.examples("train", shuffle_seed=3).repeat(2))
+    first, second = epochs[:200], epochs[200:]
+    assert first != second and sorted(first) == sorted(second)
+    assert first != _ids(shards.examples("train"))
+
+
+def test_interrupted_conversion_resumes(synthetic_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "shards")
+    real, calls = convert.write_shard, []
+
+    def fail_second(path, records):
+        calls.append(path)
+        if len(calls) == 2:
+            with tf.io.gfile.GFile(path + ".tmp", "wb") as f:  # A half-written shard, as a kill leaves it.
+                f.write(b"partial")
+            raise KeyboardInterrupt
+        return real(path, records)
+
+    monkeypatch.setattr(convert, "write_shard", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert(synthetic_dir, out, shards=4)
+    assert not tf.io.gfile.exists(os.path.join(out, tfrecord.INDEX_FILE))
+    with pytest.raises(sources.DatasetNotFoundError, match="partially written"):
+        tfrecord.TFRecord(out)
+    kept = os.path.getmtime(calls[0])
+    monkeypatch.setattr(convert, "write_shard", real)
+    index, state = convert.convert(synthetic_dir, out, shards=4)
+    assert state == "resume"
+    assert os.path.getmtime(calls[0]) == kept  # The complete shard was kept.
+    assert sorted(os.listdir(out)) == sorted([convert.PLAN_FILE, tfrecord.INDEX_FILE] + [
+        s["file"] for e in index["splits"].values() for s in e["shards"]])  # No temporary file left.
+    assert _by_id(tfrecord.TFRecord(out).examples("train")) == _by_id(TinyImageNet(synthetic_dir).examples("train"))
+    assert convert.convert(synthetic_dir, out, shards=4)[1] == "done"
+
+
+def test_changed_plan_starts_clean(synthetic_dir, tmp_path):
+    out = str(tmp_path / "shards")
+    os.makedirs(out)
+    for name in ("train-00000-of-00009.tfrecord.tmp", ".bucket-train-00003-of-00009.tfrecord", convert.PLAN_FILE,
+                 sources.INCOMPLETE_MARKER):
+        (tmp_path / "shards" / name).write_text("{}")
+    index, state = convert.convert(synthetic_dir, out, shards=2)
+    assert state == "new" and len(index["splits"]["train"]["shards"]) == 2
+    assert sorted(os.listdir(out)) == sorted([convert.PLAN_FILE, tfrecord.INDEX_FILE, "test-00000-of-00001.tfrecord",
+                                              "val-00000-of-00001.tfrecord", "train-00000-of-00002.tfrecord",
+                                              "train-00001-of-00002.tfrecord"])  # The stale files are gone.
+    with pytest.raises(UserError, match="another dataset or with other options"):
+        convert.convert(synthetic_dir, out, shards=3)
+
+
+@pytest.mark.parametrize("on_corrupt", ["skip", "stop"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_shard(converted, tmp_path, on_corrupt, damage, capfd):
+    copy = str(tmp_path / "copy")
+    tf.io.gfile.makedirs(copy)
+    for name in os.listdir(converted):
+        tf.io.gfile.copy(os.path.join(converted, name), os.path.join(copy, name))
+    bad = os.path.join(copy, "train-00001-of-00004.tfrecord")
+    data = bytearray(open(bad, "rb").read())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[:len(data) // 2]
+    with open(bad, "wb") as f:
+        f.write(bytes(data))
+    shards = tfrecord.TFRecord(copy, on_corrupt=on_corrupt)
+    if on_corrupt == "skip":
+        ids = _ids(shards.examples("train", shuffle_seed=1))
+        assert 150 <= len(ids) < 200 and len(set(ids)) == len(ids)
+        assert "train-00001-of-00004.tfrecord: read" in capfd.readouterr().err
+    else:
+        with pytest.raises(tf.errors.OpError) as caught:
+            _ids(shards.examples("train"))
+        line = data_error_line(caught.value)  # What `trainer.cli.run` prints as the one error line.
+        assert line.startswith(f"Corrupt TFRecord shard {bad}: read ") and "\n" not in line
+        assert line.endswith("on_corrupt = 'skip' to train without them.")
+        # Through the training pipeline too: a strict source is not skipped past.
+        data = pipeline.Data(shards, Preprocessing(32), batch_size=10, in_memory=False)
+        with pytest.raises(tf.errors.OpError) as caught:
+            for _ in data.train().take(40):
+                pass
+        assert data_error_line(caught.value).startswith(f"Corrupt TFRecord shard {bad}: read ")
+    assert data_error_line(tf.errors.DataLossError(None, None, "other")) is None
+
+
+def test_bad_data_dir(converted, synthetic_dir, tmp_path):
+    with pytest.raises(sources.DatasetNotFoundError, match="does not exist"):
+        tfrecord.tfrecord(str(tmp_path / "nothing"))
+    with pytest.raises(sources.DatasetNotFoundError, match="no index.json.*holds the tiny_imagenet layout"):
+        tfrecord.tfrecord(synthetic_dir)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "index.json").write_text("{not json")
+    with pytest.raises(sources.DatasetNotFoundError, match="index.json is damaged"):
+        tfrecord.tfrecord(str(copy))
+    index = json.loads(open(os.path.join(converted, "index.json")).read())
+    (copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(sources.DatasetNotFoundError, match="6 shards .* missing .*train-00000-of-00004.tfrecord"):
+        tfrecord.tfrecord(str(copy))
+    with pytest.raises(UserError, match="on_corrupt must be"):
+        tfrecord.tfrecord(converted, on_corrupt="ignore")
+    with pytest.raises(UserError, match="already holds TFRecord shards"):
+        convert.convert(converted, str(tmp_path / "again"))
+    with pytest.raises(UserError, match="not empty and holds no conversion"):
+        convert.convert(synthetic_dir, str(copy.parent))
+
+
+def test_from_image_folder(synthetic_dir, tmp_path):
+    tiny = TinyImageNet(synthetic_dir)
+    paths, labels = tiny.files("train")
+    folders = tmp_path / "folders"
+    for k, (path, label) in enumerate(zip(paths[::10], labels[::10])):
+        target = folders / ("val" if k % 4 == 0 else "train") / tiny.class_ids[label] / os.path.basename(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(open(path, "rb").read())
+    out = str(tmp_path / "shards")
+    index, _ = convert.convert(str(folders), out)  # The layout is detected.
+    shards = tfrecord.TFRecord(out)
+    source = sources.open_source(index["source"])
+    assert index["source"]["kind"] == "image_folder" and shards.class_ids == list(source.class_ids)
+    for split in ("train", "val"):
+        assert _by_id(shards.examples(split)) == _by_id(source.examples(split))
+
+
+def test_ram_file_system(synthetic_dir):
+    out = "ram://tfrecord-test/shards"
+    index, _ = convert.convert(synthetic_dir, out)  # Default shard count: one a split for so few bytes.
+    assert [len(e["shards"]) for e in index["splits"].values()] == [1, 1, 1]
+    shards = tfrecord.TFRecord(out)
+    assert _by_id(shards.examples("val")) == _by_id(TinyImageNet(synthetic_dir).examples("val"))
+    assert not [n for n in tf.io.gfile.listdir(out) if n.endswith(".tmp") or n.startswith(".")]
+    assert len(shards.fingerprint()) == 40
+
+
+def test_gin_file_and_settings(converted):
+    gin.parse_config_files_and_bindings([os.path.join(ROOT, "gin/data/tfrecord.gin")], ["ON_CORRUPT = 'stop'"])
+    assert tfrecord.tfrecord(converted).on_corrupt == "stop"
+    reopened = sources.open_source(tfrecord.TFRecord(converted, on_corrupt="stop").describe())
+    assert isinstance(reopened, tfrecord.TFRecord) and reopened.on_corrupt == "stop"
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "trainer.data.convert", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+@pytest.mark.slow
+def test_cli(synthetic_dir, tmp_path):
+    out = str(tmp_path / "shards")
+    done = _cli(f"--data_dir={synthetic_dir}", f"--out={out}", "--shards=2")
+    assert done.returncode == 0, done.stderr
+    assert "Converted" in done.stdout and "train 200 images in 2 shards" in done.stdout
+    bad = _cli(f"--data_dir={tmp_path / 'nothing'}", f"--out={tmp_path / 'x'}")
+    assert bad.returncode == 1
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "does not exist" in errors[0], bad.stderr
+    assert _cli("--help").returncode == 0
