@@ -94,7 +94,11 @@ def test_command_line_prints_both_runs_and_writes_markdown(runs, tmp_path):
     assert len(table) == 4 and all(line.startswith("| ") and line.endswith(" |") for line in table[:1] + table[2:])
     assert re.fullmatch(r"\|(:?-{3,}:?\|)+", table[1])
     cells = [len(line.strip("|").split("|")) for line in table]
-    assert len(set(cells)) == 1 and cells[0] == len(compare.COLUMNS)
+    assert len(set(cells)) == 1 and cells[0] == len(compare.COLUMNS) + 2
+    # The settings that differ between the runs are columns (issue 16 item 3), and only those.
+    assert table[0].endswith("| BATCH_SIZE | EPOCHS |")
+    assert {tuple(c.strip() for c in line.strip("|").split("|")[-3:]) for line in table[2:]} == {
+        ("a", "20", "2"), ("b", "30", "1")}
     assert {table[2].split("|")[1].strip(), table[3].split("|")[1].strip()} == {"a", "b"}
 
 

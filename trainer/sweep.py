@@ -323,12 +323,11 @@ def check_point(sweep, point, directory):
         config.parse_gin(sweep.base, sweep.bindings + point.bindings(),
                          model_dir=os.path.join(directory, point.name))
         config.require("trainer.train", "trainer.data")
-        schedule = gin.query_parameter("trainer.train.schedule") if _bound("trainer.train.schedule") else None
-        if schedule is None:
-            from trainer import optim  # pylint: disable=import-outside-toplevel
+        from trainer import optim  # pylint: disable=import-outside-toplevel
 
-            schedule = optim.constant
-        schedule(steps_per_epoch=1, epochs=1)  # Checks the learning rate's range.
+        schedule = gin.query_parameter("trainer.train.schedule") if _bound("trainer.train.schedule") \
+            else optim.constant
+        getattr(schedule, "scoped_configurable_fn", schedule)(steps_per_epoch=1, epochs=1)  # The rate's range.
         values = summaries.gin_hparams()
         names = short_names(list(point.values))
         for key, value in point.values.items():
@@ -336,11 +335,10 @@ def check_point(sweep, point, directory):
             if values.get(name, object()) != summaries._hparam_value(value):  # pylint: disable=protected-access
                 values[key if name in values else name] = value
         return values
-    except UserError:
-        raise
-    except Exception as err:  # pylint: disable=broad-except  (gin wraps a configurable's errors)
-        raise UserError(cli._first_paragraph(err).splitlines()[0] if str(err) else type(err).__name__) \
-            from None
+    except UserError as err:
+        raise UserError(one_line(err)) from None
+    except Exception as err:  # pylint: disable=broad-except  (a configurable's own check)
+        raise UserError(one_line(err) or type(err).__name__) from None
     finally:
         gin.clear_config()
 
@@ -356,8 +354,9 @@ def _bound(name):
 
 
 def one_line(err):
+    """An error's message on one line, without the "In call to configurable" lines gin appends."""
     text = cli._first_paragraph(err).strip()  # pylint: disable=protected-access
-    return " ".join(text.split("\n"))
+    return " ".join(line.strip() for line in text.splitlines())
 
 
 # --- State: sweep.json --------------------------------------------------------------------------------------------
