@@ -17,6 +17,7 @@ import time
 
 import helpers
 import pytest
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from trainer import compare, sweep
 from trainer.errors import UserError
@@ -123,8 +124,11 @@ def test_grid_runs_unattended_and_reports_every_point(grid):
     for plot in report["plots"]:
         assert f"]({plot})" in markdown and (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # HParams: each point's first session (written by the sweep) holds the varied values.
-    events = helpers.read_events(sorted((out / NAMES[1]).glob("events.out.tfevents.*"))[0])
-    assert "_hparams_/session_start_info" in events.Tags()["tensors"]
+    events = helpers.read_events(str(sorted((out / NAMES[1]).glob("events.out.tfevents.*"))[0]))
+    content = events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    session = hparams_metadata.parse_session_start_info_plugin_data(content)
+    assert session.hparams["AUGMENT"].string_value == "flip(0.5)"
+    assert session.hparams["learning_rate"].number_value == pytest.approx(0.001)
 
 
 def test_stopped_sweep_resumes_only_what_was_left(grid):
@@ -143,9 +147,9 @@ def test_stopped_sweep_resumes_only_what_was_left(grid):
     assert sum(starts.values()) - sum(grid["starts_after_stop"].values()) == len(left)
     assert all(starts[n] == grid["starts_after_stop"].get(n, 0) + 1 for n in left)
     assert all(starts[n] == 1 for n in finished)
-    for name in grid["with_checkpoint"] & left:  # Interrupted after a checkpoint: the rerun resumed it.
+    for name in grid["with_checkpoint"] & left:  # Interrupted after a checkpoint: the rerun resumed from it.
         log = (grid["out"] / "logs" / f"{name}.log").read_text().split("=== start ")[-1]
-        assert "resumes" in log, log
+        assert re.search(r"Start: +(resumes .*ckpt-\d+ at step [1-9]|phase already complete)", log), log
 
 
 def test_parallel_runs_two_points_at_once(grid):
@@ -196,7 +200,7 @@ def test_invalid_point_fails_before_any_point_trains(tmp_path, train_base_gin, t
     (tmp_path / "bad.gin").write_text(sweep_file.replace("EPOCHS = 2", "EPOCHS = 1"))
     proc = subprocess.run([sys.executable, "-m", "trainer.sweep", str(tmp_path / "bad.gin"), "--parallel=2"],
                           cwd=REPO, env=helpers.env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1 and "2 of 4 points failed" in proc.stderr, proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "3 of 4 points failed" in proc.stderr, proc.stdout + proc.stderr
     events = re.findall(r"^\[sweep\] (\w+) (\S+?):? ", proc.stdout, re.M)
     first_start = next(i for i, (what, _) in enumerate(events) if what == "start")
     invalid = {"learning_rate=-0.001,data_dir=ok", "learning_rate=-0.001,data_dir=missing"}
