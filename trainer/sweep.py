@@ -411,7 +411,7 @@ class Runner:
         self.state = {
             "sweep_file": os.path.abspath(sweep.path) if os.path.exists(sweep.path) else sweep.path,
             "metric": sweep.metric,
-            "varied": [{"key": k, "name": names[k]} for k in sweep.keys],
+            "varied": [{"key": k, "name": names[k], "log": _log_uniform(sweep.random.get(k))} for k in sweep.keys],
             "points": {},
         }
         for p in points:
@@ -527,6 +527,10 @@ class Runner:
             self.fail(name, last_error_line(os.path.join(self.directory, "logs", name + ".log"))
                       or f"exit code {proc.returncode}")
         self.save()
+
+
+def _log_uniform(spec):
+    return isinstance(spec, tuple) and spec[0] == "log_uniform"
 
 
 def last_error_line(log_path):

@@ -69,8 +69,9 @@ def _markdown(state, table, names, plots):
     lines = [f"# Sweep {os.path.basename(state.get('sweep_file') or '')}", "",
              f"Sweep file: `{state.get('sweep_file')}`. Ranked by best {metric} "
              f"({'lowest' if 'loss' in metric else 'highest'} first). {done} of {len(table)} points finished.", ""]
-    headers = ["point", *names, "status", f"best {metric}", "best top-1", "top-5", "best epoch", "epochs",
-               "wall s", "img/s"]
+    top1 = metric != "val_top1"  # (Else the metric's column is the best top-1.)
+    headers = ["point", *names, "status", f"best {metric}", *(["best top-1"] if top1 else []), "top-5",
+               "best epoch", "epochs", "wall s", "img/s"]
     lines.append("| " + " | ".join(headers) + " |")
     lines.append("|" + "|".join(":---" if i <= len(names) + 1 else "---:" for i in range(len(headers))) + "|")
 
@@ -79,7 +80,7 @@ def _markdown(state, table, names, plots):
 
     for r in table:
         cells = [r["point"], *[str(r["labels"].get(n, "-")) for n in names], r["status"] or "-",
-                 num(r["metric"], ".4f"), num(r["val_top1"], ".4f"), num(r["val_top5"], ".4f"),
+                 num(r["metric"], ".4f"), *([num(r["val_top1"], ".4f")] if top1 else []), num(r["val_top5"], ".4f"),
                  num(r["best_epoch"], "d"), str(r["epochs"]), num(r["wall_time"], ".0f"),
                  num(r["images_per_second"], ",.0f")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -101,6 +102,7 @@ def _plots(directory, state, table, names):
     """Writes plots/<metric>_vs_<name>.png per varied value and plots/learning_curves.png; returns their paths."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
     from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+    from matplotlib.ticker import MaxNLocator, NullFormatter  # pylint: disable=import-outside-toplevel
 
     metric = state.get("metric", "val_top1")
     with_metric = [r for r in table if r["metric"] is not None]
@@ -109,6 +111,7 @@ def _plots(directory, state, table, names):
     os.makedirs(os.path.join(directory, "plots"), exist_ok=True)
     written = []
     keys = {v["name"]: v["key"] for v in state.get("varied", [])}
+    log_scale = {v["name"] for v in state.get("varied", []) if v.get("log")}
     for name in names:
         fig = Figure(figsize=(5, 3.5), dpi=100)
         ax = fig.add_subplot()
@@ -116,12 +119,14 @@ def _plots(directory, state, table, names):
         ys = [r["metric"] for r in with_metric]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             ax.scatter(values, ys)
-            if min(values) > 0 and max(values) / min(values) >= 10:
+            if min(values) > 0 and (name in log_scale or max(values) / min(values) >= 10):
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # (Minor labels overlap over one decade.)
         else:
-            labels = sorted({str(r["labels"].get(name)) for r in with_metric})
+            labels = list(dict.fromkeys(str(e.get("labels", {}).get(name)) for e in state["points"].values()))
             ax.scatter([labels.index(str(r["labels"].get(name))) for r in with_metric], ys)
             ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 3 else 0)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_xlabel(name)
         ax.set_ylabel(f"best {metric}")
         ax.set_title(f"best {metric} against {name}")
@@ -138,6 +143,7 @@ def _plots(directory, state, table, names):
     right.set(xlabel="epoch", ylabel="train loss", title="train loss per epoch")
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.legend(fontsize=7)
     fig.tight_layout()
     written.append(_save(fig, directory, "learning_curves.png", FigureCanvasAgg))
