@@ -382,16 +382,19 @@ def write_json(path, data):
 
 def check_unchanged(state, points, sweep, directory):
     """Refuses a sweep file that alters points already started (their model directories were trained so)."""
-    new = {p.name: arguments(sweep, p, directory) for p in points}
+    def settings(args):  # (The model directory is the point's name in this directory, however it is spelt.)
+        return [a for a in args if not a.startswith("--model_dir=")]
+
+    new = {p.name: settings(arguments(sweep, p, directory)) for p in points}
     changed = []
     for name, old in (state or {}).get("points", {}).items():
         if not old.get("starts"):
             continue
         if name not in new:
             changed.append(f"{name} (no longer a point of the sweep)")
-        elif new[name] != old["arguments"]:
-            gone = [a for a in old["arguments"] if a not in new[name]]
-            added = [a for a in new[name] if a not in old["arguments"]]
+        elif new[name] != settings(old["arguments"]):
+            gone = [a for a in settings(old["arguments"]) if a not in new[name]]
+            added = [a for a in new[name] if a not in settings(old["arguments"])]
             changed.append(f"{name} ({' '.join(gone)} -> {' '.join(added)})")
     if changed:
         raise UserError(f"The sweep file {sweep.path} changed since {directory} was run, and the change alters "
