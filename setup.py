@@ -44,6 +44,7 @@ setup(
         "tiny-predict = trainer.predict:run",
         "tiny-export = trainer.export:run",
         "tiny-compare = trainer.compare:run",
+        "tiny-sweep = trainer.sweep:run",
         "tiny-preview = trainer.data.preview:run",
         "tiny-synthetic = trainer.data.synthetic:run",
         "tiny-download = trainer.data.download:run",

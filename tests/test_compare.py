@@ -94,7 +94,11 @@ def test_command_line_prints_both_runs_and_writes_markdown(runs, tmp_path):
     assert len(table) == 4 and all(line.startswith("| ") and line.endswith(" |") for line in table[:1] + table[2:])
     assert re.fullmatch(r"\|(:?-{3,}:?\|)+", table[1])
     cells = [len(line.strip("|").split("|")) for line in table]
-    assert len(set(cells)) == 1 and cells[0] == len(compare.COLUMNS)
+    assert len(set(cells)) == 1 and cells[0] == len(compare.COLUMNS) + 2
+    # The settings that differ between the runs are columns (issue 16 item 3), and only those.
+    assert table[0].endswith("| BATCH_SIZE | EPOCHS |")
+    assert {tuple(line.strip("|").split("|")[i].strip() for i in (0, -2, -1)) for line in table[2:]} == {
+        ("a", "20", "2"), ("b", "30", "1")}
     assert {table[2].split("|")[1].strip(), table[3].split("|")[1].strip()} == {"a", "b"}
 
 
@@ -214,3 +218,20 @@ def test_scalar_layout_charts_the_trainer_scalars(runs, tmp_path):
     for title in ("loss (train, val)", "top-1 (train, val)", "top-5 (train, val)"):  # Train and val together.
         [regex] = next(c for c in charts if c.title == title).multiline.tag
         assert any(re.search(regex, t) for t in val_tags)
+
+
+def test_settings_that_differ_are_columns(tmp_path):
+    """Two runs identical but for AUGMENT and a scoped binding: those two, and only those, are columns."""
+    for name, augment, momentum in (("p", "flip(0.5)", 0.9), ("q", None, 0.99)):
+        run = _fake_run(tmp_path, name, [0.5], [10.0])
+        (run / "operative_config.gin").write_text(
+            f"# Macros:\nAUGMENT = {augment!r}\nBATCH_SIZE = 50\nIMAGE_SIZE = 64\nMODEL_DIR = '{run}'\n\n"
+            "data.augment = %AUGMENT\ndata.batch_size = %BATCH_SIZE\ndata.image_size = %IMAGE_SIZE\n"
+            f"small/batch_norm.momentum = {momentum}\nnetwork.name = 'small'\ntrain.model_dir = %MODEL_DIR\n")
+    rows = compare.compare([str(tmp_path)], sort="run", compute_plan=False, warn=pytest.fail)
+    assert [r["settings"] for r in rows] == [{"AUGMENT": "flip(0.5)", "small/batch_norm.momentum": "0.9"},
+                                             {"AUGMENT": "None", "small/batch_norm.momentum": "0.99"}]
+    assert compare.format_markdown(rows).splitlines()[0].endswith("| AUGMENT | small/batch_norm.momentum |")
+    assert compare.format_table(rows).splitlines()[2].split()[-2:] == ["flip(0.5)", "0.9"]
+    # One run alone: nothing differs, no column.
+    assert compare.compare([str(tmp_path / "p")], compute_plan=False)[0]["settings"] == {}

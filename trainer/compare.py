@@ -7,7 +7,12 @@ operative_config.gin; a directory holding run directories stands for them):
 the network, its parameters and multiply-accumulates per image at the run's
 image size, the image size and global batch, the epochs done, the best
 validation top-1 (and that epoch's top-5 and number), the mean epoch time and
-the training throughput.
+the training throughput. Then, as columns, what differs between the compared
+runs: for runs of a sweep (`python -m trainer.sweep`; its sweep.json beside
+them) the sweep's varied values as the sweep names them, with a `sweep` column
+when the runs come from several sweeps; then every gin macro and binding of
+the runs' operative_config.gin whose value is not the same in all of them
+(MODEL_DIR aside), e.g. AUGMENT or `optim.constant.learning_rate`.
 
 Flags:
   --sort       the column to sort by: run, network, params, macs, image_size, batch_size, epochs, val_top1,
@@ -15,7 +20,8 @@ Flags:
                A-Z, numbers from the largest down; runs without the value go last.
   --reverse    reverse the order.
   --markdown   print a markdown table instead of the aligned console table.
-  --output     also write the markdown table to this file.
+  --output     also write the markdown table to this file (long setting values in full; the console table
+               shortens them to 30 characters).
 
 Where the figures come from:
   - metrics.csv (one row per epoch): epochs done, best val top-1 (the
@@ -108,6 +114,20 @@ def read_metrics(path):
     """The rows of a metrics.csv as dicts of numbers (cells that are not numbers stay strings)."""
     with open(path, encoding="utf-8", newline="") as f:
         return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def read_settings(path):
+    """Every macro and binding of a gin file, scoped ones included: 'NAME' or '[scope/]selector.param' -> value."""
+    from gin import config_parser  # pylint: disable=import-outside-toplevel
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    settings = {}
+    for statement in config_parser.ConfigParser(text, _Delegate()):
+        if isinstance(statement, config_parser.BindingStatement):
+            selector = f"{statement.scope}/{statement.selector}" if statement.scope else statement.selector
+            settings[f"{selector}.{statement.arg_name}" if statement.arg_name else selector] = statement.value
+    return settings
 
 
 def read_operative_config(path):
@@ -239,6 +259,7 @@ def compare(paths, sort="val_top1", reverse=False, compute_plan=True, warn=None)
                         "holds the metrics.csv and operative_config.gin the trainer writes), e.g. "
                         "`python -m trainer.compare runs/*`.")
     rows = [summarize(run, compute_plan, warn) for run in runs]
+    differing_settings(rows, warn)
     known = [r for r in rows if r[sort] is not None]
     unknown = [r for r in rows if r[sort] is None]
     if sort in _TEXT_KEYS:
@@ -248,8 +269,79 @@ def compare(paths, sort="val_top1", reverse=False, compute_plan=True, warn=None)
     return known + unknown
 
 
-def format_cells(row):
-    """A row's cells as text, in column order."""
+def read_sweep(run):
+    """(sweep name, its varied [{'key', 'name'}], the run's labels) if `run` is a point of a sweep, else None."""
+    parent = os.path.dirname(os.path.normpath(run))
+    path = os.path.join(parent, "sweep.json")
+    if not os.path.isfile(path):
+        return None
+    import json  # pylint: disable=import-outside-toplevel
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        entry = state["points"].get(os.path.basename(os.path.normpath(run)))
+        if entry is None:
+            return None
+        return os.path.basename(parent) or parent, list(state.get("varied", [])), dict(entry.get("labels", {}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def differing_settings(rows, warn=None):
+    """Sets each row's `sweep` and `settings` (column -> text): what differs between the runs (module docstring)."""
+    warn = warn or _warn
+    sweeps = {id(r): read_sweep(r["path"]) for r in rows}
+    names, varied_keys = [], set()
+    for found in sweeps.values():
+        for varied in (found[1] if found else []):
+            names += [varied["name"]] if varied["name"] not in names else []
+            varied_keys.add(varied["key"])
+    several = len({found[0] for found in sweeps.values() if found}) > 1
+    values = {}
+    for r in rows:
+        path = os.path.join(r["path"], "operative_config.gin")
+        if os.path.isfile(path):
+            try:
+                values[id(r)] = read_settings(path)
+            except Exception:  # pylint: disable=broad-except  (summarize warned already)
+                pass
+    read = list(values.values())
+    keys = sorted({k for v in read for k in v}, key=lambda k: ("." in k, k))
+
+    def covered(key):  # A sweep's varied key, as the operative config writes it (shortest unique selector).
+        return any(v == key or v.endswith("." + key) or key.endswith("." + v) for v in varied_keys)
+
+    differing = [k for k in keys if k != "MODEL_DIR" and not covered(k) and len(read) > 1
+                 and len({repr(v.get(k)) for v in read}) > 1]
+    for r in rows:
+        found = sweeps[id(r)]
+        r["sweep"] = found[0] if found else None
+        settings = {"sweep": r["sweep"] or "-"} if several else {}
+        settings.update({n: (found[2].get(n, "-") if found else "-") for n in names})
+        mine = values.get(id(r))
+        settings.update({k: _setting_text(mine[k]) if mine is not None and k in mine else "-" for k in differing})
+        r["settings"] = settings
+    return rows
+
+
+def _setting_text(value):
+    if isinstance(value, Macro):
+        return "%" + value
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str):
+        return value
+    return repr(value)
+
+
+def _extra_columns(rows):
+    """The settings' columns of a table (the same for every row): [(key, header)]."""
+    return list(rows[0].get("settings", {})) if rows else []
+
+
+def format_cells(row, extra=None):
+    """A row's cells as text, in column order (then its `settings`, or the `extra` ones of a table)."""
     def fmt(key, value):
         if value is None:
             return "-"
@@ -265,14 +357,19 @@ def format_cells(row):
             return f"{value:,.0f}"
         return str(value)
 
-    return [fmt(key, row.get(key)) for key, _, _ in COLUMNS]
+    settings = row.get("settings", {})
+    return [fmt(key, row.get(key)) for key, _, _ in COLUMNS] + \
+        [settings.get(k, "-") for k in (extra if extra is not None else settings)]
 
 
 def format_table(rows):
     """An aligned console table: a header, a rule, a line per run."""
-    table = [[header for _, header, _ in COLUMNS]] + [format_cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    lines = ["  ".join(f"{cell:{align}{width}}" for cell, width, (_, _, align) in zip(line, widths, COLUMNS))
+    extra = _extra_columns(rows)
+    aligns = [align for _, _, align in COLUMNS] + ["<"] * len(extra)
+    table = [[header for _, header, _ in COLUMNS] + extra] + [
+        [_shorten(c) if i >= len(COLUMNS) else c for i, c in enumerate(format_cells(r, extra))] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(aligns))]
+    lines = ["  ".join(f"{cell:{align}{width}}" for cell, width, align in zip(line, widths, aligns))
              .rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n"
@@ -283,9 +380,11 @@ def format_markdown(rows):
     def line(cells):
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    out = [line([header for _, header, _ in COLUMNS]),
-           "|" + "|".join(":---" if align == "<" else "---:" for _, _, align in COLUMNS) + "|"]
-    out += [line(format_cells(r)) for r in rows]
+    extra = _extra_columns(rows)
+    aligns = [align for _, _, align in COLUMNS] + ["<"] * len(extra)
+    out = [line([header for _, header, _ in COLUMNS] + extra),
+           "|" + "|".join(":---" if align == "<" else "---:" for align in aligns) + "|"]
+    out += [line(format_cells(r, extra)) for r in rows]
     return "\n".join(out) + "\n"
 
 
@@ -342,6 +441,11 @@ def _read_run_json(path, warn):
     except (OSError, ValueError) as err:
         warn(f"{path} could not be read ({err}): ignored.")
         return {}
+
+
+def _shorten(text, width=30):
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _number(text):
