@@ -48,5 +48,6 @@ setup(
         "tiny-preview = trainer.data.preview:run",
         "tiny-synthetic = trainer.data.synthetic:run",
         "tiny-download = trainer.data.download:run",
+        "tiny-convert = trainer.data.convert:run",
     ]},
 )

@@ -56,4 +56,7 @@ def test_train_resume_evaluate_export_and_predict_on_ram(train_base_gin, tmp_pat
     predictions, failures = predict.predict_split(predictor, source, "test", f"{model_dir}/predictions_test.txt")
     assert len(predictions) == 4 and not failures
     assert len(_read(f"{model_dir}/predictions_test.txt").splitlines()) == 4
+    from trainer import compare
+    [row] = compare.compare([model_dir], compute_plan=False)
+    assert row["val_top1"] == pytest.approx(best["val_top1"])
     assert os.listdir(tmp_path) == []  # Nothing landed on the local disk.

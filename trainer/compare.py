@@ -75,8 +75,8 @@ _TEXT_KEYS = ("run", "network")
 
 def is_run(path):
     """Whether `path` is a training run's directory (the trainer wrote metrics.csv or operative_config.gin)."""
-    return os.path.isdir(path) and any(
-        os.path.isfile(os.path.join(path, name)) for name in ("metrics.csv", "operative_config.gin"))
+    return _isdir(path) and any(
+        _isfile(os.path.join(path, name)) for name in ("metrics.csv", "operative_config.gin"))
 
 
 def find_runs(paths, warn=None):
@@ -92,19 +92,19 @@ def find_runs(paths, warn=None):
     warn = warn or _warn
     runs = []
     for path in paths:
-        expanded = sorted(glob.glob(path)) if glob.has_magic(path) and not os.path.exists(path) else [path]
+        expanded = sorted(glob.glob(path)) if glob.has_magic(path) and not _exists(path) else [path]
         if not expanded:
             warn(f"{path} matches nothing: skipped.")
         for candidate in expanded:
             if is_run(candidate):
                 found = [candidate]
-            elif os.path.isdir(candidate):
-                found = [os.path.join(candidate, d) for d in sorted(os.listdir(candidate))
+            elif _isdir(candidate):
+                found = [os.path.join(candidate, d) for d in sorted(_listdir(candidate))
                          if is_run(os.path.join(candidate, d))]
             else:
                 found = []
             if not found:
-                what = "does not exist" if not os.path.exists(candidate) else "is not a training run"
+                what = "does not exist" if not _exists(candidate) else "is not a training run"
                 warn(f"{candidate} {what} (no metrics.csv or operative_config.gin): skipped.")
             runs += [r for r in found if os.path.normpath(r) not in {os.path.normpath(x) for x in runs}]
     return runs
@@ -112,7 +112,7 @@ def find_runs(paths, warn=None):
 
 def read_metrics(path):
     """The rows of a metrics.csv as dicts of numbers (cells that are not numbers stay strings)."""
-    with open(path, encoding="utf-8", newline="") as f:
+    with _open(path) as f:
         return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
@@ -120,7 +120,7 @@ def read_settings(path):
     """Every macro and binding of a gin file, scoped ones included: 'NAME' or '[scope/]selector.param' -> value."""
     from gin import config_parser  # pylint: disable=import-outside-toplevel
 
-    with open(path, encoding="utf-8") as f:
+    with _open(path) as f:
         text = f.read()
     settings = {}
     for statement in config_parser.ConfigParser(text, _Delegate()):
@@ -140,7 +140,7 @@ def read_operative_config(path):
     """
     from gin import config_parser  # pylint: disable=import-outside-toplevel
 
-    with open(path, encoding="utf-8") as f:
+    with _open(path) as f:
         text = f.read()
     macros, bindings = {}, {}
     for statement in config_parser.ConfigParser(text, _Delegate()):
@@ -192,7 +192,7 @@ def summarize(run, compute_plan=True, warn=None):
     row["path"] = run
     macros, bindings = {}, {}
     operative = os.path.join(run, "operative_config.gin")
-    if os.path.isfile(operative):
+    if _isfile(operative):
         try:
             macros, bindings = read_operative_config(operative)
         except Exception as err:  # pylint: disable=broad-except  (a damaged file: the other figures still count)
@@ -203,7 +203,7 @@ def summarize(run, compute_plan=True, warn=None):
     recorded = _read_run_json(os.path.join(run, "run.json"), warn)
     row.update({k: recorded[k] for k in ("network", "params", "macs", "image_size", "batch_size")
                 if recorded.get(k) is not None})
-    if row["params"] is None and compute_plan and os.path.isfile(operative) and row["image_size"]:
+    if row["params"] is None and compute_plan and _isfile(operative) and row["image_size"]:
         try:
             row["params"], row["macs"] = measure(operative, int(row["image_size"]))
         except Exception as err:  # pylint: disable=broad-except  (e.g. a network file that changed since)
@@ -211,7 +211,7 @@ def summarize(run, compute_plan=True, warn=None):
                  f"({str(err).splitlines()[0] if str(err) else type(err).__name__}).")
 
     metrics_path = os.path.join(run, "metrics.csv")
-    rows = read_metrics(metrics_path) if os.path.isfile(metrics_path) else []
+    rows = read_metrics(metrics_path) if _isfile(metrics_path) else []
     rows = [r for r in rows if isinstance(r.get("val_top1"), (int, float)) and not math.isnan(r["val_top1"])]
     row["epochs"] = len(rows)
     if rows:
@@ -273,12 +273,12 @@ def read_sweep(run):
     """(sweep name, its varied [{'key', 'name'}], the run's labels) if `run` is a point of a sweep, else None."""
     parent = os.path.dirname(os.path.normpath(run))
     path = os.path.join(parent, "sweep.json")
-    if not os.path.isfile(path):
+    if not _isfile(path):
         return None
     import json  # pylint: disable=import-outside-toplevel
 
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open(path) as f:
             state = json.load(f)
         entry = state["points"].get(os.path.basename(os.path.normpath(run)))
         if entry is None:
@@ -301,7 +301,7 @@ def differing_settings(rows, warn=None):
     values = {}
     for r in rows:
         path = os.path.join(r["path"], "operative_config.gin")
-        if os.path.isfile(path):
+        if _isfile(path):
             try:
                 values[id(r)] = read_settings(path)
             except Exception:  # pylint: disable=broad-except  (summarize warned already)
@@ -388,6 +388,35 @@ def format_markdown(rows):
     return "\n".join(out) + "\n"
 
 
+# --- Files: local ones with the standard library (no TensorFlow import), URLs (gs://...) with tf.io.gfile. ------
+
+
+def _gfile():
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    return tf.io.gfile
+
+
+def _exists(path):
+    return _gfile().exists(path) if "://" in path else os.path.exists(path)
+
+
+def _isdir(path):
+    return _gfile().isdir(path) if "://" in path else os.path.isdir(path)
+
+
+def _isfile(path):
+    return _exists(path) and not _isdir(path) if "://" in path else os.path.isfile(path)
+
+
+def _listdir(path):
+    return [n.rstrip("/") for n in _gfile().listdir(path)] if "://" in path else os.listdir(path)
+
+
+def _open(path, mode="r"):
+    return _gfile().GFile(path, mode) if "://" in path else open(path, mode, encoding="utf-8", newline="")
+
+
 def main(argv):
     """The command line (see the module docstring)."""
     paths = argv[1:]
@@ -398,7 +427,7 @@ def main(argv):
     print(format_markdown(rows) if FLAGS.markdown else format_table(rows), end="")
     if FLAGS.output:
         try:
-            with open(FLAGS.output, "w", encoding="utf-8") as f:
+            with _open(FLAGS.output, "w") as f:
                 f.write(format_markdown(rows))
         except OSError as err:
             raise UserError(f"--output={FLAGS.output}: cannot write it: {err.strerror or err}.") from None
@@ -430,12 +459,12 @@ def _speed(rows, batch_size):
 
 
 def _read_run_json(path, warn):
-    if not os.path.isfile(path):
+    if not _isfile(path):
         return {}
     import json  # pylint: disable=import-outside-toplevel
 
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open(path) as f:
             recorded = json.load(f)
         return recorded if isinstance(recorded, dict) else {}
     except (OSError, ValueError) as err:
