@@ -127,3 +127,14 @@ def test_a_tiny_imagenet_directory_is_named_as_such(synthetic_dir, tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"It holds the image_folder layout instead: include "
                                                    r"gin/data/image_folder.gin"):
         TinyImageNet(flat)
+
+
+def test_names_that_are_not_utf8_are_skipped_and_named(tmp_path, caplog):
+    root = _tree(tmp_path, {"cat/a.jpg": JPEG, "dog/b.jpg": JPEG})
+    with open(os.path.join(os.fsencode(root), b"cat", b"caf\xe9.jpg"), "wb") as f:  # Latin-1, not UTF-8.
+        f.write(JPEG)
+    os.symlink(os.path.join(root, "cat"), os.path.join(root, "cat", "loop"))  # A cycle: read once.
+    caplog.set_level("WARNING", logger="absl")
+    source = ImageFolder(root, val_fraction=0.5)
+    assert source.count("train") + source.count("val") == 2
+    assert r"Skipped 1 names in" in caplog.text and r"caf\xe9.jpg" in caplog.text

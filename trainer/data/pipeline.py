@@ -38,6 +38,7 @@ from absl import logging
 from trainer.data import augment as augment_lib
 from trainer.data import sources as sources_lib
 from trainer.data import synthetic
+from trainer.data import preprocess as preprocess_lib
 from trainer.data.preprocess import RESIZE_METHODS, Preprocessing  # noqa: F401 (RESIZE_METHODS: re-exported)
 from trainer.data.sources import image_folder, tfrecord, tiny_imagenet  # noqa: F401 (registers their gin names)
 from trainer.errors import UserError
@@ -148,6 +149,7 @@ def data(data_dir,
          seed=0,
          resize="bilinear",
          crop="stretch",
+         max_pixels=preprocess_lib.MAX_PIXELS,
          mean=None,
          std=None,
          in_memory=None,
@@ -174,6 +176,8 @@ def data(data_dir,
         phase: PIL's default), 'bicubic' or 'area'; images already at
         `image_size` are not resized.
       crop: 'stretch' (a non-square image is resized whole) or 'center' (its centred square).
+      max_pixels: an image whose header declares more pixels is refused before it is decoded
+        (skipped and counted in training; named by predict).
       mean: None (pixels / 255 in [0, 1]), or per-channel means to subtract after
         the augmentation, on the [0, 1] scale.
       std: per-channel standard deviations to divide by (with `mean`).
@@ -208,7 +212,7 @@ def data(data_dir,
         raise UserError(f"trainer.data.source must be a source, e.g. @trainer.sources.image_folder, got "
                         f"{source!r}.")
     preprocess = Preprocessing(image_size, resize, None if mean is None else tuple(mean),
-                               None if std is None else tuple(std), crop)
+                               None if std is None else tuple(std), crop, max_pixels)
     augment_lib.build_policy(augment)  # A bad policy fails here, before anything runs.
     data_dir = sources_lib.local(data_dir)
     written = False

@@ -11,6 +11,10 @@ of the code:
     normalise(x)    -> float32           (x - mean) / std when the run sets them
     prepare(uint8)  =  normalise(scale(.))
 
+An image whose header declares more than `max_pixels` pixels (Pillow's
+decompression-bomb limit by default) is refused before it is decoded: a
+1 MB PNG can declare 20000 x 20000 pixels and take 1.2 GB once decoded.
+
 `crop='center'` first cuts the largest centred square out of a non-square
 image (no stretching); the default `'stretch'` resizes the whole image to a
 square, as Keras' `image_dataset_from_directory` does.
@@ -23,6 +27,7 @@ import tensorflow as tf
 from trainer.errors import UserError
 
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area")
+MAX_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS: about a quarter gigabyte of RGB pixels.
 CROPS = ("stretch", "center")
 INPUT_SCALE = 1.0 / 255.0
 
@@ -37,6 +42,7 @@ class Preprocessing:
       mean: None, or 3 per-channel means subtracted after scaling to [0, 1].
       std: 3 per-channel standard deviations divided by (with `mean`).
       crop: 'stretch' (resize the whole image) or 'center' (the centred square, then resize).
+      max_pixels: images whose header declares more pixels are refused before decoding.
     """
 
     image_size: int
@@ -44,6 +50,7 @@ class Preprocessing:
     mean: tuple | None = None
     std: tuple | None = None
     crop: str = "stretch"
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self):
         size = self.image_size
@@ -52,6 +59,8 @@ class Preprocessing:
         if self.resize not in RESIZE_METHODS:
             raise UserError(f"trainer.data.resize must be one of {', '.join(RESIZE_METHODS)}, got "
                             f"{self.resize!r}.")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise UserError(f"trainer.data.max_pixels must be a positive integer, got {self.max_pixels!r}.")
         if self.crop not in CROPS:
             raise UserError(f"trainer.data.crop must be one of {', '.join(CROPS)}, got {self.crop!r}.")
         mean, std = self.mean, self.std
@@ -68,8 +77,13 @@ class Preprocessing:
         return self.resize != "nearest"
 
     def decode(self, encoded):
-        """Encoded image bytes (a scalar tf.string) -> uint8 [S, S, 3]."""
-        image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+        """Encoded image bytes (a scalar tf.string) -> uint8 [S, S, 3]; an error for more than `max_pixels`."""
+        height, width = tf.unstack(header_shape(encoded))
+        too_large = tf.debugging.Assert(height * width <= self.max_pixels, [
+            "The image declares", height, "x", width, f"pixels, more than trainer.data.max_pixels = {self.max_pixels}:",
+            "refused before decoding"])
+        with tf.control_dependencies([too_large]):
+            image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
         image = tf.ensure_shape(image, [None, None, 3])
         size = self.image_size
         if self.crop == "center":
@@ -104,7 +118,7 @@ class Preprocessing:
 
     def to_json(self):
         return {"image_size": self.image_size, "resize": self.resize, "antialias": self.antialias,
-                "crop": self.crop, "input_scale": INPUT_SCALE,
+                "crop": self.crop, "max_pixels": self.max_pixels, "input_scale": INPUT_SCALE,
                 "mean": None if self.mean is None else list(self.mean),
                 "std": None if self.std is None else list(self.std)}
 
@@ -113,4 +127,26 @@ class Preprocessing:
         """The inverse of `to_json` (extra keys ignored; `crop` defaults to 'stretch' for older runs)."""
         return cls(int(value["image_size"]), value.get("resize", "bilinear"),
                    None if value.get("mean") is None else tuple(value["mean"]),
-                   None if value.get("std") is None else tuple(value["std"]), value.get("crop", "stretch"))
+                   None if value.get("std") is None else tuple(value["std"]), value.get("crop", "stretch"),
+                   int(value.get("max_pixels", MAX_PIXELS)))
+
+
+def header_shape(encoded):
+    """(height, width) int64 that a JPEG, PNG, GIF or BMP header declares, read without decoding ((0, 0) else)."""
+    def number(offset, size, little_endian):
+        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, offset, size), tf.uint8), tf.int64)
+        weights = tf.constant([256 ** i for i in range(size)][::1 if little_endian else -1], tf.int64)
+        return tf.reduce_sum(raw[:size] * weights[:tf.size(raw)])
+
+    def bmp():
+        height = number(22, 4, True)  # Negative (two's complement) for top-down bitmaps.
+        return tf.stack([tf.where(height >= 2**31, 2**32 - height, height), number(18, 4, True)])
+
+    return tf.case([
+        (tf.equal(tf.strings.substr(encoded, 0, 4), b"\x89PNG"),
+         lambda: tf.stack([number(20, 4, False), number(16, 4, False)])),
+        (tf.equal(tf.strings.substr(encoded, 0, 3), b"GIF"),
+         lambda: tf.stack([number(8, 2, True), number(6, 2, True)])),
+        (tf.equal(tf.strings.substr(encoded, 0, 2), b"BM"), bmp),
+        (tf.io.is_jpeg(encoded), lambda: tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64)),
+    ], default=lambda: tf.zeros([2], tf.int64))

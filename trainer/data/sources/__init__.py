@@ -29,6 +29,7 @@ here, one gin file and its tests.
 import os
 
 import tensorflow as tf
+from absl import logging
 
 from trainer.errors import UserError
 
@@ -193,8 +194,45 @@ def relative(path, root):
 
 
 def listdir(path):
-    """Entry names of a directory, without the trailing '/' some file systems (GCS) add."""
-    return [name.rstrip("/") for name in tf.io.gfile.listdir(path)]
+    """Entry names of a directory, without the trailing '/' some file systems (GCS) add.
+
+    A local name that is not UTF-8 (TensorFlow cannot open it, and tf.io.gfile.listdir fails on the whole
+    directory) is left out, with a warning naming it by its escaped bytes.
+    """
+    if is_remote(path):
+        return [name.rstrip("/") for name in tf.io.gfile.listdir(path)]
+    names, bad = [], []
+    for name in os.listdir(path):
+        try:
+            name.encode("utf-8")
+            names.append(name)
+        except UnicodeEncodeError:  # os.listdir kept the undecodable bytes as surrogates.
+            bad.append(os.fsencode(name))
+    if bad:
+        logging.warning("Skipped %d names in %s that are not UTF-8 (rename them to use them): %s", len(bad), path,
+                        ", ".join(repr(b)[2:-1] for b in sorted(bad)[:5]) + (" ..." if len(bad) > 5 else ""))
+    return names
+
+
+def walk(folder):
+    """(directory, subdirectory names, file names) of `folder` and everything under it, as os.walk yields them.
+
+    Built on `listdir` (non-UTF-8 names left out); a local directory reached twice through symbolic links is
+    read once.
+    """
+    seen = set()
+    pending = [folder]
+    while pending:
+        current = pending.pop(0)
+        if not is_remote(current):
+            real = os.path.realpath(current)
+            if real in seen:
+                continue
+            seen.add(real)
+        names = sorted(listdir(current))
+        dirs = [n for n in names if tf.io.gfile.isdir(join(current, n))]
+        yield current, dirs, [n for n in names if n not in dirs]
+        pending += [join(current, d) for d in dirs]
 
 
 def read_lines(path, remedy="download the dataset again"):

@@ -36,7 +36,7 @@ _LAYOUT = ("Expected a folder per class: DATA_DIR/train/<class>/ and DATA_DIR/va
 def _walk(folder):
     """(image paths, other files) under `folder`, sorted, at any depth."""
     images, others = [], []
-    for root, _, names in tf.io.gfile.walk(folder):
+    for root, _, names in sources.walk(folder):
         for name in names:
             path = sources.join(root, name.rstrip("/"))
             (images if name.lower().endswith(IMAGE_SUFFIXES) else others).append(path)
