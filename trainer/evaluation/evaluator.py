@@ -233,6 +233,9 @@ def evaluate_checkpoint(model, checkpoint_path, data, split, eval_dir, writer=No
         report = _report(result, data, checkpoint_path, name, info, split, tta_flip, layer.name, files, scored_files,
                          labels, num_confused)
         report["out_dir"], report["replicas"] = out_dir, strategy.num_replicas_in_sync
+        report["warning"] = _collapse_warning(result, info, model, data)
+        if report["warning"]:
+            logging.warning("%s: %s", name, report["warning"])
         tf.io.gfile.makedirs(out_dir)
         reports.write_atomic(os.path.join(out_dir, "report.json"), reports.to_json(report))
         reports.write_atomic(os.path.join(out_dir, "report.md"), reports.markdown(report))
@@ -353,6 +356,20 @@ def _report(result, data, checkpoint_path, name, info, split, tta_flip, layer_na
         "confusion_matrix": result["confusion"].tolist(),
         "confusion_order": metrics.cluster_order(result["confusion"]),
     }
+
+
+def _collapse_warning(result, info, model, data):
+    """`steps.collapse_warning` for this evaluation (one line), or None: see `steps.collapse`."""
+    from trainer import steps  # pylint: disable=import-outside-toplevel
+
+    n = len(result["predictions"])
+    totals = np.concatenate([[result["loss"] * n, 0.0, 0.0, n],
+                             np.bincount(result["predictions"], minlength=data.num_classes)])
+    found = steps.collapse(totals, info.get("train_loss"), data.num_classes)
+    if not found:
+        return None
+    precise, _ = steps.precise_bn_decision(gin_value("trainer.train.precise_bn", "auto"), model, data.steps_per_epoch)
+    return steps.collapse_warning(found, precise)
 
 
 def _relative(path, root):
