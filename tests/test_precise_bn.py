@@ -69,6 +69,22 @@ def test_collapse_is_one_class_or_a_val_loss_many_times_the_train_loss():
     assert "\n" not in line and "trainer.train.precise_bn = True" in line
 
 
+@pytest.mark.slow
+def test_a_collapsed_evaluation_is_one_warning_line_at_the_epoch_end_and_atop_report_md(train_base_gin, tmp_path,
+                                                                                        caplog):
+    """BatchNorm statistics that barely move in 15 steps (momentum 0.9999, no precise BN): one class wins."""
+    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")
+    helpers.train_in_process(train_base_gin, tmp_path, "trainer.train.precise_bn = False",
+                             "small/trainer.blocks.batch_norm.momentum = 0.9999", "trainer.train.evaluate_best = True")
+    warnings = [r.getMessage() for r in caplog.records if "Collapsed evaluation" in r.getMessage()]
+    assert len(warnings) == 2, caplog.text  # The epoch's end, then the evaluation of best/.
+    assert "\n" not in warnings[0] and "trainer.train.precise_bn = True" in warnings[0]
+    [report] = tmp_path.glob("eval/best-*/report.md")
+    lines = report.read_text().splitlines()
+    assert lines[0].startswith("# Evaluation") and lines[2].startswith("**Warning: Collapsed evaluation:")
+
+
 @pytest.fixture(scope="module")
 def quickstart_like_dir(tmp_path_factory):
     """The quickstart's dataset at half the size: 10 classes x 150 training images, 30 val images a class."""

@@ -227,7 +227,7 @@ class PreciseBatchNorm:
 def collapse(val_totals, train_loss=None, num_classes=None):
     """Whether an evaluation collapsed, as a phrase (None if not).
 
-    Collapsed: more than max(50%, 5 / classes) of the examples (at most 90%)
+    Collapsed: more than max(50%, 2.5 / classes) of the examples (at most 90%)
     predicted as one class, or a validation loss above both 5 x the training
     loss and ln(classes) (worse than predicting the uniform distribution).
 
@@ -243,7 +243,7 @@ def collapse(val_totals, train_loss=None, num_classes=None):
     found = []
     if len(counts) and num_classes > 1:
         share = counts.max() / count
-        if share > min(0.9, max(0.5, 5.0 / num_classes)):
+        if share > min(0.9, max(0.5, 2.5 / num_classes)):
             found.append(f"{share:.0%} of the images predicted as class {int(counts.argmax())}")
     loss = totals[0] / count
     if train_loss and num_classes and loss > 5 * train_loss and loss > np.log(max(num_classes, 2)):
