@@ -34,7 +34,8 @@ pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-IMAGE_TAGS = {"eval/confusion_matrix", "eval/misclassified", "eval/gradcam", "eval/reliability"}
+IMAGE_TAGS = {"eval/confusion_matrix", "eval/confusion_matrix_clustered",
+              "eval/misclassified", "eval/gradcam", "eval/reliability"}
 
 
 def evaluate_cli(*args):

@@ -8,8 +8,9 @@ flip TTA):
   report.json      everything, machine-readable
   report.md        summary, the worst classes, the most confused pairs
   predictions.csv  file, true wnid, predicted wnid, probability, top-5 wnids
-  events.out.*     TensorBoard: scalars, the confusion matrix (classes ordered
-                   so confusions cluster), misclassified images, Grad-CAM
+  events.out.*     TensorBoard: scalars, the confusion matrix (classes in the
+                   dataset's order, the same in every evaluation; a second
+                   figure reorders them so confusions cluster), misclassified images, Grad-CAM
                    overlays, a reliability diagram, a per-class table
 
 The images are prepared exactly as `Data.eval(split)` prepares them
@@ -354,7 +355,8 @@ def _report(result, data, checkpoint_path, name, info, split, tta_flip, layer_na
         "reliability": result["reliability"],
         "class_names": names, "wnids": wnids,
         "confusion_matrix": result["confusion"].tolist(),
-        "confusion_order": metrics.cluster_order(result["confusion"]),
+        "confusion_matrix_order": CONFUSION_ORDER,  # Of confusion_matrix and the eval/confusion_matrix figure.
+        "confusion_order": metrics.cluster_order(result["confusion"]),  # eval/confusion_matrix_clustered's.
     }
 
 
@@ -370,6 +372,24 @@ def _collapse_warning(result, info, model, data):
         return None
     precise, _ = steps.precise_bn_decision(gin_value("trainer.train.precise_bn", "auto"), model, data.steps_per_epoch)
     return steps.collapse_warning(found, precise)
+
+
+CONFUSION_ORDER = "dataset"  # The confusion matrix's class order: the dataset's (wnids.txt), in every evaluation.
+
+
+def confusion_figures(report):
+    """(tag, class order, what the order is) of the confusion-matrix figures of an evaluation.
+
+    `eval/confusion_matrix` keeps the dataset's class order (wnids.txt), so the
+    figures of every evaluation of every run line up; the clustering that puts
+    confused classes side by side is its own figure, whose order is this
+    evaluation's and says so.
+    """
+    k = len(report["confusion_matrix"])
+    return [("eval/confusion_matrix", list(range(k)), "classes in the dataset's order (wnids.txt), as in every "
+                                                      "evaluation"),
+            ("eval/confusion_matrix_clustered", report["confusion_order"],
+             "classes reordered so confusions cluster: this evaluation's own order")]
 
 
 def _relative(path, root):
@@ -409,8 +429,9 @@ def _summaries(writer, step, report, result, model, layer, data, scored_files, l
     with writer.as_default(step=step):
         for key in ("loss", "top1", "top5", "ece"):
             tf.summary.scalar(f"eval/{key}", m[key])
-        _image_summary("eval/confusion_matrix", figures.confusion_matrix(
-            result["confusion"], names, report["confusion_order"], f"Confusion matrix, {title}"))
+        for tag, order, subtitle in confusion_figures(report):
+            _image_summary(tag, figures.confusion_matrix(result["confusion"], names, order,
+                                                         f"Confusion matrix, {title}\n{subtitle}"))
         if len(wrong):
             grid = figures.image_grid([lookup[int(i)] for i in wrong], [caption(i) for i in wrong],
                                       f"Most confident mistakes, {title}")
