@@ -8,9 +8,14 @@ flip TTA):
   report.json      everything, machine-readable
   report.md        summary, the worst classes, the most confused pairs
   predictions.csv  file, true wnid, predicted wnid, probability, top-5 wnids
-  events.out.*     TensorBoard: scalars, the confusion matrix (classes in the
-                   dataset's order, the same in every evaluation; a second
-                   figure reorders them so confusions cluster), misclassified images, Grad-CAM
+
+and, in `<eval_dir>/` itself, one TensorBoard run for every evaluation of a
+training run (at the checkpoint's step; tags `eval/`, `eval_train/` for the
+training split, `eval_flip/` with flip TTA):
+
+  events.out.*     scalars, the confusion matrix (classes in the dataset's
+                   order, the same in every evaluation; a second figure
+                   reorders them so confusions cluster), misclassified images, Grad-CAM
                    overlays, a reliability diagram, a per-class table
 
 The images are prepared exactly as `Data.eval(split)` prepares them
@@ -185,7 +190,8 @@ def evaluate_checkpoint(model, checkpoint_path, data, split, eval_dir, writer=No
         size, batch size (images per model call), resize method and standardisation.
       split: 'val' or 'train'.
       eval_dir: the files go to `<eval_dir>/<name>/` (`model_dir/eval` for a run).
-      writer: a `tf.summary` writer; None = one writing to `<eval_dir>/<name>/`.
+      writer: a `tf.summary` writer; None = one writing to `<eval_dir>/` (one TensorBoard run for all the
+        evaluations of a training run, at their checkpoints' steps).
       strategy: the tf.distribute strategy `model` was built under, or the trainer's
         `strategy.Distribution` (None: the default strategy).
       tta_flip: average the softmax probabilities of each image and its left-right mirror.
@@ -243,7 +249,7 @@ def evaluate_checkpoint(model, checkpoint_path, data, split, eval_dir, writer=No
         reports.write_atomic(os.path.join(out_dir, "predictions.csv"),
                              reports.predictions_csv(_prediction_rows(result, dataset, scored_files, labels)))
         own_writer = writer is None
-        writer = writer or tf.summary.create_file_writer(out_dir)
+        writer = writer or tf.summary.create_file_writer(eval_dir)
         _summaries(writer, step, report, result, model, layer, data, scored_files, labels, num_misclassified,
                    num_gradcam)
         writer.flush()
@@ -377,7 +383,12 @@ def _collapse_warning(result, info, model, data):
 CONFUSION_ORDER = "dataset"  # The confusion matrix's class order: the dataset's (wnids.txt), in every evaluation.
 
 
-def confusion_figures(report):
+def tag_prefix(report):
+    """The TensorBoard tag group of an evaluation: 'eval', 'eval_train' (training split), with '_flip' (flip TTA)."""
+    return "eval" + ("_train" if report["split"] == "train" else "") + ("_flip" if report["tta_flip"] else "")
+
+
+def confusion_figures(report, prefix="eval"):
     """(tag, class order, what the order is) of the confusion-matrix figures of an evaluation.
 
     `eval/confusion_matrix` keeps the dataset's class order (wnids.txt), so the
@@ -386,9 +397,9 @@ def confusion_figures(report):
     evaluation's and says so.
     """
     k = len(report["confusion_matrix"])
-    return [("eval/confusion_matrix", list(range(k)), "classes in the dataset's order (wnids.txt), as in every "
+    return [(f"{prefix}/confusion_matrix", list(range(k)), "classes in the dataset's order (wnids.txt), as in every "
                                                       "evaluation"),
-            ("eval/confusion_matrix_clustered", report["confusion_order"],
+            (f"{prefix}/confusion_matrix_clustered", report["confusion_order"],
              "classes reordered so confusions cluster: this evaluation's own order")]
 
 
@@ -413,6 +424,7 @@ def _summaries(writer, step, report, result, model, layer, data, scored_files, l
                num_gradcam):
     """Scalars, the confusion matrix, misclassified images, Grad-CAM, reliability, per-class table."""
     names, m = data.reader.class_names, report["metrics"]
+    prefix = tag_prefix(report)
     title = f"{report['checkpoint_name']} on {report['split']}"
     predictions, probabilities = result["predictions"], result["probabilities"]
     confidence = probabilities[np.arange(len(labels)), predictions]
@@ -428,8 +440,8 @@ def _summaries(writer, step, report, result, model, layer, data, scored_files, l
 
     with writer.as_default(step=step):
         for key in ("loss", "top1", "top5", "ece"):
-            tf.summary.scalar(f"eval/{key}", m[key])
-        for tag, order, subtitle in confusion_figures(report):
+            tf.summary.scalar(f"{prefix}/{key}", m[key])
+        for tag, order, subtitle in confusion_figures(report, prefix):
             _image_summary(tag, figures.confusion_matrix(result["confusion"], names, order,
                                                          f"Confusion matrix, {title}\n{subtitle}"))
         if len(wrong):
@@ -437,13 +449,13 @@ def _summaries(writer, step, report, result, model, layer, data, scored_files, l
                                       f"Most confident mistakes, {title}")
         else:
             grid = figures.message(f"Misclassified images, {title}", "No misclassified images.")
-        _image_summary("eval/misclassified", grid)
+        _image_summary(f"{prefix}/misclassified", grid)
         if len(explained):
             batch = np.stack([lookup[int(i)] for i in explained])
             cams = gradcam_lib.gradcam(model, standardise(batch, data), predictions[explained], layer)
-            _image_summary("eval/gradcam", figures.image_grid(
+            _image_summary(f"{prefix}/gradcam", figures.image_grid(
                 batch, [caption(i) for i in explained],
                 f"Grad-CAM of the predicted class at '{layer.name}', {title}", overlays=cams))
-        _image_summary("eval/reliability", figures.reliability_diagram(result["reliability"], m["ece"],
+        _image_summary(f"{prefix}/reliability", figures.reliability_diagram(result["reliability"], m["ece"],
                                                                        f"Reliability, {title}"))
-        tf.summary.text("eval/per_class_accuracy", reports.per_class_table(report["per_class"]))
+        tf.summary.text(f"{prefix}/per_class_accuracy", reports.per_class_table(report["per_class"]))
