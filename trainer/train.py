@@ -223,6 +223,9 @@ def train(model_dir,
                                    model_dir=model_dir, chief=distribution.chief, metric=select_best_by)
         if done % steps_per_epoch == 0 and 0 < done and not any(r["step"] == done for r in rows):
             # A checkpoint landed on an epoch's last step but the run died before the epoch was committed.
+            if recompute_bn:  # As the epoch's end would have (a stream of its own: the training one starts below).
+                recompute_bn(iter(distribution.strategy.distribute_datasets_from_function(
+                    lambda ctx: data.train(ctx, resume_step=done))))
             row = epoch_log.new_row(first_epoch + done // steps_per_epoch - 1, done, offset, None,
                                     steps.means(evaluate(val_data)), 0.0, _current_lr(opt))
             rows = commit(rows, row, plateau_rate=plateau.update(row) if plateau else None, opt=opt)
