@@ -199,10 +199,10 @@ def hparams(log_dir, values, metrics=HPARAMS_METRICS, trial_id=None):
     values = {str(k): str(v) if isinstance(_hparam_value(v), int) and not isinstance(v, bool) else _hparam_value(v)
               for k, v in values.items()}
     types = {bool: api_pb2.DATA_TYPE_BOOL, float: api_pb2.DATA_TYPE_FLOAT64, str: api_pb2.DATA_TYPE_STRING}
-    # `differs` makes the dashboards show a hyperparameter's column by default (TensorBoard reads this experiment
-    # from one run, so it cannot tell which values differ between runs): every one but HIDDEN_HPARAMS, which are
-    # usually the same in every run; the columns come in HPARAMS_ORDER, then A-Z.
-    infos = [api_pb2.HParamInfo(name=k, type=types[type(values[k])], differs=k not in HIDDEN_HPARAMS)
+    # `differs` marks the hyperparameters the dashboard shows first; it shows 5 columns by default (the `differs`
+    # ones, A-Z), the others are in its column chooser. TensorBoard reads this experiment from one run, so it
+    # cannot tell which values differ between runs: SHOWN_HPARAMS are the usual suspects.
+    infos = [api_pb2.HParamInfo(name=k, type=types[type(values[k])], differs=k in SHOWN_HPARAMS)
              for k in sorted(values, key=lambda k: (HPARAMS_ORDER.index(k) if k in HPARAMS_ORDER
                                                     else len(HPARAMS_ORDER), k))]
     metric_infos = []
@@ -223,7 +223,7 @@ def hparams(log_dir, values, metrics=HPARAMS_METRICS, trial_id=None):
 
 HPARAMS_ORDER = ("network", "AUGMENT", "IMAGE_SIZE", "BATCH_SIZE", "EPOCHS", "optimizer", "schedule",
                  "learning_rate")
-HIDDEN_HPARAMS = ("DATA_DIR", "NUM_CLASSES", "SEED")  # In the column chooser, not shown by default.
+SHOWN_HPARAMS = ("network", "AUGMENT", "IMAGE_SIZE", "BATCH_SIZE", "EPOCHS")  # TensorBoard shows 5 by default.
 
 
 def trial_name(log_dir):
