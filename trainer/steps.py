@@ -158,12 +158,12 @@ def precise_bn_decision(setting, model, steps_per_epoch):
     Raises:
       UserError: a setting other than True, False or 'auto'.
     """
-    if setting not in (True, False, "auto"):
+    if not (isinstance(setting, bool) or setting == "auto"):
         raise UserError(f"trainer.train.precise_bn must be True, False or 'auto', got {setting!r}.")
     layers = batch_norm_layers(model)
     if not layers:
         return False, "no BatchNorm layer"
-    if setting is not True and setting is not False:
+    if setting == "auto":
         momentum = max(float(layer.momentum) for layer in layers)
         left = momentum ** steps_per_epoch
         on = left > UNSETTLED_SHARE
