@@ -46,6 +46,16 @@ def test_console_script_help_is_the_python_m_help(name, module, function):
     assert "USAGE:" not in as_script.stdout and "Try --helpfull" not in as_script.stdout
     assert f"python -m {module}" in as_script.stdout  # The module's own description, not absl's one-liner.
     assert re.search(r"^\s+--\w+", as_script.stdout, re.M), as_script.stdout  # It lists flags.
+    for flag in _defined_flags(module):  # Every flag the command defines is in its help.
+        assert f"--{flag}" in as_script.stdout, (name, flag)
     if name == "tiny-train":
-        for flag in ("--gin_file", "--gin_bindings", "--model_dir"):
-            assert flag in as_script.stdout
+        assert {"gin_file", "gin_bindings", "model_dir"} <= _defined_flags(module)
+
+
+def _defined_flags(module):
+    """The flags a command's module defines: its `flags.DEFINE_*("name"` calls and `cli.define_gin_flags(...)`."""
+    source = open(os.path.join(REPO, *module.split(".")) + ".py", encoding="utf-8").read()
+    found = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source))
+    for call in re.findall(r"cli\.define_gin_flags\(([^)]*)\)", source):
+        found |= {"gin_file", "gin_bindings"} | (set() if "model_dir=False" in call else {"model_dir"})
+    return found
