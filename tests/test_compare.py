@@ -190,10 +190,16 @@ def test_hparams_name_the_run_and_the_val_scalars(runs):
     events = {tag: (plugin, content) for tag, plugin, content, _ in _events(run)}
     assert events[hparams_metadata.SESSION_START_INFO_TAG][0] == "hparams"
     start = hparams_metadata.parse_session_start_info_plugin_data(events[hparams_metadata.SESSION_START_INFO_TAG][1])
-    assert start.hparams["network"].string_value == "small" and start.hparams["BATCH_SIZE"].number_value == 20
-    assert start.group_name == os.path.abspath(run)
+    # Integers as text (TensorBoard shows a float64 20 as 20.000); the run's name relative to the working directory.
+    assert start.hparams["network"].string_value == "small" and start.hparams["BATCH_SIZE"].string_value == "20"
+    assert start.group_name == summaries.trial_name(run) and not os.path.isabs(summaries.trial_name("runs/x"))
     experiment = hparams_metadata.parse_experiment_plugin_data(events[hparams_metadata.EXPERIMENT_TAG][1])
     assert {h.name for h in experiment.hparam_infos} == set(values)
+    infos = {h.name: h for h in experiment.hparam_infos}
+    assert [h.name for h in experiment.hparam_infos][:2] == ["network", "AUGMENT"]  # The telling columns first.
+    # TensorBoard shows the first 5 `differs` columns: the network among them, DATA_DIR (the same everywhere) not.
+    assert {k for k, h in infos.items() if h.differs} == {"network", "AUGMENT", "IMAGE_SIZE", "BATCH_SIZE", "EPOCHS"}
+    assert "count" not in _scalar_tags(os.path.join(run, "val")) | _scalar_tags(os.path.join(run, "train"))
     metrics = [(m.name.group, m.name.tag) for m in experiment.metric_infos]
     assert metrics == [("val", "loss"), ("val", "top1"), ("val", "top5")]
     # Each metric is a scalar the trainer wrote: tag 'top1' in the run's val/ directory.

@@ -36,7 +36,8 @@ pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-IMAGE_TAGS = {"eval/confusion_matrix", "eval/misclassified", "eval/gradcam", "eval/reliability"}
+IMAGE_TAGS = {"eval/confusion_matrix", "eval/confusion_matrix_clustered",
+              "eval/misclassified", "eval/gradcam", "eval/reliability"}
 
 
 def evaluate_cli(*args):
@@ -45,8 +46,9 @@ def evaluate_cli(*args):
 
 
 def event_tags(directory):
-    [path] = glob.glob(os.path.join(str(directory), "events.out.tfevents.*"))
-    acc = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+    """The summaries of every event file directly in `directory` (a run's eval/: one TensorBoard run)."""
+    assert glob.glob(os.path.join(str(directory), "events.out.tfevents.*"))
+    acc = event_accumulator.EventAccumulator(str(directory), size_guidance={"tensors": 0})
     acc.Reload()
     return acc
 
@@ -257,11 +259,12 @@ def test_report_equals_numpy_recomputation_and_the_logged_best_top1(train_base_g
     assert len(rows) == len(labels) == 100
     names = pipeline.data().source.wnids
     assert [r["predicted_wnid"] for r in rows] == [names[p] for p in predicted]
-    acc = event_tags(out)
+    assert not glob.glob(str(out / "events.out.tfevents.*"))  # Every evaluation of the run in one run, eval/.
+    acc = event_tags(out.parent)
     assert IMAGE_TAGS <= set(acc.Tags()["tensors"])
     assert all(acc.SummaryMetadata(t).plugin_data.plugin_name == "images" for t in IMAGE_TAGS)
     assert acc.SummaryMetadata("eval/per_class_accuracy").plugin_data.plugin_name == "text"
-    assert [e.step for e in acc.Tensors("eval/top1")] == [step]
+    assert {e.step for e in acc.Tensors("eval/top1")} == {step}
 
     # Flip TTA (a gin switch): the mean of the two softmaxes decides.
     _parse(train_base_gin, trained_run, "trainer.evaluate.tta_flip = True")
@@ -281,7 +284,7 @@ def test_cli_reads_the_operative_config_and_runs_under_two_mirrored_replicas(tra
     assert "ckpt-30 on val: 100 images" in result.stdout
     out = trained_run / "eval" / "ckpt-30"
     assert {"report.json", "report.md", "predictions.csv"} <= set(os.listdir(out))
-    assert IMAGE_TAGS <= set(event_tags(out).Tags()["tensors"])
+    assert IMAGE_TAGS <= set(event_tags(out.parent).Tags()["tensors"])
     with open(trained_run / "metrics.csv", encoding="utf-8") as f:
         logged = {int(r["step"]): float(r["val_top1"]) for r in csv.DictReader(f)}
     report = json.loads((out / "report.json").read_text())

@@ -326,12 +326,13 @@ def describe_checkpoint(path):
 
     Returns:
       {'step', 'epoch', 'val_top1' (this checkpoint's epoch, as training logged it), 'best_top1' (max
-      val_top1 of the history)}; None for what the checkpoint does not record (a checkpoint between epoch ends
-      has no row of its own).
+      val_top1 of the history), 'train_loss' (this checkpoint's epoch)}; None for what the checkpoint does
+      not record (a checkpoint between epoch ends has no row of its own).
     """
     step = checkpoint_step(path)
     rows = read_history(path)
     row = next((r for r in rows if r.get("step") == step), None)
     scored = [r["val_top1"] for r in rows if isinstance(r.get("val_top1"), (int, float))]
     return {"step": step, "epoch": row.get("epoch") if row else None,
-            "val_top1": row.get("val_top1") if row else None, "best_top1": max(scored) if scored else None}
+            "val_top1": row.get("val_top1") if row else None, "best_top1": max(scored) if scored else None,
+            "train_loss": row.get("train_loss") if row else None}

@@ -100,15 +100,25 @@ def run(main, usage=None):
             traceback.print_exc()  # Unexpected: keep the full traceback.
             sys.exit(2)
 
-    asked_for_help = any(a in HELP_FLAGS for a in sys.argv[1:])
-    if usage is not None and asked_for_help:
-        print(usage())
-    try:
-        app.run(wrapped)
-    except SystemExit as done:
-        if asked_for_help and done.code == 1:  # absl exits 1 after printing the help.
-            sys.exit(0)
-        raise
+    if any(a in HELP_FLAGS for a in sys.argv[1:]):
+        print(help_text(main, usage))
+        sys.exit(0)
+    app.run(wrapped)
+
+
+def help_text(main, usage=None):
+    """What `--help` prints: `usage()` (if given), then the docstring of `main`'s module unless usage has it.
+
+    The same text whether the program runs as `python -m trainer.x` (its module is `__main__`) or as its
+    console script (`tiny-x`, which imports `trainer.x`); absl's own help would list the flags of the
+    `__main__` module only, which a console script's wrapper does not define.
+    """
+    text = (usage() or "").strip() if usage else ""
+    module = sys.modules.get(getattr(main, "__module__", None) or "")
+    doc = ((module.__doc__ if module else None) or "").strip()
+    if doc and doc not in text:
+        text = f"{text}\n\n{doc}" if text else doc
+    return text
 
 
 HELP_FLAGS = ("--help", "-h", "--helpfull", "--helpshort", "-?")

@@ -29,9 +29,11 @@ def build_steps(strategy, model, optimizer, step, batch_size, num_classes, per_e
     Returns:
       `(train_steps, evaluate)`. `train_steps(iterator, n)` runs `n` (an int32
       scalar tensor) training steps and adds `n` to `step`; `evaluate(dataset)`
-      makes one pass over a distributed dataset. Both return a float32 [4]
-      tensor summed over steps and replicas: loss sum, top-1 hits, top-5 hits,
-      examples (rows with an all-zero label, the evaluation padding, count for nothing).
+      makes one pass over a distributed dataset. Both return a float32 tensor
+      summed over steps and replicas: loss sum, top-1 hits, top-5 hits,
+      examples (rows with an all-zero label, the evaluation padding, count for
+      nothing); `train_steps` [4], `evaluate` [4 + num_classes]: then the
+      number of examples predicted as each class (see `collapse`).
 
     Raises:
       UserError: `jit_compile` with synchronized BatchNorm over several replicas.
@@ -43,7 +45,7 @@ def build_steps(strategy, model, optimizer, step, batch_size, num_classes, per_e
                         f"{strategy.num_replicas_in_sync} replicas (its all-reduce would sit inside the XLA "
                         "function): turn one of them off.")
 
-    def totals_and_loss(images, labels, training):
+    def totals_and_loss(images, labels, training, predicted=False):
         logits = tf.cast(model(images, training=training), tf.float32)
         weight = tf.reduce_sum(labels, axis=-1)  # 0 for padding rows.
         per_example = per_example_loss(labels, logits, training=training)
@@ -55,6 +57,9 @@ def build_steps(strategy, model, optimizer, step, batch_size, num_classes, per_e
         loss = totals[0] / batch_size
         if model.losses:  # The blocks' L2 terms, once over all replicas.
             loss += tf.add_n(model.losses) / strategy.num_replicas_in_sync
+        if predicted:  # How many examples each class was predicted for.
+            counts = tf.one_hot(tf.argmax(logits, axis=-1), num_classes, dtype=tf.float32) * weight[:, None]
+            totals = tf.concat([totals, tf.reduce_sum(counts, axis=0)], axis=0)
         return totals, loss
 
     def gradients(images, labels):
@@ -72,7 +77,7 @@ def build_steps(strategy, model, optimizer, step, batch_size, num_classes, per_e
         return totals
 
     def eval_step(batch):
-        return totals_and_loss(*batch, training=False)[0]
+        return totals_and_loss(*batch, training=False, predicted=True)[0]
 
     @tf.function
     def train_steps(iterator, num_steps):
@@ -84,7 +89,7 @@ def build_steps(strategy, model, optimizer, step, batch_size, num_classes, per_e
 
     @tf.function
     def evaluate(data):
-        totals = tf.zeros([4])
+        totals = tf.zeros([4 + num_classes])
         for batch in data:
             totals += strategy.reduce("SUM", strategy.run(eval_step, args=(batch,)), axis=None)
         return totals
@@ -104,7 +109,7 @@ def steps_this_call(step, epoch_end, steps_per_execution, checkpoint_every_steps
 
 def means(totals):
     """The [loss sum, top-1 hits, top-5 hits, count] totals as means (and the count)."""
-    totals = np.asarray(totals)
+    totals = np.asarray(totals)[:4]
     count = max(float(totals[3]), 1.0)
     return {"loss": float(totals[0]) / count, "top1": float(totals[1]) / count, "top5": float(totals[2]) / count,
             "count": int(totals[3])}
@@ -118,3 +123,142 @@ def check_finite(totals, step, num_steps, latest_checkpoint):
                         f"stopped without saving. The last good checkpoint is kept: {latest_checkpoint or 'none yet'}. "
                         "Lower the learning rate (or check the data and augmentation) and run the same command to "
                         "resume from it.")
+
+
+# --- Precise BatchNorm and a collapsed evaluation -------------------------------------------------------------------
+
+#: `precise_bn = 'auto'` turns precise BatchNorm on when, after one epoch, more than this share of the moving
+#: statistics still comes from before the epoch (momentum ** steps_per_epoch, the largest momentum of the network).
+UNSETTLED_SHARE = 0.05
+
+
+def batch_norm_layers(model):
+    """The model's BatchNormalization layers (Ghost and synchronized ones too), nested ones included."""
+    import keras  # pylint: disable=import-outside-toplevel
+
+    return [layer for layer in model._flatten_layers(include_self=False)  # pylint: disable=protected-access
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def precise_bn_decision(setting, model, steps_per_epoch):
+    """Whether to recompute the BatchNorm statistics before evaluations, and why (one phrase).
+
+    Args:
+      setting: `trainer.train.precise_bn`: True, False or 'auto'.
+      model: the network.
+      steps_per_epoch: training steps per epoch.
+
+    Returns:
+      (on, reason). 'auto' is on when the largest BatchNorm momentum m leaves
+      m ** steps_per_epoch > UNSETTLED_SHARE of the moving statistics from
+      before the epoch: the moving averages have not forgotten the start of
+      the epoch (nor the initial mean 0, variance 1 in the first epoch), while
+      the weights they describe kept changing.
+
+    Raises:
+      UserError: a setting other than True, False or 'auto'.
+    """
+    if not (isinstance(setting, bool) or setting == "auto"):
+        raise UserError(f"trainer.train.precise_bn must be True, False or 'auto', got {setting!r}.")
+    layers = batch_norm_layers(model)
+    if not layers:
+        return False, "no BatchNorm layer"
+    if setting == "auto":
+        momentum = max(float(layer.momentum) for layer in layers)
+        left = momentum ** steps_per_epoch
+        on = left > UNSETTLED_SHARE
+        return on, (f"auto: BatchNorm momentum {momentum:g} over {steps_per_epoch} steps an epoch keeps "
+                    f"{left:.0%} of the statistics from before the epoch, {'more' if on else 'less'} than "
+                    f"{UNSETTLED_SHARE:.0%}")
+    return setting, "trainer.train.precise_bn = " + str(setting)
+
+
+class PreciseBatchNorm:
+    """Recomputes every BatchNorm layer's moving statistics from training batches (pycls's precise BN).
+
+    Each batch runs forward in training mode with the layers' momentum at 0, so
+    each layer's moving mean and variance become that batch's; the new moving
+    mean is the mean of the batch means, the new moving variance the mean of
+    the batch variances plus the variance of the batch means (the statistics
+    of all the images together). No weight changes; the momentum is restored.
+    """
+
+    def __init__(self, strategy, model, num_batches):
+        self.layers = batch_norm_layers(model)
+        self.num_batches = num_batches
+
+        def replica_forward(images, labels):
+            del labels
+            model(images, training=True)
+
+        @tf.function
+        def forward(iterator):
+            strategy.run(replica_forward, args=next(iterator))
+
+        self._forward = forward
+
+    def __call__(self, iterator):
+        """Takes `num_batches` batches from the (distributed) training iterator and sets the statistics."""
+        momenta = [layer.momentum for layer in self.layers]
+        means = [np.zeros(layer.moving_mean.shape, np.float64) for layer in self.layers]
+        squares = [np.zeros_like(m) for m in means]
+        variances = [np.zeros_like(m) for m in means]
+        try:
+            for layer in self.layers:
+                layer.momentum = 0.0  # Read when the forward pass is traced: moving statistics = the batch's.
+            for _ in range(self.num_batches):
+                self._forward(iterator)
+                for i, layer in enumerate(self.layers):
+                    mean = np.asarray(layer.moving_mean.numpy(), np.float64)
+                    means[i] += mean
+                    squares[i] += mean ** 2
+                    variances[i] += np.asarray(layer.moving_variance.numpy(), np.float64)
+        finally:
+            for layer, momentum in zip(self.layers, momenta):
+                layer.momentum = momentum
+        n = self.num_batches
+        for i, layer in enumerate(self.layers):
+            mean = means[i] / n
+            layer.moving_mean.assign(mean.astype(np.float32))
+            layer.moving_variance.assign((variances[i] / n + np.maximum(squares[i] / n - mean ** 2, 0.0))
+                                         .astype(np.float32))
+
+
+def collapse(val_totals, train_loss=None, num_classes=None):
+    """Whether an evaluation collapsed, as a phrase (None if not).
+
+    Collapsed: more than max(50%, 2.5 / classes) of the examples (at most 90%)
+    predicted as one class, or a validation loss above both 5 x the training
+    loss and ln(classes) (worse than predicting the uniform distribution).
+
+    Args:
+      val_totals: `evaluate`'s totals ([4 + classes]: the predicted-class counts last).
+      train_loss: the epoch's mean training loss, or None.
+      num_classes: the class count (default: from the totals).
+    """
+    totals = np.asarray(val_totals, np.float64)
+    count = max(totals[3], 1.0)
+    counts = totals[4:]
+    num_classes = num_classes or len(counts)
+    found = []
+    if len(counts) and num_classes > 1:
+        share = counts.max() / count
+        if share > min(0.9, max(0.5, 2.5 / num_classes)):
+            found.append(f"{share:.0%} of the images predicted as class {int(counts.argmax())}")
+    loss = totals[0] / count
+    if train_loss and num_classes and loss > 5 * train_loss and loss > np.log(max(num_classes, 2)):
+        found.append(f"val loss {loss:.4g} is {loss / train_loss:.0f}x the training loss {train_loss:.4g}")
+    return "; ".join(found) or None
+
+
+def collapse_warning(what, precise_bn):
+    """The one-line warning for a collapsed evaluation: what was seen, the likely cause, the gin setting."""
+    if precise_bn:
+        cause = ("the BatchNorm statistics were recomputed (precise BN), so the weights themselves are likely off: "
+                 "a learning rate too high for this network, or too few steps yet; lower the optimizer's "
+                 "learning_rate or train longer")
+    else:
+        cause = ("likely cause: BatchNorm moving statistics that have not settled (epochs too short for the "
+                 "momentum); set trainer.train.precise_bn = True (or a lower trainer.blocks.batch_norm.momentum, "
+                 "e.g. 0.9)")
+    return f"Collapsed evaluation: {what}; {cause}."

@@ -13,6 +13,9 @@ from absl import logging
 from trainer import run_dir
 
 
+NOT_PLOTTED = ("count",)
+
+
 class Writers:
     """TensorBoard writers for model_dir/train and model_dir/val (no-ops on workers other than the chief)."""
 
@@ -21,9 +24,11 @@ class Writers:
                          else tf.summary.create_noop_writer() for k in ("train", "val")}
 
     def scalars(self, split, step, values):
+        """Writes `values` as scalars, except NOT_PLOTTED (the count of examples is metrics.csv's, not a curve)."""
         with self._writers[split].as_default(step=step):
             for name, value in values.items():
-                tf.summary.scalar(name, value)
+                if name not in NOT_PLOTTED:
+                    tf.summary.scalar(name, value)
 
     def text(self, split, step, name, text):
         with self._writers[split].as_default(step=step):
@@ -182,7 +187,7 @@ def hparams(log_dir, values, metrics=HPARAMS_METRICS, trial_id=None):
       values: a dict name -> bool, int, float, str or None (None is logged as 'None', anything else as its str).
       metrics: `group/tag` names of scalars under `log_dir` ('val/top1': tag 'top1' in log_dir/val); a name
         without '/' is a scalar in `log_dir` itself.
-      trial_id: the session group's name; default: `log_dir`.
+      trial_id: the session group's name; default: `trial_name(log_dir)`.
 
     Returns:
       The dict of values as logged.
@@ -191,12 +196,16 @@ def hparams(log_dir, values, metrics=HPARAMS_METRICS, trial_id=None):
     from tensorboard.plugins.hparams import api_pb2  # pylint: disable=import-outside-toplevel
     from tensorboard.plugins.hparams import summary as hparams_summary  # pylint: disable=import-outside-toplevel
 
-    values = {str(k): _hparam_value(v) for k, v in values.items()}
-    types = {bool: api_pb2.DATA_TYPE_BOOL, int: api_pb2.DATA_TYPE_FLOAT64, float: api_pb2.DATA_TYPE_FLOAT64,
-             str: api_pb2.DATA_TYPE_STRING}
-    # `differs` makes the dashboards show every hyperparameter's column by default (TensorBoard reads this
-    # experiment from one run, so it cannot tell which values differ between runs).
-    infos = [api_pb2.HParamInfo(name=k, type=types[type(v)], differs=True) for k, v in sorted(values.items())]
+    # TensorBoard has no integer type: a float64 64 shows as 64.000, so integers are logged as their text.
+    values = {str(k): str(v) if isinstance(_hparam_value(v), int) and not isinstance(v, bool) else _hparam_value(v)
+              for k, v in values.items()}
+    types = {bool: api_pb2.DATA_TYPE_BOOL, float: api_pb2.DATA_TYPE_FLOAT64, str: api_pb2.DATA_TYPE_STRING}
+    # `differs` marks the hyperparameters the dashboard shows first; it shows 5 columns by default (the `differs`
+    # ones, A-Z), the others are in its column chooser. TensorBoard reads this experiment from one run, so it
+    # cannot tell which values differ between runs: SHOWN_HPARAMS are the usual suspects.
+    infos = [api_pb2.HParamInfo(name=k, type=types[type(values[k])], differs=k in SHOWN_HPARAMS)
+             for k in sorted(values, key=lambda k: (HPARAMS_ORDER.index(k) if k in HPARAMS_ORDER
+                                                    else len(HPARAMS_ORDER), k))]
     metric_infos = []
     for metric in metrics:
         group, _, tag = metric.rpartition("/")
@@ -208,9 +217,23 @@ def hparams(log_dir, values, metrics=HPARAMS_METRICS, trial_id=None):
     writer = tf.summary.create_file_writer(log_dir)
     with writer.as_default():
         tf.summary.experimental.write_raw_pb(experiment.SerializeToString(), step=0)
-        hp.hparams(values, trial_id=trial_id or os.path.abspath(log_dir))
+        hp.hparams(values, trial_id=trial_id or trial_name(log_dir))
     writer.close()
     return values
+
+
+HPARAMS_ORDER = ("network", "AUGMENT", "IMAGE_SIZE", "BATCH_SIZE", "EPOCHS", "optimizer", "schedule",
+                 "learning_rate")
+SHOWN_HPARAMS = ("network", "AUGMENT", "IMAGE_SIZE", "BATCH_SIZE", "EPOCHS")  # TensorBoard shows 5 by default.
+
+
+def trial_name(log_dir):
+    """A run's name in the HParams table: its path from the working directory ('runs/quickstart') when it is
+    below it, else its absolute path (a `gs://` path as it is)."""
+    if "://" in log_dir:
+        return log_dir
+    relative = os.path.relpath(os.path.abspath(log_dir))
+    return os.path.abspath(log_dir) if relative.startswith("..") else relative
 
 
 def scalar_layout(log_dir):

@@ -71,6 +71,8 @@ def train(model_dir,
           evaluate_best=True,
           check_memory=True,
           scan_data=True,
+          precise_bn="auto",
+          precise_bn_images=1024,
           stop_after_steps=None):
     """Trains one phase. Every argument is set in gin (gin/common.gin and the runnable files).
 
@@ -114,6 +116,12 @@ def train(model_dir,
       scan_data: before training, decode every image once and report per split the images found and the
         unreadable ones, empty or tiny classes and class imbalance (model_dir/data_report.json; the scan is
         cached per dataset, see `trainer.data.scan`).
+      precise_bn: recompute every BatchNorm layer's moving statistics from training batches before each
+        evaluation (pycls's precise BN; `steps.PreciseBatchNorm`), so the evaluated, checkpointed and exported
+        weights carry them. True, False, or 'auto': on when an epoch is too short for the BatchNorm momentum m
+        to settle, i.e. m ** steps_per_epoch > 5% (0.99 needs 300 steps an epoch; `steps.precise_bn_decision`).
+      precise_bn_images: training images (augmented, from the training stream) the statistics are computed
+        from, rounded up to whole batches and at most one epoch.
       stop_after_steps: checkpoint and return at this step; for tests.
 
     Returns:
@@ -179,6 +187,15 @@ def train(model_dir,
         train_steps, evaluate = steps.build_steps(distribution.strategy, model, opt, step, data.batch_size, num_classes,
                                             loss(num_classes=num_classes), jit_compile)
         writers = summaries.Writers(model_dir, distribution.chief)
+        precise, precise_reason = steps.precise_bn_decision(precise_bn, model, steps_per_epoch)
+        if precise:
+            precise_batches = min(steps_per_epoch, max(1, -(-precise_bn_images // data.batch_size)))
+            recompute_bn = steps.PreciseBatchNorm(distribution.strategy, model, precise_batches)
+            logging.info("Precise BatchNorm: on (%s): statistics recomputed from %d training batches before each "
+                         "evaluation.", precise_reason, precise_batches)
+        else:
+            recompute_bn = None
+            logging.info("Precise BatchNorm: off (%s).", precise_reason)
 
         # --- 3. Resume this phase, or start it from the previous one. ---------------------------------------------
         resumed_from = checkpoints.restore()
@@ -208,6 +225,9 @@ def train(model_dir,
                                    model_dir=model_dir, chief=distribution.chief, metric=select_best_by)
         if done % steps_per_epoch == 0 and 0 < done and not any(r["step"] == done for r in rows):
             # A checkpoint landed on an epoch's last step but the run died before the epoch was committed.
+            if recompute_bn:  # As the epoch's end would have (a stream of its own: the training one starts below).
+                recompute_bn(iter(distribution.strategy.distribute_datasets_from_function(
+                    lambda ctx: data.train(ctx, resume_step=done))))
             row = epoch_log.new_row(first_epoch + done // steps_per_epoch - 1, done, offset, None,
                                     steps.means(evaluate(val_data)), 0.0, _current_lr(opt))
             rows = commit(rows, row, plateau_rate=plateau.update(row) if plateau else None, opt=opt)
@@ -271,11 +291,17 @@ def train(model_dir,
                 if done < epoch_end and _should_stop(signals, done, stop_after_steps):
                     return _stop(signals, checkpoints, writers, done, first_epoch + epoch, model_dir)
             # End of epoch: evaluate, then commit the epoch (checkpoint first, then what derives from it).
-            val = steps.means(evaluate(val_data))
+            if recompute_bn:
+                recompute_bn(train_data)
+            val_totals = evaluate(val_data).numpy()
+            val = steps.means(val_totals)
             row = epoch_log.new_row(first_epoch + epoch, done, offset, steps.means(epoch_totals), val,
                                     time.time() - epoch_start, _current_lr(opt))
             rows = commit(rows, row, plateau_rate=plateau.update(row) if plateau else None, opt=opt)
             progress.finish(steps.means(epoch_totals), val, time.time() - epoch_start)
+            collapsed = steps.collapse(val_totals, steps.means(epoch_totals)["loss"], num_classes)
+            if collapsed:
+                logging.warning("%s", steps.collapse_warning(collapsed, bool(recompute_bn)))
             if first_epoch + epoch == first_epoch and not distribution.multi_worker:
                 _report_skipped(data.num_train, int(decoded.numpy()), data.source.location)
             if done < total_steps and _should_stop(signals, done, stop_after_steps):

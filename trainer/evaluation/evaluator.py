@@ -9,8 +9,14 @@ flip TTA):
   report.md        summary, the worst classes, the most confused pairs
   predictions.csv  example id (the file name within the dataset), true class id, predicted class id,
                    probability, top-5 class ids
-  events.out.*     TensorBoard: scalars, the confusion matrix (classes ordered
-                   so confusions cluster), misclassified images, Grad-CAM
+
+and, in `<eval_dir>/` itself, one TensorBoard run for every evaluation of a
+training run (at the checkpoint's step; tags `eval/`, `eval_train/` for the
+training split, `eval_flip/` with flip TTA):
+
+  events.out.*     scalars, the confusion matrix (classes in the dataset's
+                   order, the same in every evaluation; a second figure
+                   reorders them so confusions cluster), misclassified images, Grad-CAM
                    overlays, a reliability diagram, a per-class table
 
 The images come from the run's data source and are prepared by the run's
@@ -185,7 +191,8 @@ def evaluate_checkpoint(model, checkpoint_path, data, split, eval_dir, writer=No
         (`data.preprocess`) and the batch size (images per model call).
       split: 'val' or 'train'.
       eval_dir: the files go to `<eval_dir>/<name>/` (`model_dir/eval` for a run).
-      writer: a `tf.summary` writer; None = one writing to `<eval_dir>/<name>/`.
+      writer: a `tf.summary` writer; None = one writing to `<eval_dir>/` (one TensorBoard run for all the
+        evaluations of a training run, at their checkpoints' steps).
       strategy: the tf.distribute strategy `model` was built under, or the trainer's
         `strategy.Distribution` (None: the default strategy).
       tta_flip: average the softmax probabilities of each image and its left-right mirror.
@@ -234,13 +241,16 @@ def evaluate_checkpoint(model, checkpoint_path, data, split, eval_dir, writer=No
         report = _report(result, data, checkpoint_path, name, info, split, tta_flip, layer.name, ids, scored_ids,
                          labels, num_confused)
         report["out_dir"], report["replicas"] = out_dir, strategy.num_replicas_in_sync
+        report["warning"] = _collapse_warning(result, info, model, data)
+        if report["warning"]:
+            logging.warning("%s: %s", name, report["warning"])
         tf.io.gfile.makedirs(out_dir)
         reports.write_atomic(os.path.join(out_dir, "report.json"), reports.to_json(report))
         reports.write_atomic(os.path.join(out_dir, "report.md"), reports.markdown(report))
         reports.write_atomic(os.path.join(out_dir, "predictions.csv"),
                              reports.predictions_csv(_prediction_rows(result, source, scored_ids, labels)))
         own_writer = writer is None
-        writer = writer or tf.summary.create_file_writer(out_dir)
+        writer = writer or tf.summary.create_file_writer(eval_dir)
         _summaries(writer, step, report, result, model, layer, data, split, index, labels, num_misclassified,
                    num_gradcam)
         writer.flush()
@@ -352,8 +362,46 @@ def _report(result, data, checkpoint_path, name, info, split, tta_flip, layer_na
         "reliability": result["reliability"],
         "class_names": names, "wnids": wnids,
         "confusion_matrix": result["confusion"].tolist(),
-        "confusion_order": metrics.cluster_order(result["confusion"]),
+        "confusion_matrix_order": CONFUSION_ORDER,  # Of confusion_matrix and the eval/confusion_matrix figure.
+        "confusion_order": metrics.cluster_order(result["confusion"]),  # eval/confusion_matrix_clustered's.
     }
+
+
+def _collapse_warning(result, info, model, data):
+    """`steps.collapse_warning` for this evaluation (one line), or None: see `steps.collapse`."""
+    from trainer import steps  # pylint: disable=import-outside-toplevel
+
+    n = len(result["predictions"])
+    totals = np.concatenate([[result["loss"] * n, 0.0, 0.0, n],
+                             np.bincount(result["predictions"], minlength=data.num_classes)])
+    found = steps.collapse(totals, info.get("train_loss"), data.num_classes)
+    if not found:
+        return None
+    precise, _ = steps.precise_bn_decision(gin_value("trainer.train.precise_bn", "auto"), model, data.steps_per_epoch)
+    return steps.collapse_warning(found, precise)
+
+
+CONFUSION_ORDER = "dataset"  # The confusion matrix's class order: the dataset's (wnids.txt), in every evaluation.
+
+
+def tag_prefix(report):
+    """The TensorBoard tag group of an evaluation: 'eval', 'eval_train' (training split), with '_flip' (flip TTA)."""
+    return "eval" + ("_train" if report["split"] == "train" else "") + ("_flip" if report["tta_flip"] else "")
+
+
+def confusion_figures(report, prefix="eval"):
+    """(tag, class order, what the order is) of the confusion-matrix figures of an evaluation.
+
+    `eval/confusion_matrix` keeps the dataset's class order (wnids.txt), so the
+    figures of every evaluation of every run line up; the clustering that puts
+    confused classes side by side is its own figure, whose order is this
+    evaluation's and says so.
+    """
+    k = len(report["confusion_matrix"])
+    return [(f"{prefix}/confusion_matrix", list(range(k)), "classes in the dataset's order (wnids.txt), as in every "
+                                                      "evaluation"),
+            (f"{prefix}/confusion_matrix_clustered", report["confusion_order"],
+             "classes reordered so confusions cluster: this evaluation's own order")]
 
 
 def _prediction_rows(result, source, scored_ids, labels):
@@ -373,6 +421,7 @@ def _summaries(writer, step, report, result, model, layer, data, split, index, l
                num_gradcam):
     """Scalars, the confusion matrix, misclassified images, Grad-CAM, reliability, per-class table."""
     names, m = data.source.class_names, report["metrics"]
+    prefix = tag_prefix(report)
     title = f"{report['checkpoint_name']} on {report['split']}"
     predictions, probabilities = result["predictions"], result["probabilities"]
     confidence = probabilities[np.arange(len(labels)), predictions]
@@ -388,22 +437,23 @@ def _summaries(writer, step, report, result, model, layer, data, split, index, l
 
     with writer.as_default(step=step):
         for key in ("loss", "top1", "top5", "ece"):
-            tf.summary.scalar(f"eval/{key}", m[key])
-        _image_summary("eval/confusion_matrix", figures.confusion_matrix(
-            result["confusion"], names, report["confusion_order"], f"Confusion matrix, {title}"))
+            tf.summary.scalar(f"{prefix}/{key}", m[key])
+        for tag, order, subtitle in confusion_figures(report, prefix):
+            _image_summary(tag, figures.confusion_matrix(result["confusion"], names, order,
+                                                         f"Confusion matrix, {title}\n{subtitle}"))
         if len(wrong):
             grid = figures.image_grid([lookup[int(i)] for i in wrong], [caption(i) for i in wrong],
                                       f"Most confident mistakes, {title}")
         else:
             grid = figures.message(f"Misclassified images, {title}", "No misclassified images.")
-        _image_summary("eval/misclassified", grid)
+        _image_summary(f"{prefix}/misclassified", grid)
         if len(explained):
             batch = np.stack([lookup[int(i)] for i in explained])
             cams = gradcam_lib.gradcam(model, np.asarray(data.preprocess.normalise(batch)), predictions[explained],
                                        layer)
-            _image_summary("eval/gradcam", figures.image_grid(
+            _image_summary(f"{prefix}/gradcam", figures.image_grid(
                 batch, [caption(i) for i in explained],
                 f"Grad-CAM of the predicted class at '{layer.name}', {title}", overlays=cams))
-        _image_summary("eval/reliability", figures.reliability_diagram(result["reliability"], m["ece"],
+        _image_summary(f"{prefix}/reliability", figures.reliability_diagram(result["reliability"], m["ece"],
                                                                        f"Reliability, {title}"))
-        tf.summary.text("eval/per_class_accuracy", reports.per_class_table(report["per_class"]))
+        tf.summary.text(f"{prefix}/per_class_accuracy", reports.per_class_table(report["per_class"]))

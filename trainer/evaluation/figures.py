@@ -114,16 +114,36 @@ def reliability_diagram(rows, ece, title):
     accuracy = np.array([r["accuracy"] if r["count"] else 0.0 for r in rows])
     confidence = np.array([r["confidence"] if r["count"] else 0.0 for r in rows])
     counts = np.array([r["count"] for r in rows], np.float64)
+    from matplotlib.patches import Patch  # pylint: disable=import-outside-toplevel
+
     fig = Figure(figsize=(5.0, 6.0), dpi=100)
     top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    top.bar(lower, accuracy, width=width, align="edge", edgecolor="black", color="tab:blue", label="accuracy")
-    top.bar(lower, confidence - accuracy, bottom=accuracy, width=width, align="edge", color="tab:red",
-            alpha=0.3, label="gap to confidence")
-    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    # A bin is drawn as strongly as it is full (a bin of a few images says little): opacity 0.15 to 1.
+    weight = 0.15 + 0.85 * counts / max(counts.max(), 1.0)
+    colours = {"accuracy": "tab:blue", "over": "tab:red", "under": "tab:green"}
+
+    def rgba(name, alpha):
+        from matplotlib.colors import to_rgba  # pylint: disable=import-outside-toplevel
+
+        return [to_rgba(colours[name], a) for a in alpha]
+
+    top.bar(lower, accuracy, width=width, align="edge", edgecolor="black", color=rgba("accuracy", weight))
+    gap = confidence - accuracy  # > 0: over-confident (red, above the bar); < 0: under-confident (green, inside it).
+    top.bar(lower, np.abs(gap), bottom=np.minimum(accuracy, confidence), width=width, align="edge",
+            color=[c_over if g > 0 else c_under for g, c_over, c_under in
+                   zip(gap, rgba("over", 0.6 * weight), rgba("under", 0.6 * weight))],
+            edgecolor=[c_over if g > 0 else c_under for g, c_over, c_under in
+                       zip(gap, rgba("over", weight), rgba("under", weight))], hatch="//", linewidth=0.5)
+    [diagonal] = top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
-    top.legend(loc="upper left", fontsize=8)
+    top.legend(handles=[Patch(facecolor=colours["accuracy"], edgecolor="black", label="accuracy"),
+                        Patch(facecolor=colours["over"], alpha=0.6, hatch="//", label="over-confident (gap)"),
+                        Patch(facecolor=colours["under"], alpha=0.6, hatch="//", label="under-confident (gap)"),
+                        diagonal], loc="upper left", fontsize=8)
+    top.text(0.99, 0.02, "fainter bars: fewer images", ha="right", va="bottom", fontsize=7,
+             transform=top.transAxes)
     top.set_title(f"{title}\nECE {ece:.4f} ({len(rows)} bins)", fontsize=10)
     bottom.bar(lower, counts / max(counts.sum(), 1.0), width=width, align="edge", edgecolor="black", color="grey")
     bottom.set_xlabel("confidence (probability of the predicted class)")

@@ -103,6 +103,7 @@ def markdown(report):
     lines = [
         f"# Evaluation of {report['checkpoint_name']} on {report['split']}",
         "",
+        *([f"**Warning: {report['warning']}**", ""] if report.get("warning") else []),
         f"- checkpoint: `{report['checkpoint']}` (step {report['checkpoint_step']})",
         f"- images scored: {report['data']['num_scored']} of {report['data']['num_files']}"
         + (f" ({len(skipped)} could not be decoded and were skipped)" if skipped else ""),

@@ -1,0 +1,61 @@
+"""Every console script of setup.py prints the same help as its `python -m` form, and exits 0."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import helpers
+
+REPO = helpers.REPO
+
+
+def _console_scripts():
+    text = open(os.path.join(REPO, "setup.py"), encoding="utf-8").read()
+    return re.findall(r'"(tiny-[\w-]+) = ([\w.]+):(\w+)"', text)
+
+
+SCRIPTS = _console_scripts()
+
+# What pip's console-script wrapper does (`pip install` writes it to bin/<name>): import the module, call the
+# function. Run from the repository, so it is this checkout's `trainer` that answers.
+WRAPPER = ("import re, sys\nfrom {module} import {function}\n"
+           "sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\nsys.exit({function}())")
+
+
+def _run(args):
+    return subprocess.run(args, cwd=REPO, env=helpers.env(), capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_setup_declares_every_command():
+    assert {name for name, _, _ in SCRIPTS} >= {"tiny-train", "tiny-plan", "tiny-evaluate", "tiny-predict",
+                                                "tiny-export", "tiny-compare", "tiny-preview", "tiny-synthetic",
+                                                "tiny-download"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,module,function", SCRIPTS, ids=[s[0] for s in SCRIPTS])
+def test_console_script_help_is_the_python_m_help(name, module, function):
+    as_module = _run([sys.executable, "-m", module, "--help"])
+    as_script = _run([sys.executable, "-c", WRAPPER.format(module=module, function=function), "--help"])
+    assert as_module.returncode == 0 and as_script.returncode == 0, as_script.stderr[-2000:]
+    assert as_script.stdout == as_module.stdout
+    assert "USAGE:" not in as_script.stdout and "Try --helpfull" not in as_script.stdout
+    assert f"python -m {module}" in as_script.stdout  # The module's own description, not absl's one-liner.
+    assert re.search(r"^\s+--\w+", as_script.stdout, re.M), as_script.stdout  # It lists flags.
+    for flag in _defined_flags(module):  # Every flag the command defines is in its help.
+        assert f"--{flag}" in as_script.stdout, (name, flag)
+    if name == "tiny-train":
+        assert {"gin_file", "gin_bindings", "model_dir"} <= _defined_flags(module)
+
+
+def _defined_flags(module):
+    """The flags a command's module defines: its `flags.DEFINE_*("name"` calls and `cli.define_gin_flags(...)`."""
+    source = open(os.path.join(REPO, *module.split(".")) + ".py", encoding="utf-8").read()
+    found = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', source))
+    for call in re.findall(r"cli\.define_gin_flags\(([^)]*)\)", source):
+        found |= {"gin_file", "gin_bindings"} | (set() if "model_dir=False" in call else {"model_dir"})
+    return found
