@@ -115,3 +115,32 @@ def test_bad_settings_are_one_line_errors(kwargs, message):
 def test_settings_round_trip_through_json():
     prep = Preprocessing(24, "nearest", (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "center")
     assert Preprocessing.from_json(prep.to_json()) == prep
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path):
+    """A PNG that declares 20000 x 20000 pixels (1.2 GB decoded) in a few hundred bytes: refused from its header."""
+    import zlib
+
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    side = 20000
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + \
+        chunk(b"IEND", b"")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"declares 20000 x 20000 pixels, more than "
+                                                             r"trainer.data.max_pixels = 89478485"):
+        Preprocessing(SIZE).decode(tf.constant(bomb))
+    # In training it is skipped and counted, as any unusable image; predict names it and classifies the rest.
+    paths = _images(str(tmp_path))
+    with open(tmp_path / "bomb.png", "wb") as f:
+        f.write(bomb)
+    data = pipeline.Data(Listed(str(tmp_path), paths + [str(tmp_path / "bomb.png")]), Preprocessing(SIZE), 4)
+    counter = tf.Variable(0, dtype=tf.int64)
+    next(iter(data.train(decoded_counter=counter)))
+    assert int(counter.numpy()) == len(paths)
+    export.export_model(_flatten_model(), Preprocessing(SIZE), ["a"] * SIZE * SIZE * 3, ["A"] * SIZE * SIZE * 3,
+                        str(tmp_path / "export"))
+    predictions, failures = predict.predict_files(predict.Predictor(str(tmp_path / "export")),
+                                                  [paths[0], str(tmp_path / "bomb.png")])
+    assert len(predictions) == 1 and failures[0][0].endswith("bomb.png") and "max_pixels" in failures[0][1]

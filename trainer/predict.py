@@ -122,6 +122,21 @@ class Predictor:
         except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError) as err:
             raise UserError(f"Cannot read {classes_path} (expected JSON {{'wnids': [...], 'names': [...]}} written "
                             f"by trainer.export): {_reason(err)}") from None
+        self.preprocess = None  # What the signature does to an image first (export.json), for `check`.
+        try:
+            from trainer.data.preprocess import Preprocessing  # pylint: disable=import-outside-toplevel
+
+            with tf.io.gfile.GFile(os.path.join(export_dir, "export.json")) as f:
+                self.preprocess = Preprocessing.from_json(json.load(f)["preprocessing"])
+        except (OSError, ValueError, KeyError, TypeError, UserError, tf.errors.OpError):
+            pass  # An older export: `check` decodes as the signature's first step did.
+
+    def check(self, encoded):
+        """Raises tf.errors.OpError if the signature could not prepare this image (undecodable, too large)."""
+        if self.preprocess is None:
+            tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        else:
+            self.preprocess.decode(tf.constant(encoded))
 
     def probabilities(self, encoded):
         """Class probabilities of encoded images.
@@ -223,7 +238,7 @@ def predict_encoded(predictor, named, top_k=5, batch_size=32):
 
     for name, data in named:
         try:
-            tf.io.decode_image(data, channels=3, expand_animations=False)  # What the signature does first.
+            predictor.check(data)  # What the signature does first.
         except tf.errors.OpError as err:
             failures.append((name, _reason(err)))
             continue

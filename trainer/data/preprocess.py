@@ -79,9 +79,9 @@ class Preprocessing:
     def decode(self, encoded):
         """Encoded image bytes (a scalar tf.string) -> uint8 [S, S, 3]; an error for more than `max_pixels`."""
         height, width = tf.unstack(header_shape(encoded))
-        too_large = tf.debugging.Assert(height * width <= self.max_pixels, [
-            "The image declares", height, "x", width, f"pixels, more than trainer.data.max_pixels = {self.max_pixels}:",
-            "refused before decoding"])
+        too_large = tf.debugging.Assert(height * width <= self.max_pixels, [tf.strings.join([
+            "The image declares ", tf.strings.as_string(height), " x ", tf.strings.as_string(width),
+            f" pixels, more than trainer.data.max_pixels = {self.max_pixels}: refused before decoding"])])
         with tf.control_dependencies([too_large]):
             image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
         image = tf.ensure_shape(image, [None, None, 3])
