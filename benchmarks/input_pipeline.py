@@ -1,15 +1,24 @@
 """Images/s of the training input pipeline, ours side by side with a ceiling and two baselines, in one run.
 
     python benchmarks/input_pipeline.py [--data_dir /tmp/tiny-imagenet-bench-10k] [--num_images 10000]
+                                        [--tfrecord_shards 8] [--only ours --only stream_tfrecord ...]
 
 Each pipeline decodes the JPEGs of a synthetic dataset in the Tiny ImageNet
 layout (written once, then reused), resizes to --image_size, augments with
 the phase64_aug policy (gin/augment/reference_heavy.gin) and batches by
 --batch_size:
 
-- ours: `trainer.data.pipeline.data(...).train()` as the trainer runs it
-  (every image decoded once into memory as uint8, a full permutation every
-  epoch, per-batch vectorised ops, one fused warp per batch).
+- ours: `trainer.data.pipeline.data(..., in_memory=True).train()` as the
+  trainer runs it (every image decoded once into memory as uint8, a full
+  permutation every epoch, per-batch vectorised ops, one fused warp per batch).
+- stream_files: the same `data(...)` with `in_memory=False`: each epoch reads
+  and decodes every JPEG file again (file order drawn anew each epoch, then
+  the shuffle buffer); no in-memory cache.
+- stream_tfrecord: the same images converted once with
+  `trainer.data.convert.convert` into --tfrecord_shards shards in
+  `<data_dir>-tfrecord-<shards>` (reused when present), read by
+  `data(..., source=trainer.sources.tfrecord, in_memory=False)`: shards
+  interleaved in parallel, parsed, decoded every epoch.
 - ceiling: the same `data(...).train()` with `augment=None`: the same
   decoded, permuted, batched and float-converted data, no augmentation. The
   table gives ours as a fraction of it: what the augmentation costs.
@@ -28,12 +37,18 @@ the phase64_aug policy (gin/augment/reference_heavy.gin) and batches by
   coarse dropout).
 
 Cold is the first epoch including building the dataset (for ours and the
-ceiling that is where every image is decoded into memory), after an untimed
-warm-up of ours and the ceiling on a tiny dataset (so that the first
+ceiling that is where every image is decoded into memory), the median of
+--cold_repeats such epochs each on a new pipeline, after an untimed
+warm-up of every `trainer.data` path on a tiny dataset (so that the first
 pipeline does not pay the process's start-up alone), warm the mean of
-the next --warm_epochs (ours, the ceiling and keras read memory). The table
-gives images/s, ours' ratio to each pipeline and each pipeline as a fraction
-of the ceiling. The machine's load average is printed first and last: run it
+the next --warm_epochs (ours, the ceiling and keras read memory; the
+streaming rows and python decode again, from the OS file cache: no row
+reads a disk). The table gives images/s, ours' ratio to each pipeline and
+each pipeline as a fraction of the ceiling; then the three ratios issue 15
+sets targets for. Then `stages`: the streaming stages alone (read; read +
+decode) for files and TFRecord. Last, `mixing`: mean distinct classes per batch over one
+epoch, in memory and both streamed, against a uniformly random permutation's
+expectation. The machine's load average is printed first and last: run it
 when nothing else is.
 """
 
@@ -57,6 +72,8 @@ from trainer.data import synthetic  # pylint: disable=wrong-import-position
 from trainer.data.sources.tiny_imagenet import TinyImageNet  # pylint: disable=wrong-import-position
 
 POLICY_FILE = "gin/augment/reference_heavy.gin"
+RUNS = ("ours", "ceiling", "stream_files", "stream_tfrecord", "python", "keras")  # In the order they run.
+EXTRAS = ("stages", "mixing")  # Run after the table.
 
 
 def _parse_args(argv):
@@ -67,8 +84,13 @@ def _parse_args(argv):
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--warm_epochs", type=int, default=2, help="epochs averaged for the warm figure")
-    parser.add_argument("--only", choices=["ours", "ceiling", "python", "keras"], action="append",
-                        help="run only these pipelines (repeatable)")
+    parser.add_argument("--cold_repeats", type=int, default=3,
+                        help="cold first epochs per pipeline, each on a new pipeline; the table gives their median")
+    parser.add_argument("--tfrecord_shards", type=int, default=8,
+                        help="training shards of the TFRecord copy (written once to <data_dir>-tfrecord-<shards>)")
+    parser.add_argument("--only", choices=[*RUNS, *EXTRAS], action="append",
+                        help="run only these pipelines (repeatable); 'stages': the streaming stages alone; "
+                             "'mixing': the classes-per-batch figures")
     return parser.parse_args(argv)
 
 
@@ -79,19 +101,38 @@ def _ensure_data(data_dir, num_images):
     return TinyImageNet(data_dir)
 
 
-def _time_epochs(make_batches, images_per_epoch, batch_size, warm_epochs):
-    """Images/s of a cold first epoch (building the dataset included) and of the next `warm_epochs` epochs."""
-    rates = []
+def _ensure_tfrecord(data_dir, shards):
+    """The TFRecord copy of `data_dir` (converted once, next to it; a finished conversion is reused)."""
+    from trainer.data import convert  # pylint: disable=import-outside-toplevel
+
+    out = f"{data_dir.rstrip('/')}-tfrecord-{shards}"
     start = time.perf_counter()
-    iterator = iter(make_batches())
-    for epochs in (1, warm_epochs):
-        seen = 0
-        for _ in range(epochs):
-            for _ in range(images_per_epoch // batch_size):
-                seen += len(next(iterator)[0])
-        rates.append(seen / (time.perf_counter() - start))
+    _, state = convert.convert(data_dir, out, shards=shards)
+    if state != "done":
+        print(f"converted {data_dir} to {shards} TFRecord shards in {out} ({time.perf_counter() - start:.1f} s)")
+    return out
+
+
+def _time_epochs(make_batches, images_per_epoch, batch_size, warm_epochs, cold_repeats=1):
+    """Images/s of a cold first epoch (building the dataset included) and of the next `warm_epochs` epochs.
+
+    `make_batches` builds a new pipeline at each call (nothing cached from the previous one). The cold
+    figure is the median of `cold_repeats` such first epochs (a few seconds each, so another process's burst
+    of work on a shared machine moves a single one a lot); the warm one continues the last pipeline.
+    """
+    colds = []
+    for _ in range(cold_repeats):
         start = time.perf_counter()
-    return rates
+        iterator = None  # Frees the previous pipeline (and its decoded images) first.
+        iterator = iter(make_batches())
+        seen = 0
+        for _ in range(images_per_epoch // batch_size):
+            seen += len(next(iterator)[0])
+        colds.append(seen / (time.perf_counter() - start))
+    start, seen = time.perf_counter(), 0
+    for _ in range(warm_epochs * (images_per_epoch // batch_size)):
+        seen += len(next(iterator)[0])
+    return float(np.median(colds)), seen / (time.perf_counter() - start), colds
 
 
 # ---------------------------------------------------------------------------
@@ -104,11 +145,25 @@ def _policy():
     return gin.query_parameter("%AUGMENT")
 
 
-def _ours(args, dataset, augment):
+def _data(args, data_dir, augment, in_memory=True, tfrecord_source=False):
+    """`trainer.data.pipeline.data(...)` of the benchmark: in memory, or streamed from files or TFRecord shards."""
     from trainer.data import pipeline  # pylint: disable=import-outside-toplevel
+    from trainer.data.sources import tfrecord  # pylint: disable=import-outside-toplevel
 
-    data = pipeline.data(dataset.data_dir, image_size=args.image_size, batch_size=args.batch_size, augment=augment)
-    return _time_epochs(data.train, data.num_train, args.batch_size, args.warm_epochs)
+    source = {"source": tfrecord.tfrecord} if tfrecord_source else {}
+    return pipeline.data(data_dir, image_size=args.image_size, batch_size=args.batch_size, augment=augment,
+                         in_memory=in_memory, **source)
+
+
+def _timed(args, dataset, data_dir, augment, in_memory=True, tfrecord_source=False):
+    """`_time_epochs` of `_data(...).train()`, a new `Data` (so a new decode into memory) for each cold epoch."""
+    make = lambda: _data(args, data_dir, augment, in_memory, tfrecord_source).train()  # noqa: E731
+    count = len(dataset.files("train")[0])
+    return _time_epochs(make, count, args.batch_size, args.warm_epochs, args.cold_repeats)
+
+
+def _ours(args, dataset, augment):
+    return _timed(args, dataset, dataset.data_dir, augment)
 
 
 def warm_up(args):
@@ -119,14 +174,14 @@ def warm_up(args):
     set-up) in its cold figure: ours measured 599 images/s cold when run
     first, 1,683 when run after the ceiling.
     """
-    from trainer.data import pipeline  # pylint: disable=import-outside-toplevel
-
     small = synthetic.ensure_synthetic(args.data_dir.rstrip("/") + "-warmup", num_classes=1, per_class=256,
                                        val_per_class=1, test_images=0, image_size=64)
+    small_tfrecord = _ensure_tfrecord(small, 2)
     for augment in (_policy(), None):
-        data = pipeline.data(small, image_size=args.image_size, batch_size=args.batch_size, augment=augment)
-        for _ in data.train().take(2):
-            pass
+        for data in (_data(args, small, augment), _data(args, small, augment, in_memory=False),
+                     _data(args, small_tfrecord, augment, in_memory=False, tfrecord_source=True)):
+            for _ in data.train().take(2):
+                pass
 
 
 def ours(args, dataset):
@@ -135,6 +190,74 @@ def ours(args, dataset):
 
 def ceiling(args, dataset):
     return _ours(args, dataset, None)
+
+
+# ---------------------------------------------------------------------------
+# Streaming: every image read and decoded again each epoch, from its file or from TFRecord shards.
+
+
+def stream_files(args, dataset):
+    return _timed(args, dataset, dataset.data_dir, _policy(), in_memory=False)
+
+
+def stream_tfrecord(args, dataset):
+    return _timed(args, dataset, _ensure_tfrecord(dataset.data_dir, args.tfrecord_shards), _policy(), in_memory=False,
+                  tfrecord_source=True)
+
+
+def stages(args, dataset):
+    """Prints images/s of the streaming stages alone (one epoch, shuffled order, no augmentation, no batch).
+
+    Read: the source's (encoded bytes, label, id); + decode: then `Preprocessing.decode` as the pipeline
+    maps it. Median of 3 passes each. Shows which stage the TFRecord source speeds up and which dominates.
+    """
+    tfrecord_dir = _ensure_tfrecord(dataset.data_dir, args.tfrecord_shards)
+    print("\nstreaming stages alone (images/s, median of 3 passes; min-max):")
+    for name, data in (("files", _data(args, dataset.data_dir, None, in_memory=False)),
+                       ("TFRecord", _data(args, tfrecord_dir, None, in_memory=False, tfrecord_source=True))):
+        decode = data.preprocess.decode
+        for stage, make in (("read", lambda d=data: d.source.examples("train", shuffle_seed=0)),
+                            ("read + decode", lambda d=data: d.source.examples("train", shuffle_seed=0).map(
+                                lambda image, label, id_: (decode(image), label), num_parallel_calls=tf.data.AUTOTUNE,
+                                deterministic=False))):
+            rates = []
+            for _ in range(3):
+                start, seen = time.perf_counter(), 0
+                for batch in make().batch(256).prefetch(2):
+                    seen += int(batch[1].shape[0])
+                rates.append(seen / (time.perf_counter() - start))
+            print(f"  {name:<9}{stage:<15}{np.median(rates):>10,.0f}  ({min(rates):,.0f}-{max(rates):,.0f})",
+                  flush=True)
+
+
+# ---------------------------------------------------------------------------
+# How well an epoch is mixed: distinct classes per batch.
+
+
+def _expected_classes(num_images, num_classes, batch_size):
+    """Expected distinct classes in `batch_size` images drawn without replacement (equal classes)."""
+    per_class = num_images // num_classes
+    absent = 1.0  # P(a given class has none of the batch) = C(N - n, b) / C(N, b).
+    for i in range(batch_size):
+        absent *= (num_images - per_class - i) / (num_images - i)
+    return num_classes * (1.0 - absent)
+
+
+def mixing(args, dataset):
+    """Prints mean (min) distinct classes per batch over the first epoch: in memory and both streamed."""
+    tfrecord_dir = _ensure_tfrecord(dataset.data_dir, args.tfrecord_shards)
+    count, classes = len(dataset.files("train")[0]), dataset.num_classes
+    batches = count // args.batch_size
+    print(f"\nmixing: distinct classes per batch of {args.batch_size}, first epoch ({batches} batches) of "
+          f"{count} images, {classes} classes; a uniformly random permutation gives "
+          f"{_expected_classes(count, classes, args.batch_size):.2f} on average")
+    for name, data in (("in memory (full permutation)", _data(args, dataset.data_dir, None)),
+                       ("file streaming", _data(args, dataset.data_dir, None, in_memory=False)),
+                       ("TFRecord streaming", _data(args, tfrecord_dir, None, in_memory=False,
+                                                    tfrecord_source=True))):
+        distinct = [len(np.unique(np.argmax(labels, axis=1)))
+                    for _, labels in data.train().take(batches).as_numpy_iterator()]
+        print(f"  {name:<30} mean {np.mean(distinct):.2f}, min {min(distinct)}, max {max(distinct)}", flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -186,9 +309,11 @@ def _python_batches(files, labels, num_classes, image_size, batch_size):
 
 def python_baseline(args, dataset):
     files, labels = dataset.files("train")
-    batches = _python_batches(files, np.asarray(labels), dataset.num_classes, args.image_size,
-                              args.batch_size)
-    return _time_epochs(lambda: batches, len(files), args.batch_size, args.warm_epochs)
+
+    def make():
+        return _python_batches(files, np.asarray(labels), dataset.num_classes, args.image_size, args.batch_size)
+
+    return _time_epochs(make, len(files), args.batch_size, args.warm_epochs, args.cold_repeats)
 
 
 # ---------------------------------------------------------------------------
@@ -201,7 +326,7 @@ def keras_baseline(args, dataset):
     def make():
         return _keras_dataset(keras, args, dataset)
 
-    return _time_epochs(make, len(dataset.files("train")[0]), args.batch_size, args.warm_epochs)
+    return _time_epochs(make, len(dataset.files("train")[0]), args.batch_size, args.warm_epochs, args.cold_repeats)
 
 
 def _keras_dataset(keras, args, dataset):
@@ -233,20 +358,31 @@ def main(argv=None):
     count = len(dataset.files("train")[0])
     print(f"{count} training JPEGs in {dataset.data_dir}, {args.image_size} px, batch {args.batch_size}, "
           f"policy {POLICY_FILE}")
+    _ensure_tfrecord(dataset.data_dir, args.tfrecord_shards)
     warm_up(args)
-    runs = {"ours": ours, "ceiling": ceiling, "python": python_baseline, "keras": keras_baseline}
+    runs = {"ours": ours, "ceiling": ceiling, "stream_files": stream_files, "stream_tfrecord": stream_tfrecord,
+            "python": python_baseline, "keras": keras_baseline}
     results = {}
-    for name in args.only or list(runs):
-        results[name] = runs[name](args, dataset)
-        print(f"  {name}: cold {results[name][0]:,.0f} images/s, warm {results[name][1]:,.0f} images/s",
-              flush=True)
-    _print_table(results)
+    for name in args.only or RUNS:
+        if name in EXTRAS:
+            continue
+        cold, warm, colds = runs[name](args, dataset)
+        results[name] = cold, warm
+        print(f"  {name}: cold {cold:,.0f} images/s (median of {', '.join(f'{c:,.0f}' for c in colds)}), "
+              f"warm {warm:,.0f} images/s", flush=True)
+    if results:
+        _print_table(results)
+        _print_targets(results)
+    for name, extra in (("stages", stages), ("mixing", mixing)):
+        if not args.only or name in args.only:
+            extra(args, dataset)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 def _print_table(results):
-    labels = {"ours": "ours (tf.data, fused)", "ceiling": "ceiling (no augment)",
+    labels = {"ours": "ours, in memory", "ceiling": "ceiling (no augment)",
+              "stream_files": "streaming, files", "stream_tfrecord": "streaming, TFRecord",
               "python": "(a) python PIL/numpy", "keras": "(b) keras layers"}
     print()
     print(f"{'pipeline':<24}{'cold img/s':>12}{'warm img/s':>12}{'ours/this cold':>16}{'ours/this warm':>16}"
@@ -261,6 +397,18 @@ def _print_table(results):
             fractions = (f"{cold / top[0]:.0%}", f"{warm / top[1]:.0%}")
         print(f"{labels[name]:<24}{cold:>12,.0f}{warm:>12,.0f}{ratios[0]:>16}{ratios[1]:>16}"
               f"{fractions[0]:>17}{fractions[1]:>17}")
+
+
+def _print_targets(results):
+    """The three ratios issue 15 sets targets for (those whose two pipelines ran)."""
+    targets = (("TFRecord streaming cold / file streaming cold", ("stream_tfrecord", 0), ("stream_files", 0), 2.0),
+               ("TFRecord streaming warm / in-memory warm", ("stream_tfrecord", 1), ("ours", 1), 0.8),
+               ("in-memory cold / PIL cold", ("ours", 0), ("python", 0), 1.5))
+    print()
+    for label, (top, i), (bottom, j), target in targets:
+        if top in results and bottom in results:
+            ratio = results[top][i] / results[bottom][j]
+            print(f"{label:<48}{ratio:>6.2f}x  (target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
 
 
 if __name__ == "__main__":

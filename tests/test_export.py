@@ -144,7 +144,10 @@ def read_json(path):
 
 def test_best_checkpoint_export_layout_and_metadata(trained_run, synthetic_dir):
     export_dir = os.path.join(trained_run, "export")
-    assert sorted(os.listdir(export_dir)) == ["classes.json", "export.json", "model.keras", "saved_model"]
+    assert sorted(os.listdir(export_dir)) == ["README.txt", "classes.json", "export.json", "model.keras",
+                                              "saved_model"]
+    readme = open(os.path.join(export_dir, "README.txt"), encoding="utf-8").read()
+    assert "LOGITS out" in readme and "stretched to a square (not cropped)" in readme
     dataset = TinyImageNet(synthetic_dir)
     meta = read_json(os.path.join(export_dir, "export.json"))
     assert read_json(os.path.join(export_dir, "classes.json")) == {"wnids": dataset.wnids, "names": dataset.class_names}
@@ -174,6 +177,21 @@ def test_exported_model_classifies_val_images_in_label_order(trained_run, synthe
     model = keras.saving.load_model(os.path.join(trained_run, "export", "model.keras"))
     images = np.stack([helpers.decode_file(f, IMAGE_SIZE).numpy() for f in files]).astype(np.float32) / 255.0
     np.testing.assert_allclose(tf.nn.softmax(model(images)).numpy(), out["probabilities"].numpy(), atol=1e-5)
+
+
+def test_another_checkpoint_never_replaces_the_runs_export_unless_asked(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = read_json(run / "export" / "export.json")["source"]["checkpoint"]
+    with pytest.raises(UserError, match=r"export holds the export of .*best/ckpt-\d+; exporting .*ckpt-\d+ there "
+                                        r"would replace it. Export elsewhere with --export_dir=DIR, or replace it "
+                                        r"with --force"):
+        export.export_checkpoint(str(run), "latest")
+    assert read_json(run / "export" / "export.json")["source"]["checkpoint"] == before
+    gin.clear_config()
+    export.export_checkpoint(str(run), "best")  # The same checkpoint again: allowed.
+    gin.clear_config()
+    assert export.export_checkpoint(str(run), "latest", force=True)["source"]["kind"] == "latest"
 
 
 def test_latest_and_path_checkpoints(trained_run, tmp_path):

@@ -39,6 +39,8 @@ of a run from its model directory alone:
   --model_dir   a run's model directory (holds operative_config.gin and checkpoints/, best/).
   --checkpoint  'best' (default: best val top-1), 'latest', or a checkpoint path.
   --export_dir  where to export (default: <model_dir>/export).
+  --force       replace <model_dir>/export when it holds another checkpoint's export (refused otherwise:
+                the trainer puts the best checkpoint's export there).
 """
 if __name__ == "__main__":  # `--help` answers before TensorFlow loads.
     from trainer import cli as _cli
@@ -64,6 +66,7 @@ SAVED_MODEL = "saved_model"
 KERAS_MODEL = "model.keras"
 CLASSES_FILE = "classes.json"
 METADATA_FILE = "export.json"
+README_FILE = "README.txt"
 SIGNATURE = "serving_default"
 INPUT_SCALE = 1.0 / 255.0
 FORMAT_VERSION = 1
@@ -148,8 +151,12 @@ def export_model(model, preprocess, wnids, class_names, export_dir, source=None,
         "preprocessing": preprocess.to_json(),
         "top_k": min(int(top_k), num_classes),
         "signature": {"name": SIGNATURE, "input": "images: 1-D tf.string of encoded images (JPEG, PNG, GIF, BMP)",
-                      "outputs": ["probabilities", "top_k_indices", "top_k_probabilities", "top_k_wnids",
-                                  "top_k_names"]},
+                      "outputs": {"probabilities": "float32 [N, C]: softmax over the classes, label order",
+                                  "top_k_indices": "int32 [N, k]: labels, most probable first",
+                                  "top_k_probabilities": "float32 [N, k]",
+                                  "top_k_wnids": "string [N, k]: class ids (classes.json 'wnids')",
+                                  "top_k_names": "string [N, k]: class names (classes.json 'names')"}},
+        "keras_model_output": "logits float32 [N, C] (apply a softmax for probabilities)",
         "saved_model": SAVED_MODEL,
         "keras_model": KERAS_MODEL,
         "source": source,
@@ -185,6 +192,35 @@ def _write_export(model, metadata, directory):
     model.save(os.path.join(directory, KERAS_MODEL))
     _write_json(os.path.join(directory, CLASSES_FILE), {"wnids": metadata["wnids"], "names": metadata["names"]})
     _write_json(os.path.join(directory, METADATA_FILE), metadata)
+    with tf.io.gfile.GFile(os.path.join(directory, README_FILE), "w") as f:
+        f.write(_readme(metadata))
+
+
+def _readme(metadata):
+    """README.txt: what the export holds, how to feed it, what comes out."""
+    prep = metadata["preprocessing"]
+    crop = ("the largest centred square is cut out first" if prep["crop"] == "center" else
+            "a non-square image is stretched to a square (not cropped)")
+    standardise = "" if metadata["mean"] is None else f", then (x - {metadata['mean']}) / {metadata['std']}"
+    source = metadata.get("source") or {}
+    return f"""An image classifier exported by tiny-imagenet-trainer ({metadata['num_classes']} classes).
+Exported from {source.get('checkpoint', 'a checkpoint')} (step {source.get('step')}).
+
+saved_model/  TensorFlow SavedModel; needs TensorFlow only:
+                  serve = tf.saved_model.load("saved_model").signatures["{SIGNATURE}"]
+                  out = serve(images=tf.constant([open("photo.jpg", "rb").read()]))
+              Input: encoded image bytes (JPEG, PNG, GIF, BMP), any size, colour or greyscale.
+              Outputs: probabilities [N, C], top_k_indices, top_k_probabilities, top_k_wnids, top_k_names
+              (k = {metadata['top_k']}). Every image of a call must decode: check one at a time if unsure.
+model.keras   the Keras network: float32 images [N, {prep['image_size']}, {prep['image_size']}, 3] in, LOGITS out
+              (no softmax). Prepare images as the signature does (below).
+classes.json  label i is wnids[i], named names[i].
+export.json   all of this, machine-readable.
+
+How an image is prepared (exactly as in training): decoded to RGB; {crop};
+resized to {prep['image_size']} x {prep['image_size']} with '{prep['resize']}' (antialias: {prep['antialias']}) unless
+already that size, rounded to uint8; pixels / 255{standardise}.
+"""
 
 
 def _write_json(path, value):
@@ -327,7 +363,7 @@ def _export_run(model_dir, checkpoint, export_dir, top_k, preprocess, wnids, cla
     return {**metadata, "export_dir": export_dir}
 
 
-def export_checkpoint(model_dir, checkpoint="best", export_dir=None, top_k=5):
+def export_checkpoint(model_dir, checkpoint="best", export_dir=None, top_k=5, force=False):
     """Exports a run's checkpoint from its model directory alone: no dataset needed.
 
     The network comes from the run's operative_config.gin (the gin configuration
@@ -339,12 +375,14 @@ def export_checkpoint(model_dir, checkpoint="best", export_dir=None, top_k=5):
       checkpoint: 'best', 'latest' or a checkpoint path.
       export_dir: default <model_dir>/export.
       top_k: classes in the signature's top-k outputs.
+      force: replace the run's export/ even when it holds another checkpoint's export.
 
     Returns:
       The export metadata (export.json) as a dict, plus `export_dir`.
 
     Raises:
-      UserError: no run in model_dir, no checkpoint, no data settings, a failed export.
+      UserError: no run in model_dir, no checkpoint, no data settings, an export of another checkpoint in
+        the default export directory (without `force`), a failed export.
     """
     from trainer import config  # pylint: disable=import-outside-toplevel
 
@@ -354,12 +392,29 @@ def export_checkpoint(model_dir, checkpoint="best", export_dir=None, top_k=5):
     if not tf.io.gfile.exists(operative):
         raise UserError(f"No operative_config.gin in {model_dir}: expected the model directory of a run of "
                         "`python -m trainer.main` (it writes operative_config.gin when it starts).")
-    checkpoints.find_checkpoint(model_dir, checkpoint)  # Fail early, before parsing.
+    path = checkpoints.find_checkpoint(model_dir, checkpoint)  # Fail early, before parsing.
+    if not export_dir and not force:
+        _refuse_replacing(os.path.join(model_dir, "export"), path)
     settings = run_dir.read_data_settings(model_dir)
     cli.register_configurables()
     config.parse_gin([operative])
     return _export_run(model_dir, checkpoint, export_dir, top_k, settings.preprocess, settings.class_ids,
                        settings.class_names)
+
+
+def _refuse_replacing(export_dir, path):
+    """Raises UserError if `export_dir` holds the export of a checkpoint other than `path` (the trainer's best)."""
+    try:
+        with tf.io.gfile.GFile(os.path.join(export_dir, METADATA_FILE)) as f:
+            previous = (json.load(f).get("source") or {}).get("checkpoint")
+    except (OSError, ValueError, AttributeError, tf.errors.OpError):
+        return  # No readable export there: nothing to lose.
+    def within_run(checkpoint):  # 'best/ckpt-40': the same after the run directory was moved.
+        return os.path.normpath(checkpoint).split(os.sep)[-2:]
+
+    if previous and within_run(previous) != within_run(path):
+        raise UserError(f"{export_dir} holds the export of {previous}; exporting {path} there would replace it. "
+                        "Export elsewhere with --export_dir=DIR, or replace it with --force.")
 
 
 def read_classes(export_dir):
@@ -387,7 +442,8 @@ def main(argv):
     cli.no_arguments(argv)
     logging.set_verbosity(logging.INFO)
     flag_values = flags.FLAGS
-    metadata = export_checkpoint(flag_values.model_dir, flag_values.checkpoint, flag_values.export_dir)
+    metadata = export_checkpoint(flag_values.model_dir, flag_values.checkpoint, flag_values.export_dir,
+                                 force=flag_values.force)
     source = metadata["source"]
     print(f"Exported the {source['kind']} checkpoint {source['checkpoint']} (step {source['step']}) to "
           f"{metadata['export_dir']}.")
@@ -401,6 +457,7 @@ def run():
                         required=True)
     flags.DEFINE_string("checkpoint", "best", "'best' (best val top-1), 'latest', or a checkpoint path.")
     flags.DEFINE_string("export_dir", None, "Where to export (default: <model_dir>/export).")
+    flags.DEFINE_boolean("force", False, "Replace <model_dir>/export even if it holds another checkpoint's export.")
     cli.run(main, usage=lambda: __doc__)
 
 

@@ -46,6 +46,7 @@ from trainer.registry import configurable
 
 AUTOTUNE = tf.data.AUTOTUNE
 DEFAULT_BUDGET_FRACTION = 0.5  # Of the memory available when the run starts (see `memory_mode`).
+LOAD_CHUNK_BYTES = 32 << 20  # Decoded images handed over at a time while loading into memory (a few in flight).
 
 
 @dataclasses.dataclass
@@ -307,8 +308,9 @@ def _load(s, input_context):
     labels = np.empty(capacity, np.int32)
     ids, count = [], 0
     # In the source's order, so that the seeded permutations are the same whatever the decode threads did.
+    chunk = max(1, LOAD_CHUNK_BYTES // (size * size * 3))
     for image_batch, label_batch, id_batch in _decoded(s, "train", input_context, deterministic=True,
-                                                       with_ids=True).batch(256).prefetch(2):
+                                                       with_ids=True).batch(chunk).prefetch(1):
         n = int(label_batch.shape[0])
         images[count:count + n] = image_batch.numpy()
         labels[count:count + n] = label_batch.numpy()
