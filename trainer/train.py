@@ -302,7 +302,7 @@ def train(model_dir,
             collapsed = steps.collapse(val_totals, steps.means(epoch_totals)["loss"], num_classes)
             if collapsed:
                 logging.warning("%s", steps.collapse_warning(collapsed, bool(recompute_bn)))
-            if first_epoch + epoch == first_epoch and not distribution.multi_worker:
+            if first_epoch + epoch == first_epoch and not distribution.multi_worker and data.memory_mode()[0]:
                 _report_skipped(data.num_train, int(decoded.numpy()), data.source.location)
             if done < total_steps and _should_stop(signals, done, stop_after_steps):
                 return _stop(signals, checkpoints, writers, done, first_epoch + epoch, model_dir)

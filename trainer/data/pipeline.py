@@ -256,11 +256,11 @@ def make_dataset(settings, split, training, input_context=None, decoded_counter=
         ds = _permuted(images, labels, seed, batch_size)  # Batched already: one gather a batch.
     else:
         ds = _decoded(s, split, input_context, shuffle_seed=seed if training else None,
-                      deterministic=s.deterministic or not training)
+                      deterministic=s.deterministic or not training, repeat=training)
         if decoded_counter is not None:
             ds = ds.map(functools.partial(_count, decoded_counter))
-        if training:
-            ds = ds.shuffle(s.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        if training:  # After the repeat: the buffer fills once a run, not at every epoch's start.
+            ds = ds.shuffle(s.shuffle_buffer, seed=seed)
             ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=s.num_parallel_calls)
         else:
             ds = ds.cache()
@@ -280,10 +280,15 @@ def make_dataset(settings, split, training, input_context=None, decoded_counter=
     return ds.with_options(options).prefetch(s.prefetch)
 
 
-def _decoded(s, split, input_context=None, shuffle_seed=None, deterministic=True, with_ids=False):
-    """(uint8 image [S, S, 3], label) of a split (and the example id `with_ids`); corrupt images skipped."""
+def _decoded(s, split, input_context=None, shuffle_seed=None, deterministic=True, with_ids=False, repeat=False):
+    """(uint8 image [S, S, 3], label) of a split (and the example id `with_ids`); corrupt images skipped.
+
+    With `repeat`, endless epochs, each in the order the source draws anew (with `shuffle_seed`).
+    """
     decode = s.preprocess.decode
     ds = s.source.examples(split, shuffle_seed=shuffle_seed, input_context=input_context)
+    if repeat:
+        ds = ds.repeat()
     ds = ds.map((lambda image, label, id_: (decode(image), label, id_)) if with_ids else
                 (lambda image, label, id_: (decode(image), label)),
                 num_parallel_calls=s.num_parallel_calls, deterministic=deterministic)
