@@ -659,3 +659,37 @@ def test_a_read_only_model_directory_from_the_command_line(train_base_gin, one_e
     assert log.strip().splitlines()[-1] == (f"error: Cannot write the model directory {model_dir}: Read-only file "
                                             f"system ({model_dir / 'LOCK'}). Use a writable --model_dir.")
     assert "Traceback" not in log
+
+
+# --- Issue 17: settings that name a metric or a block are checked before the first step -------------------------
+
+@pytest.mark.slow
+def test_a_misspelled_select_best_by_is_refused_before_the_first_step(train_base_gin, tmp_path):
+    model_dir = tmp_path / "run"
+    returncode, log = run(main_command(train_base_gin, model_dir, "trainer.train.select_best_by = 'val_acc'"))
+    assert returncode == 1, log[-3000:]
+    assert log.strip().splitlines()[-1] == (
+        "error: trainer.train.select_best_by is 'val_acc': expected one of 'val_top1', 'val_top5', 'val_loss' "
+        "(a val column of metrics.csv)."), log[-3000:]
+    assert "Traceback" not in log and "step 1/" not in log and not model_dir.exists()
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("trainer.train.keep_checkpoints = 0", "trainer.train.keep_checkpoints is 0: expected an integer >= 1"),
+    ("trainer.train.keep_checkpoints = -1", "trainer.train.keep_checkpoints is -1: expected an integer >= 1"),
+    ("trainer.train.early_stopping_patience = -1",
+     "trainer.train.early_stopping_patience is -1: expected None (never stop early) or an integer >= 0"),
+    ("trainer.train.schedule = @trainer.optim.reduce_on_plateau\ntrainer.optim.reduce_on_plateau.metric = 'val_acc'",
+     "trainer.optim.reduce_on_plateau.metric is 'val_acc': expected 'val_loss', 'val_top1' or 'val_top5'"),
+    ("trainer.train.evaluate_best = True\ntrainer.evaluate.gradcam_layer = 'nope'",
+     "trainer.evaluate.gradcam_layer = 'nope': expected a block or layer name"),
+])
+def test_settings_naming_a_metric_or_block_are_checked_before_the_first_step(train_base_gin, tmp_path, binding,
+                                                                             message):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = tmp_path / "run"
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, *binding.split("\n"), stop_after_steps=1)
+    assert one_line(err.value).startswith(message) and "\n" not in one_line(err.value)
+    assert latest(model_dir) is None and not (model_dir / "metrics.csv").exists()

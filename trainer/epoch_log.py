@@ -16,6 +16,9 @@ from absl import logging
 from trainer import checkpoints, summaries
 
 
+VAL_METRICS = ("val_top1", "val_top5", "val_loss")  # The epoch metrics that can pick the best or drive a plateau.
+
+
 def step_offset(init_from, rows, first_epoch, steps_per_epoch):
     """The TensorBoard step of this phase's step 0, so the phases continue one axis."""
     if rows:

@@ -139,6 +139,7 @@ def train(model_dir,
         data = dataclasses.replace(data, deterministic=True)
     steps_per_execution = steps_per_execution or distribution.steps_per_execution
     _check_settings(data, num_classes, distribution, steps_per_execution, checkpoint_every_steps)
+    _check_run_settings(select_best_by, keep_checkpoints, early_stopping_patience)
     if not model_dir:
         raise UserError("No model directory: set MODEL_DIR in the gin file or pass --model_dir.")
     model_dir = os.path.expanduser(model_dir)
@@ -171,6 +172,8 @@ def train(model_dir,
         with distribution.strategy.scope(), blocks.synchronized_batch_norm(distribution.synchronized_batch_norm):
             model = builder.build_network(data.image_size)
             _check_output(model, num_classes)
+            if evaluate_best:
+                _check_gradcam_layer(model)
             learning_rate = schedule(steps_per_epoch=steps_per_epoch, epochs=epochs)
             plateau = learning_rate if isinstance(learning_rate, optim.Plateau) else None
             opt = optimizer(learning_rate=float(plateau.rate.numpy()) if plateau else learning_rate)
@@ -345,6 +348,28 @@ def _check_settings(data, num_classes, distribution, steps_per_execution, checkp
     if steps_per_execution < 1 or checkpoint_every_steps < 0:
         raise UserError(f"trainer.train.steps_per_execution must be >= 1 (got {steps_per_execution}) and "
                         f"trainer.train.checkpoint_every_steps >= 0 (got {checkpoint_every_steps}).")
+
+
+def _check_run_settings(select_best_by, keep_checkpoints, early_stopping_patience):
+    if select_best_by not in epoch_log.VAL_METRICS:
+        raise UserError(f"trainer.train.select_best_by is {select_best_by!r}: expected one of "
+                        f"{', '.join(map(repr, epoch_log.VAL_METRICS))} (a val column of metrics.csv).")
+    if not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+        raise UserError(f"trainer.train.keep_checkpoints is {keep_checkpoints!r}: expected an integer >= 1 (the "
+                        "recent checkpoints kept; the best is kept apart, in best/).")
+    if early_stopping_patience is not None and (not isinstance(early_stopping_patience, int)
+                                                or early_stopping_patience < 0):
+        raise UserError(f"trainer.train.early_stopping_patience is {early_stopping_patience!r}: expected None "
+                        "(never stop early) or an integer >= 0 (epochs without a new best before the phase stops).")
+
+
+def _check_gradcam_layer(model):
+    """The end-of-phase evaluation's Grad-CAM block exists: checked before the first step, not after the phase."""
+    from trainer.evaluation import evaluator, gradcam  # pylint: disable=import-outside-toplevel
+
+    name = evaluator.gin_value("trainer.evaluate.gradcam_layer", None)
+    if name is not None:
+        gradcam.find_layer(model, name)
 
 
 @contextlib.contextmanager
