@@ -343,7 +343,8 @@ def test_the_other_network_error_is_the_last_line_of_stderr(train_base_gin, one_
     returncode, log = run(main_command(train_base_gin, model_dir, "EPOCHS = 2", other))
     assert returncode == 1, log[-3000:]
     lines = log.strip().splitlines()
-    assert lines[-1].startswith(f"error: {model_dir} holds checkpoints of another network or optimizer"), lines[-5:]
+    assert lines[-1].startswith(f"error: {model_dir} holds checkpoints of another network (trainer.network.blocks)"), \
+        lines[-5:]
     assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in log
 
 
@@ -693,3 +694,45 @@ def test_settings_naming_a_metric_or_block_are_checked_before_the_first_step(tra
         train_in_process(train_base_gin, model_dir, *binding.split("\n"), stop_after_steps=1)
     assert one_line(err.value).startswith(message) and "\n" not in one_line(err.value)
     assert latest(model_dir) is None and not (model_dir / "metrics.csv").exists()
+
+
+# --- Issue 17: a damaged settings.json refuses; the refusal names the setting -------------------------------------
+
+def files_of(model_dir):
+    return {p: open(p, "rb").read() for p in glob.glob(str(model_dir / "**" / "*"), recursive=True)
+            if os.path.isfile(p)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, why", [(b"", "Expecting value"),
+                                         (b'{"IMAGE_SIZE": 32, "BATCH_', "Unterminated string"),
+                                         (b"[32, 20]", "a JSON list, not an object")])
+def test_a_damaged_settings_file_refuses_the_resume(train_base_gin, one_epoch, tmp_path, damage, why):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = copy_run(one_epoch, tmp_path)
+    (model_dir / "settings.json").write_bytes(damage)
+    before = files_of(model_dir)
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, "EPOCHS = 3", "BATCH_SIZE = 10")
+    message = one_line(err.value)
+    assert message.startswith(f"Cannot resume {model_dir}: its settings.json is damaged (") and why in message
+    assert message.endswith("Restore that file, or delete it to resume without the check, or train in a new "
+                            "--model_dir.") and "\n" not in message
+    assert files_of(model_dir) == before
+
+
+@pytest.mark.slow
+def test_a_schedule_change_is_named(train_base_gin, one_epoch, tmp_path):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = copy_run(one_epoch, tmp_path)
+    before = files_of(model_dir)
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, "EPOCHS = 2",
+                         "trainer.train.schedule = @trainer.optim.reduce_on_plateau")
+    assert one_line(err.value).startswith(f"{model_dir} holds checkpoints of another learning-rate schedule "
+                                          "(trainer.train.schedule) (")
+    after = files_of(model_dir)
+    assert {p: v for p, v in after.items() if p in before and "checkpoints" in p} == \
+        {p: v for p, v in before.items() if "checkpoints" in p}

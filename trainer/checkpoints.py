@@ -106,9 +106,10 @@ class Checkpoints:
                 self._checkpoint.restore(path).assert_existing_objects_matched()
             except (ValueError, AssertionError, tf.errors.OpError) as err:
                 raise UserError(
-                    f"{self._model_dir} holds checkpoints of another network or optimizer ({path}: "
-                    f"{str(err).splitlines()[0][:300]}). Use a new --model_dir, or start from those weights "
-                    "with trainer.train.init_from (and trainer.train.allow_partial_init = True).") from None
+                    f"{self._model_dir} holds checkpoints of {self._what_differs(path)} ({path}: "
+                    f"{str(err).splitlines()[0][:300]}). Rerun with the old setting to resume, or use a new "
+                    "--model_dir (start it from those weights with trainer.train.init_from and "
+                    "trainer.train.allow_partial_init = True).") from None
             self._saved_step = _step_of(path)  # Already on disk: a save at that step does not rewrite it.
         if self._distribution.multi_worker:
             # It restores the same checkpoint again and adds its run counter to the checkpoint.
@@ -116,6 +117,20 @@ class Checkpoints:
                 self._distribution.strategy.cluster_resolver, self._checkpoint, checkpoint_dir=self.directory,
                 termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=self._on_preempted))
         return path
+
+    def _what_differs(self, path):
+        """Names the setting a checkpoint disagrees with: the network, the schedule or the optimizer."""
+        try:
+            stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+        except (tf.errors.OpError, ValueError):
+            return "another network, schedule or optimizer"
+        ours = {_checkpoint_key(name): list(w.shape) for name, w in weights_by_path(self._model).items()}
+        theirs = {k: list(v) for k, v in stored.items() if k.startswith("weights/")}
+        if ours != theirs:
+            return "another network (trainer.network.blocks)"
+        if any(k.startswith("plateau/") for k in stored) != hasattr(self._checkpoint, "plateau"):
+            return "another learning-rate schedule (trainer.train.schedule)"
+        return "another optimizer (trainer.train.optimizer or its settings)"
 
     def save(self, step, best=False, rewrite=False):
         """Saves `step` (and as the best so far if `best`), after checking the weights are finite.

@@ -284,8 +284,14 @@ def check_resumable(model_dir, settings):
     try:
         with tf.io.gfile.GFile(path) as f:
             saved = json.loads(f.read())
-    except (tf.errors.NotFoundError, ValueError):
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    except tf.errors.NotFoundError:
         saved = {}  # A model directory of an older version: the restore still checks the network's variables.
+    except (ValueError, UnicodeDecodeError) as err:  # Empty, truncated, garbage: never taken as permissive.
+        raise UserError(f"Cannot resume {model_dir}: its {SETTINGS_FILE} is damaged ({str(err)[:100] or 'empty'}), "
+                        "so the settings its checkpoints were trained with cannot be checked. Restore that file, or "
+                        "delete it to resume without the check, or train in a new --model_dir.") from None
     changed = [k for k in settings if k in saved and saved[k] != settings[k]]
     if changed:
         def show(key, value):
