@@ -736,3 +736,81 @@ def test_a_schedule_change_is_named(train_base_gin, one_epoch, tmp_path):
     after = files_of(model_dir)
     assert {p: v for p, v in after.items() if p in before and "checkpoints" in p} == \
         {p: v for p, v in before.items() if "checkpoints" in p}
+
+
+# --- Issue 17: a damaged run never starts over; a damaged checkpoint is skipped, best/ rebuilt ---------------------
+
+@pytest.fixture(scope="module")
+def two_epochs(train_base_gin, tmp_path_factory):
+    """A finished 2-epoch run, ckpt-15 and ckpt-30 (read, never changed: tests copy it)."""
+    model_dir = tmp_path_factory.mktemp("two_epochs") / "run"
+    train_in_process(train_base_gin, model_dir, "EPOCHS = 2")
+    return model_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_a_run_without_its_checkpoint_index_is_refused_not_restarted(train_base_gin, two_epochs, tmp_path, damage):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = copy_run(two_epochs, tmp_path)
+    index = model_dir / "checkpoints" / "checkpoint"
+    os.remove(index) if damage == "deleted" else index.write_text("garbage\n")
+    before = files_of(model_dir)
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, "EPOCHS = 2")
+    assert one_line(err.value) == (
+        f"{model_dir} holds a run (ckpt-30, ckpt-15, metrics.csv) but no readable checkpoint index ({index} is missing "
+        f"or damaged): refusing to start it over. Resume from the newest intact checkpoint with "
+        f"trainer.train.resume_from = '{model_dir / 'checkpoints' / 'ckpt-30'}', or move the folder aside to start "
+        "afresh.")
+    assert files_of(model_dir) == before  # Nothing overwritten, metrics.csv not rewritten.
+    # The way out the message names: the phase is complete at ckpt-30, nothing trained, nothing rewritten.
+    assert train_in_process(train_base_gin, model_dir, "EPOCHS = 2",
+                            f"trainer.train.resume_from = '{model_dir / 'checkpoints' / 'ckpt-30'}'")["epoch"] == 2
+    assert [r["epoch"] for r in csv_rows(model_dir)] == ["1", "2"]
+    assert {p: v for p, v in files_of(model_dir).items() if "ckpt-" in p} == \
+        {p: v for p, v in before.items() if "ckpt-" in p}
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_falls_back_to_the_newest_intact_one(train_base_gin, two_epochs, tmp_path, caplog):
+    model_dir = copy_run(two_epochs, tmp_path)
+    data = model_dir / "checkpoints" / "ckpt-30.data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    ckpt15 = {p: v for p, v in files_of(model_dir).items() if "ckpt-15" in p}
+    caplog.set_level("WARNING", logger="absl")
+    best = train_in_process(train_base_gin, model_dir, "EPOCHS = 2")
+    assert (f"{model_dir / 'checkpoints' / 'ckpt-30'} is damaged (Read less bytes than requested): resuming from "
+            f"{model_dir / 'checkpoints' / 'ckpt-15'}, the newest intact checkpoint; steps 16-30 are trained again."
+            ) in caplog.text
+    assert best["epoch"] in (1, 2)
+    assert [r["epoch"] for r in csv_rows(model_dir)] == ["1", "2"]
+    assert latest(model_dir).endswith("ckpt-30") and weights(latest(model_dir))  # Rewritten whole.
+    assert {p: v for p, v in files_of(model_dir).items() if "ckpt-15" in p} == ckpt15
+    assert leftovers(model_dir) == []
+
+
+@pytest.mark.slow
+def test_a_truncated_best_is_refused_by_export_and_rebuilt_by_the_rerun(train_base_gin, two_epochs, tmp_path,
+                                                                        caplog):
+    from trainer import checkpoints  # pylint: disable=import-outside-toplevel
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = copy_run(two_epochs, tmp_path)
+    best = latest(model_dir, "best")
+    data = best + ".data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError) as err:  # What export and evaluate call first.
+        checkpoints.find_checkpoint(str(model_dir), "best")
+    assert one_line(err.value) == (f"{best} is damaged (Read less bytes than requested). Rerun the phase's training "
+                                   "command (it rebuilds best/ from checkpoints/ when it can) or name another "
+                                   "checkpoint with --checkpoint.")
+    caplog.set_level("WARNING", logger="absl")
+    train_in_process(train_base_gin, model_dir, "EPOCHS = 2")
+    source = model_dir / "checkpoints" / os.path.basename(best)
+    assert f"{best} was damaged (Read less bytes than requested): rebuilt from {source}, the same step." in caplog.text
+    assert open(data, "rb").read() == open(str(source) + ".data-00000-of-00001", "rb").read()
+    assert checkpoints.find_checkpoint(str(model_dir), "best") == best

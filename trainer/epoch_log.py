@@ -64,6 +64,7 @@ def republish(model_dir, rows, checkpoints, metric, writers=None):
     if rows:
         summaries.CsvLog(os.path.join(model_dir, "metrics.csv")).write(rows)
         top = best_row(rows, metric)
+        checkpoints.repair_best(top["step"])
         if checkpoints.best_step() != top["step"] and checkpoints.latest_step() == top["step"]:
             checkpoints.save(top["step"], best=True)
         if writers is not None:

@@ -73,6 +73,7 @@ def train(model_dir,
           scan_data=True,
           precise_bn="auto",
           precise_bn_images=1024,
+          resume_from=None,
           stop_after_steps=None):
     """Trains one phase. Every argument is set in gin (gin/common.gin and the runnable files).
 
@@ -122,6 +123,8 @@ def train(model_dir,
         to settle, i.e. m ** steps_per_epoch > 5% (0.99 needs 300 steps an epoch; `steps.precise_bn_decision`).
       precise_bn_images: training images (augmented, from the training stream) the statistics are computed
         from, rounded up to whole batches and at most one epoch.
+      resume_from: a checkpoint of this phase to resume from instead of the newest one (e.g. when
+        checkpoints/checkpoint, the index, was lost: the refusal names the newest intact checkpoint).
       stop_after_steps: checkpoint and return at this step; for tests.
 
     Returns:
@@ -143,8 +146,8 @@ def train(model_dir,
     if not model_dir:
         raise UserError("No model directory: set MODEL_DIR in the gin file or pass --model_dir.")
     model_dir = os.path.expanduser(model_dir)
-    checkpoint_dir = os.path.join(model_dir, "checkpoints")
-    resuming = bool(tf.train.latest_checkpoint(checkpoint_dir))
+    resume_path = checkpoints_lib.resume_point(model_dir, resume_from)
+    resuming = bool(resume_path)
     settings = run_dir.settings(data, num_classes)
     if resuming:
         run_dir.check_resumable(model_dir, settings)
@@ -201,7 +204,7 @@ def train(model_dir,
             logging.info("Precise BatchNorm: off (%s).", precise_reason)
 
         # --- 3. Resume this phase, or start it from the previous one. ---------------------------------------------
-        resumed_from = checkpoints.restore()
+        resumed_from = checkpoints.restore(resume_path)
         if plateau:
             opt.learning_rate = float(plateau.rate.numpy())  # Where the restored plateau had brought it.
         elif resumed_from and isinstance(learning_rate, float):
@@ -317,6 +320,10 @@ def train(model_dir,
         # --- 5. The phase is done: export the best checkpoint and evaluate it in depth. -------------------------
         best = epoch_log.best_row(rows, select_best_by)
         exported = None
+        if best and distribution.chief and (export or evaluate_best) and not checkpoints.best:
+            logging.warning("No best checkpoint in %s/best (see above): the export and evaluation are skipped.",
+                            model_dir)
+            best = None
         if best and distribution.chief and export:
             from trainer import export as export_lib  # pylint: disable=import-outside-toplevel
 
