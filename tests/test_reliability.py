@@ -814,3 +814,36 @@ def test_a_truncated_best_is_refused_by_export_and_rebuilt_by_the_rerun(train_ba
     assert f"{best} was damaged (Read less bytes than requested): rebuilt from {source}, the same step." in caplog.text
     assert open(data, "rb").read() == open(str(source) + ".data-00000-of-00001", "rb").read()
     assert checkpoints.find_checkpoint(str(model_dir), "best") == best
+
+
+# --- Issue 17: a signal stops the phase's tail; a finished phase's rerun redoes only what is missing ---------------
+
+@pytest.mark.slow
+def test_sigterm_during_export_and_evaluation_stops_and_the_rerun_redoes_only_them(train_base_gin, tmp_path):
+    model_dir = tmp_path / "run"
+    command = main_command(train_base_gin, model_dir, "trainer.train.export = True",
+                           "trainer.train.evaluate_best = True")
+    returncode, log, _ = run_until_signal(command, r"Exporting best checkpoint")
+    assert returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert last_line(log) == ("stopped: SIGTERM during the phase's export and evaluation: every checkpoint is saved. "
+                              "Run the same command to redo them."), log[-3000:]
+    assert latest(model_dir).endswith("ckpt-15") and latest(model_dir, "best").endswith("ckpt-15")
+    # Stopped at once, or (when TensorFlow held the signal back) right after the export: never evaluated.
+    assert (model_dir / "export" / "export.json").exists() or not (model_dir / "export").exists()
+    assert not (model_dir / "eval").exists()
+    checkpoints_before = files_of(model_dir / "checkpoints")
+    # The rerun trains nothing, exports if it has to, and is stopped in the evaluation.
+    returncode, log, _ = run_until_signal(command, r"Exported .* \(5 classes|The export in .* is already of")
+    assert returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "phase already complete" in log and "step 1/15" not in log
+    assert last_line(log).startswith("stopped: SIGTERM during the phase's export and evaluation"), log[-3000:]
+    assert json.loads((model_dir / "export" / "export.json").read_text())["source"]["step"] == 15
+    # The next one evaluates only; the one after does nothing but say so.
+    for again in range(2):
+        returncode, log = run(command)
+        assert returncode == 0 and "Traceback" not in log, log[-3000:]
+        assert "The export in" in log and "is already of" in log and "Exporting" not in log
+        assert ("is already evaluated in" in log) == bool(again)
+    assert files_of(model_dir / "checkpoints") == checkpoints_before
+    assert len(glob.glob(str(model_dir / "eval" / "best-15" / "events.out.tfevents.*"))) == 1
+    assert [r["epoch"] for r in csv_rows(model_dir)] == ["1"] and leftovers(model_dir) == []

@@ -137,6 +137,7 @@ class StopSignals:
         self.received = None
         self.saved = False  # True if tf.distribute's PreemptionCheckpointHandler already saved.
         self.immediate = True
+        self.stage = "the first training step"  # What a signal stops at once, while `immediate`.
         self._previous = {}
         for sig, handler in [(s, self._handle) for s in signals] + [(signal.SIGALRM, self._retry)]:
             try:
@@ -170,6 +171,9 @@ class StopSignals:
         """The `Interrupted` of a signal received before the first training step."""
         from trainer.cli import Interrupted  # pylint: disable=import-outside-toplevel
 
+        if self.stage != "the first training step":
+            return Interrupted(f"{self.name} during {self.stage}: every checkpoint is saved. Run the same command to "
+                               "redo them.", self.received)
         return Interrupted(f"{self.name} before the first training step: nothing new to save, the model directory "
                            "holds what it held. Run the same command to start again.", self.received)
 

@@ -318,20 +318,26 @@ def train(model_dir,
                 break
 
         # --- 5. The phase is done: export the best checkpoint and evaluate it in depth. -------------------------
+        # Both derive from checkpoints: a signal now stops at once, and the next run redoes what is missing.
+        signals.immediate, signals.stage = True, "the phase's export and evaluation"
         best = epoch_log.best_row(rows, select_best_by)
         exported = None
         if best and distribution.chief and (export or evaluate_best) and not checkpoints.best:
             logging.warning("No best checkpoint in %s/best (see above): the export and evaluation are skipped.",
                             model_dir)
             best = None
-        if best and distribution.chief and export:
-            from trainer import export as export_lib  # pylint: disable=import-outside-toplevel
+        try:
+            if best and distribution.chief and export:
+                exported = _export(model_dir, data, checkpoints.best)
+            _raise_if_signalled(signals)
+            if best and distribution.chief and evaluate_best:
+                from trainer.evaluation import evaluator  # pylint: disable=import-outside-toplevel
 
-            exported = export_lib.export_trained(model_dir, data)["export_dir"]
-        if best and distribution.chief and evaluate_best:
-            from trainer.evaluation import evaluator  # pylint: disable=import-outside-toplevel
-
-            evaluator.evaluate_best_of_phase(model_dir, data, model=model, strategy=distribution)
+                evaluator.evaluate_best_of_phase(model_dir, data, model=model, strategy=distribution)
+            _raise_if_signalled(signals)
+        except Exception:  # pylint: disable=broad-except
+            _raise_if_signalled(signals)  # (Raised inside TensorFlow, which may have wrapped or swallowed it.)
+            raise
         writers.flush()
         summaries.end_summary(model_dir, best, exported)
         return best
@@ -355,6 +361,27 @@ def _check_settings(data, num_classes, distribution, steps_per_execution, checkp
     if steps_per_execution < 1 or checkpoint_every_steps < 0:
         raise UserError(f"trainer.train.steps_per_execution must be >= 1 (got {steps_per_execution}) and "
                         f"trainer.train.checkpoint_every_steps >= 0 (got {checkpoint_every_steps}).")
+
+
+def _raise_if_signalled(signals):
+    if signals.received:
+        raise signals.before_training() from None
+
+
+def _export(model_dir, data, best):
+    """Exports `best` into model_dir/export, unless the export there is already of it (a finished phase's rerun)."""
+    from trainer import export as export_lib  # pylint: disable=import-outside-toplevel
+
+    export_dir = os.path.join(model_dir, "export")
+    try:
+        with open(os.path.join(export_dir, export_lib.METADATA_FILE), encoding="utf-8") as f:
+            current = json.load(f)["source"]["checkpoint"] == best
+    except (OSError, ValueError, KeyError, TypeError):
+        current = False
+    if current:
+        logging.info("The export in %s is already of %s: not redone.", export_dir, best)
+        return export_dir
+    return export_lib.export_trained(model_dir, data)["export_dir"]
 
 
 def _check_run_settings(select_best_by, keep_checkpoints, early_stopping_patience):

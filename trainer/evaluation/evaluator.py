@@ -302,12 +302,20 @@ def evaluate_best_of_phase(model_dir, data, model=None, strategy=None):
       strategy: the `strategy.Distribution` (or the tf.distribute strategy) `model` was built under.
 
     Returns:
-      The report dict, or None when the phase saved no best checkpoint.
+      The report dict, or None when the phase saved no best checkpoint or it is already evaluated (a finished
+      phase's rerun; a killed evaluation's event files are removed and it is redone).
     """
     path = tf.train.latest_checkpoint(os.path.join(os.path.expanduser(model_dir), "best"))
     if not path:
         logging.warning("No best checkpoint in %s/best: nothing to evaluate.", model_dir)
         return None
+    out_dir = os.path.join(os.path.expanduser(model_dir), "eval", checkpoint_name(path))
+    events = tf.io.gfile.glob(os.path.join(out_dir, "events.out.tfevents.*"))
+    if events and tf.io.gfile.exists(os.path.join(out_dir, "report.json")):
+        logging.info("%s is already evaluated in %s: not redone.", path, out_dir)
+        return None
+    for stale in events:  # A killed evaluation's: rewritten, not appended to (no doubled points in TensorBoard).
+        tf.io.gfile.remove(stale)
     if getattr(strategy, "multi_worker", False) or isinstance(getattr(strategy, "strategy", strategy),
                                                               tf.distribute.MultiWorkerMirroredStrategy):
         model, strategy = None, None
