@@ -847,3 +847,27 @@ def test_sigterm_during_export_and_evaluation_stops_and_the_rerun_redoes_only_th
     assert files_of(model_dir / "checkpoints") == checkpoints_before
     assert len(glob.glob(str(model_dir / "eval" / "best-15" / "events.out.tfevents.*"))) == 1
     assert [r["epoch"] for r in csv_rows(model_dir)] == ["1"] and leftovers(model_dir) == []
+
+
+# --- Issue 17: the model directory deleted under a live run ------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_model_directory_deleted_under_the_run_stops_it(train_base_gin, tmp_path):
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    model_dir = tmp_path / "run"
+    proc = subprocess.Popen(main_command(train_base_gin, model_dir, "EPOCHS = 3",
+                                         "trainer.train.steps_per_execution = 1"),
+                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "epoch 2/3 step 3/15" in line:
+            shutil.rmtree(model_dir)
+    log = "".join(lines)
+    assert proc.wait(timeout=300) == 1, log[-3000:]
+    assert log.strip().splitlines()[-1] == (
+        f"error: The model directory {model_dir} vanished under the run (its lock {model_dir / 'LOCK'} is gone): "
+        "stopped without writing anything more. Put it back and run the same command to resume, or run it to start "
+        "afresh."), log[-3000:]
+    assert not model_dir.exists() and "Traceback" not in log

@@ -98,7 +98,17 @@ class ModelDirLock:
         return not process_alive(pid)
 
     def heartbeat(self):
-        """Refreshes the lock's modification time (at most every HEARTBEAT_SECONDS)."""
+        """Refreshes the lock's modification time (at most every HEARTBEAT_SECONDS); checks the lock is still there.
+
+        Raises:
+          UserError: the lock vanished: the model directory was deleted or moved under the run (nothing more is
+            written).
+        """
+        if self._held and not os.path.exists(self.path):
+            self._held = False
+            raise UserError(f"The model directory {os.path.dirname(self.path)} vanished under the run (its lock "
+                            f"{self.path} is gone): stopped without writing anything more. Put it back and run the "
+                            "same command to resume, or run it to start afresh.")
         now = time.time()
         if self._held and now - self._last_beat >= HEARTBEAT_SECONDS:
             try:

@@ -301,6 +301,8 @@ def train(model_dir,
                 recompute_bn(train_data)
             val_totals = evaluate(val_data).numpy()
             val = steps.means(val_totals)
+            if lock:
+                lock.heartbeat()  # (The model directory is still there.)
             row = epoch_log.new_row(first_epoch + epoch, done, offset, steps.means(epoch_totals), val,
                                     time.time() - epoch_start, _current_lr(opt))
             rows = commit(rows, row, plateau_rate=plateau.update(row) if plateau else None, opt=opt)
