@@ -871,3 +871,52 @@ def test_the_model_directory_deleted_under_the_run_stops_it(train_base_gin, tmp_
         "stopped without writing anything more. Put it back and run the same command to resume, or run it to start "
         "afresh."), log[-3000:]
     assert not model_dir.exists() and "Traceback" not in log
+
+
+# --- Issue 17: one line, not a traceback; a stale lock of any shape is taken over ---------------------------------
+
+def test_a_gin_file_that_is_not_utf8_is_one_line(tmp_path):
+    from trainer import config  # pylint: disable=import-outside-toplevel
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    path = tmp_path / "latin1.gin"
+    path.write_bytes("# Réglages\nEPOCHS = 1\n".encode("latin-1"))
+    with pytest.raises(UserError) as err:
+        config.parse_gin([str(path)], [])
+    assert str(err.value) == (f"{path} is not UTF-8 text (byte 0xe9 at offset 3): expected a gin file in UTF-8; "
+                              "save it as UTF-8.")
+
+
+@pytest.mark.parametrize("lock, why", [
+    (b"\x00\xff\xfe\x13garbage", "garbled: "),
+    (None, "a directory, not a lock file"),
+    (f"{socket.gethostname()} 99999999999999999999".encode(), "99999999999999999999: no such process"),
+    (f"{socket.gethostname()} 0".encode(), f"{socket.gethostname()} 0: no such process"),
+])
+def test_a_lock_of_garbage_a_directory_or_an_impossible_pid_is_stale(tmp_path, caplog, lock, why):
+    from trainer import run_dir  # pylint: disable=import-outside-toplevel
+
+    path = tmp_path / "LOCK"
+    if lock is None:
+        (path / "sub").mkdir(parents=True)
+    else:
+        path.write_bytes(lock)
+    caplog.set_level("WARNING", logger="absl")
+    held = run_dir.ModelDirLock(str(tmp_path))
+    assert f"Taking over the stale lock {path} (" in caplog.text and why in caplog.text
+    assert path.read_text() == f"{socket.gethostname()} {os.getpid()}"
+    held.release()
+    assert not path.exists()
+
+
+def test_temp_files_of_killed_writes_are_removed_when_the_run_starts(tmp_path):
+    import types  # pylint: disable=import-outside-toplevel
+
+    from trainer import run_dir  # pylint: disable=import-outside-toplevel
+
+    dead = tmp_path / "settings.json.tmp-99999999"
+    alive = tmp_path / f"metrics.csv.tmp-{os.getppid()}"  # Another live process's write: left alone.
+    dead.write_text('{"IMAGE_')
+    alive.write_text("epoch,")
+    with run_dir.claimed(str(tmp_path), types.SimpleNamespace(chief=True, multi_worker=False)):
+        assert not dead.exists() and alive.exists()

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -44,10 +45,14 @@ class ModelDirLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                if self._stale():
-                    logging.warning("Taking over the stale lock %s (%s).", self.path, self._holder())
+                stale = self._stale()
+                if stale:
+                    logging.warning("Taking over the stale lock %s (%s).", self.path, stale)
                     try:
-                        os.remove(self.path)
+                        if os.path.isdir(self.path):
+                            shutil.rmtree(self.path)
+                        else:
+                            os.remove(self.path)
                     except FileNotFoundError:  # Another run took it over first.
                         pass
                     continue
@@ -77,8 +82,8 @@ class ModelDirLock:
 
     def _holder(self):
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return f.read().strip()
+            with open(self.path, "rb") as f:
+                return f.read(200).decode("utf-8", "replace").strip()
         except OSError:
             return "unknown"
 
@@ -89,13 +94,16 @@ class ModelDirLock:
             return 0.0
 
     def _stale(self):
-        try:
-            host, pid = self._holder().split()
-        except ValueError:
-            return True  # Empty or garbled: its writer died between creating and writing it.
-        if host != socket.gethostname():
-            return self._age() > STALE_AFTER_SECONDS  # Its heartbeat stopped.
-        return not process_alive(pid)
+        """Why the lock is stale (its holder is provably gone, or it is no lock a run writes), or None."""
+        if os.path.isdir(self.path):
+            return "a directory, not a lock file"
+        holder = self._holder()
+        if len(holder.split()) != 2 or not holder.split()[1].isdigit() or not holder.isprintable():
+            return f"garbled: {holder[:40]!r}, not 'host pid'"  # Or its writer died between creating and writing it.
+        host, pid = holder.split()
+        if host != socket.gethostname():  # Its heartbeat stopped?
+            return f"{holder}: not refreshed for {self._age():.0f} s" if self._age() > STALE_AFTER_SECONDS else None
+        return None if process_alive(pid) else f"{holder}: no such process"
 
     def heartbeat(self):
         """Refreshes the lock's modification time (at most every HEARTBEAT_SECONDS); checks the lock is still there.
@@ -126,12 +134,25 @@ class ModelDirLock:
 def process_alive(pid):
     """True unless `pid` (an int or a string of digits) is provably not a live process on this host."""
     try:
+        if int(pid) <= 0:
+            return False  # (Not a process: kill(0) and kill(-1) signal groups.)
         os.kill(int(pid), 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: larger than any pid.
         return False
-    except (PermissionError, ValueError, OverflowError):
+    except (PermissionError, ValueError):
         return True
     return True
+
+
+def remove_dead_temps(model_dir):
+    """Removes the `<file>.tmp-<pid>` a write killed midway left in the model directory (of dead pids only)."""
+    if "://" in model_dir:
+        return
+    for path in tf.io.gfile.glob(os.path.join(model_dir, "*.tmp-*")):
+        pid = path.rsplit("-", 1)[1]
+        if pid.isdigit() and not process_alive(pid):
+            logging.warning("Removing %s, left by a write that was killed midway.", path)
+            os.remove(path)
 
 
 class StopSignals:
@@ -371,6 +392,8 @@ def disk_errors(model_dir):
 def claimed(model_dir, distribution):
     """Holds the model directory's lock (chief) and the stop signals for the run's duration."""
     lock = ModelDirLock(model_dir) if distribution.chief else None
+    if lock:
+        remove_dead_temps(model_dir)
     # Under MultiWorkerMirroredStrategy, the PreemptionCheckpointHandler takes SIGTERM.
     signals = StopSignals([signal.SIGINT] if distribution.multi_worker else [signal.SIGINT, signal.SIGTERM])
     try:
