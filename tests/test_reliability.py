@@ -920,3 +920,20 @@ def test_temp_files_of_killed_writes_are_removed_when_the_run_starts(tmp_path):
     alive.write_text("epoch,")
     with run_dir.claimed(str(tmp_path), types.SimpleNamespace(chief=True, multi_worker=False)):
         assert not dead.exists() and alive.exists()
+
+
+def test_compare_names_and_skips_a_run_whose_metrics_csv_is_garbage(tmp_path):
+    good, binary, text = tmp_path / "good", tmp_path / "binary", tmp_path / "text"
+    for run_dir in (good, binary, text):
+        run_dir.mkdir()
+    (good / "metrics.csv").write_text("epoch,step,time,val_top1,val_top5\n1,15,2.0,0.5,0.9\n")
+    (binary / "metrics.csv").write_bytes(bytes(range(256)) * 8)
+    (text / "metrics.csv").write_text("epoch,step,val_top1\n1,x,0.5\n")
+    proc = subprocess.run([sys.executable, "-m", "trainer.compare", str(good), str(binary), str(text)], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    for run_dir in (binary, text):
+        assert re.search(rf"warning: {run_dir / 'metrics.csv'} is not a metrics.csv the trainer writes \(.+\): run "
+                         rf"{run_dir} skipped\.", proc.stderr), proc.stderr
+    table = proc.stdout.splitlines()
+    assert len(table) == 3 and table[2].startswith("good") and "0.5" in table[2], proc.stdout
