@@ -937,3 +937,22 @@ def test_compare_names_and_skips_a_run_whose_metrics_csv_is_garbage(tmp_path):
                          rf"{run_dir} skipped\.", proc.stderr), proc.stderr
     table = proc.stdout.splitlines()
     assert len(table) == 3 and table[2].startswith("good") and "0.5" in table[2], proc.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_read_only_model_directory_says_where_and_offers_output_dir(one_epoch, tmp_path, tmpfs):
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    mount_point = tmpfs("size=20m")
+    model_dir = mount_point / "run"
+    shutil.copytree(one_epoch, model_dir)
+    subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+    command = [sys.executable, "-m", "trainer.evaluate", f"--model_dir={model_dir}"]
+    returncode, log = run(command)
+    assert returncode == 1 and "Traceback" not in log, log[-3000:]
+    assert log.strip().splitlines()[-1] == (
+        f"error: Cannot write the evaluation to {model_dir / 'eval'}: Read-only file system. Give a writable "
+        "--output_dir (its reports go to <output_dir>/<checkpoint name>/)."), log[-3000:]
+    returncode, log = run(command + [f"--output_dir={tmp_path / 'out'}"])
+    assert returncode == 0, log[-3000:]
+    assert (tmp_path / "out" / "best-15" / "report.json").exists() and not (model_dir / "eval").exists()

@@ -267,7 +267,7 @@ def evaluate_checkpoint(model, checkpoint_path, data, split, eval_dir, writer=No
 
 
 def evaluate_model_dir(model_dir, checkpoint="best", split="val", data=None, model=None, strategy=None,
-                       writer=None):
+                       writer=None, eval_dir=None):
     """Evaluates a run's checkpoint into `model_dir/eval/<name>/` (gin must be parsed).
 
     Args:
@@ -278,6 +278,7 @@ def evaluate_model_dir(model_dir, checkpoint="best", split="val", data=None, mod
       model: passed to `evaluate_checkpoint` (None: a fresh network from gin).
       strategy: passed to `evaluate_checkpoint`.
       writer: passed to `evaluate_checkpoint`.
+      eval_dir: where the evaluation goes; None: model_dir/eval.
 
     Returns:
       The report dict.
@@ -285,7 +286,7 @@ def evaluate_model_dir(model_dir, checkpoint="best", split="val", data=None, mod
     model_dir = os.path.expanduser(model_dir)
     path = checkpoints.find_checkpoint(model_dir, checkpoint)
     data = data or pipeline.data()
-    return evaluate_checkpoint(model, path, data, split, os.path.join(model_dir, "eval"), writer=writer,
+    return evaluate_checkpoint(model, path, data, split, eval_dir or os.path.join(model_dir, "eval"), writer=writer,
                                strategy=strategy)
 
 
