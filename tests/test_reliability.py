@@ -956,3 +956,20 @@ def test_evaluate_on_a_read_only_model_directory_says_where_and_offers_output_di
     returncode, log = run(command + [f"--output_dir={tmp_path / 'out'}"])
     assert returncode == 0, log[-3000:]
     assert (tmp_path / "out" / "best-15" / "report.json").exists() and not (model_dir / "eval").exists()
+
+
+def test_predict_does_not_follow_directory_symlinks(tmp_path):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    from trainer import predict  # pylint: disable=import-outside-toplevel
+
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    images.mkdir()
+    outside.mkdir()
+    for path in (images / "a.png", images / "b.jpg", outside / "c.png"):
+        Image.new("RGB", (8, 8)).save(path)
+    os.symlink("..", images / "up")  # A cycle: the 81 predictions from 2 images.
+    os.symlink(outside, images / "elsewhere")
+    os.symlink(outside / "c.png", images / "c_link.png")  # A symlinked file is an image of the directory.
+    found, problems = predict.list_images([str(images)])
+    assert found == [str(images / n) for n in ("a.png", "b.jpg", "c_link.png")] and problems == []
