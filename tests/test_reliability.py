@@ -27,7 +27,7 @@ import tensorflow as tf
 from helpers import REPO, STEPS_PER_EPOCH, env, main_command, train_in_process
 
 RUN = ("EPOCHS = 3", "trainer.train.steps_per_execution = 1", "trainer.train.checkpoint_every_steps = 4",
-       "trainer.train.export = True", "trainer.train.deterministic_ops = True")
+       "trainer.train.export = True", "trainer.train.evaluate_best = True", "trainer.train.deterministic_ops = True")
 
 
 def run(command, timeout=300):
@@ -44,7 +44,8 @@ class Trigger:
 
     kinds: 'step' (the progress line of step `after`), 'state' (checkpoints/checkpoint names ckpt-`after`:
     the epoch's checkpoint is written, nothing derived from it yet), 'ckpt_temp' / 'best_temp' (a save into
-    checkpoints/ or best/ is under way), 'export' (a partial.export-* directory exists).
+    checkpoints/ or best/ is under way), 'tmp' (an atomic write of settings.json or metrics.csv is under way),
+    'export' (an partial.export-* directory exists), 'eval' (the end-of-phase evaluation is writing eval/).
     """
 
     def __init__(self, kind, after):
@@ -55,7 +56,7 @@ class Trigger:
 
     def gives_up(self, step):
         """Past this step the point was missed (a save too quick to see): the next one is armed."""
-        return self.kind != "export" and step > self.after + (3 if self.kind in ("step", "state") else 16)
+        return self.kind not in ("export", "eval") and step > self.after + (3 if self.kind in ("step", "state") else 16)
 
     def fired(self, model_dir, step):
         if step < self.after and self.kind != "state":
@@ -74,6 +75,10 @@ class Trigger:
                 return any("_temp" in name for name in os.listdir(directory))
             except OSError:
                 return False
+        if self.kind == "tmp":
+            return bool(glob.glob(os.path.join(model_dir, "*.tmp-*")))
+        if self.kind == "eval":
+            return bool(glob.glob(os.path.join(model_dir, "eval", "best-*", "*")))
         return bool(glob.glob(os.path.join(model_dir, "partial.export-*")))
 
 
@@ -119,13 +124,14 @@ def run_with_kills(command, model_dir, triggers, timeout=300):
 
 
 def seeded_kill_points(seed):
-    """6 kill points over a 3-epoch run (45 steps): always right after ckpt-15 and inside the export; a
-    checkpoint save, a best/ save and two mid-epoch steps at seeded places."""
+    """8 kill points over a 3-epoch run (45 steps): always right after ckpt-15, inside the export and inside the
+    evaluation; a checkpoint save, a best/ save, a metrics.csv write and two mid-epoch steps at seeded places."""
     rng = random.Random(seed)
     points = [Trigger("state", STEPS_PER_EPOCH), Trigger("ckpt_temp", rng.randint(1, 40)),
-              Trigger("best_temp", rng.choice([15, 30, 45])), Trigger("export", 45)]
+              Trigger("best_temp", rng.choice([15, 30, 45])), Trigger("tmp", rng.choice([15, 30])),
+              Trigger("export", 45), Trigger("eval", 45)]
     points += [Trigger("step", s) for s in rng.sample([s for s in range(2, 45) if s % 15], 2)]
-    order = ("step", "state", "ckpt_temp", "best_temp", "export")  # At one step, in the order they happen.
+    order = ("step", "state", "ckpt_temp", "best_temp", "tmp", "export", "eval")  # At one step, as they happen.
     return sorted(points, key=lambda t: (t.after, order.index(t.kind)))
 
 
@@ -183,6 +189,8 @@ def assert_whole(model_dir, epochs=3):
         "history/.ATTRIBUTES/VARIABLE_VALUE").decode())
     assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
     assert leftovers(model_dir) == []
+    evaluated = model_dir / "eval" / f"best-{best_step}"
+    assert (evaluated / ".complete").exists() and len(glob.glob(str(evaluated / "events.out.tfevents.*"))) == 1
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +225,7 @@ def test_sigkill_anywhere_then_rerun_loses_and_doubles_nothing(train_base_gin, r
     assert returncode == 0 and "Traceback" not in log, log[-3000:]
     assert not triggers
     # The two points whose timing is certain always fire; a save too quick to catch may be missed.
-    assert {repr(t) for t in fired} >= {"state@15", "export@45"} and len(fired) >= 4, (planned, fired)
+    assert {repr(t) for t in fired} >= {"state@15", "export@45", "eval@45"} and len(fired) >= 5, (planned, fired)
     assert_whole(model_dir)
     # Resuming mid-epoch re-seeds the data order (seed mixed with the resume step): the weights differ from the
     # reference; the step, the epochs and the structure are the same.

@@ -290,6 +290,9 @@ def evaluate_model_dir(model_dir, checkpoint="best", split="val", data=None, mod
                                strategy=strategy)
 
 
+COMPLETE = ".complete"  # In eval/best-<step>/ once the end-of-phase evaluation wrote everything.
+
+
 def evaluate_best_of_phase(model_dir, data, model=None, strategy=None):
     """The trainer's end-of-phase call: evaluates model_dir/best into model_dir/eval/best-<step>/ (chief only).
 
@@ -311,17 +314,20 @@ def evaluate_best_of_phase(model_dir, data, model=None, strategy=None):
         logging.warning("No best checkpoint in %s/best: nothing to evaluate.", model_dir)
         return None
     out_dir = os.path.join(os.path.expanduser(model_dir), "eval", checkpoint_name(path))
-    events = tf.io.gfile.glob(os.path.join(out_dir, "events.out.tfevents.*"))
-    if events and tf.io.gfile.exists(os.path.join(out_dir, "report.json")):
+    complete = os.path.join(out_dir, COMPLETE)
+    if tf.io.gfile.exists(complete):
         logging.info("%s is already evaluated in %s: not redone.", path, out_dir)
         return None
-    for stale in events:  # A killed evaluation's: rewritten, not appended to (no doubled points in TensorBoard).
-        tf.io.gfile.remove(stale)
+    for stale in tf.io.gfile.glob(os.path.join(out_dir, "events.out.tfevents.*")):
+        tf.io.gfile.remove(stale)  # A killed evaluation's: rewritten, not appended to (no doubled points).
     if getattr(strategy, "multi_worker", False) or isinstance(getattr(strategy, "strategy", strategy),
                                                               tf.distribute.MultiWorkerMirroredStrategy):
         model, strategy = None, None
-    return evaluate_checkpoint(model, path, data, "val", os.path.join(os.path.expanduser(model_dir), "eval"),
-                               strategy=strategy)
+    report = evaluate_checkpoint(model, path, data, "val", os.path.join(os.path.expanduser(model_dir), "eval"),
+                                 strategy=strategy)
+    with tf.io.gfile.GFile(complete, "w") as f:  # Last: a rerun of the finished phase does not evaluate again.
+        f.write(f"{path}\n")
+    return report
 
 
 def gin_value(name, default=UserError):
