@@ -768,7 +768,8 @@ def test_a_run_without_its_checkpoint_index_is_refused_not_restarted(train_base_
     with pytest.raises(UserError) as err:
         train_in_process(train_base_gin, model_dir, "EPOCHS = 2")
     assert one_line(err.value) == (
-        f"{model_dir} holds a run (ckpt-30, ckpt-15, metrics.csv) but no readable checkpoint index ({index} is missing "
+        f"{model_dir} holds a run (ckpt-30, ckpt-15, best/{os.path.basename(latest(model_dir, 'best'))}, "
+        f"metrics.csv) but no readable checkpoint index ({index} is missing "
         f"or damaged): refusing to start it over. Resume from the newest intact checkpoint with "
         f"trainer.train.resume_from = '{model_dir / 'checkpoints' / 'ckpt-30'}', or move the folder aside to start "
         "afresh.")

@@ -247,8 +247,9 @@ def resume_point(model_dir, resume_from=None):
         return path
     latest, on_disk = tf.train.latest_checkpoint(directory), _on_disk(directory)
     if not latest:
-        run = [os.path.basename(p) for p in on_disk[:3]] + [
-            f for f in ("metrics.csv",) if tf.io.gfile.exists(os.path.join(model_dir, f))]
+        run = ([os.path.basename(p) for p in on_disk[:3]]
+               + [f"best/{os.path.basename(p)}" for p in _on_disk(os.path.join(model_dir, "best"))]
+               + [f for f in ("metrics.csv",) if tf.io.gfile.exists(os.path.join(model_dir, f))])
         if not run:
             return None  # (A settings.json alone: the first run was stopped before its first checkpoint.)
         intact = next((p for p in on_disk if damage(p) is None), None)
