@@ -982,3 +982,19 @@ def test_predict_does_not_follow_directory_symlinks(tmp_path):
     os.symlink(outside / "c.png", images / "c_link.png")  # A symlinked file is an image of the directory.
     found, problems = predict.list_images([str(images)])
     assert found == [str(images / n) for n in ("a.png", "b.jpg", "c_link.png")] and problems == []
+
+
+@pytest.mark.slow
+def test_a_truncated_init_from_checkpoint_is_one_line(train_base_gin, two_epochs, tmp_path):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    previous = copy_run(two_epochs, tmp_path)
+    data = previous / "checkpoints" / "ckpt-30.data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, tmp_path / "next", f"trainer.train.init_from = '{previous}'")
+    assert one_line(err.value) == (f"trainer.train.init_from = '{previous}': {previous / 'checkpoints' / 'ckpt-30'} is "
+                                   "damaged (Read less bytes than requested). Rerun the previous phase (it resumes "
+                                   "from its newest intact checkpoint), or name an intact checkpoint.")
+    assert not (tmp_path / "next").exists()

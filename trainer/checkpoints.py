@@ -285,6 +285,10 @@ def find_init_checkpoint(init_from, previous_phase=None):
                      if previous_phase else "")
         raise UserError(f"trainer.train.init_from = {init_from!r} holds no checkpoint to start this phase from."
                         f"{run_first} Or set trainer.train.init_from = None to start from scratch.")
+    why = damage(path)
+    if why:
+        raise UserError(f"trainer.train.init_from = {init_from!r}: {path} is damaged ({why}). Rerun the previous "
+                        "phase (it resumes from its newest intact checkpoint), or name an intact checkpoint.")
     return path
 
 
