@@ -190,7 +190,8 @@ def assert_whole(model_dir, epochs=3):
     assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
     assert leftovers(model_dir) == []
     evaluated = model_dir / "eval" / f"best-{best_step}"
-    assert (evaluated / ".complete").exists() and len(glob.glob(str(evaluated / "events.out.tfevents.*"))) == 1
+    assert (evaluated / ".complete").exists()
+    assert len(glob.glob(str(model_dir / "eval" / f"events.out.tfevents.*.best-{best_step}"))) == 1
 
 
 @pytest.fixture(scope="module")
@@ -854,7 +855,7 @@ def test_sigterm_during_export_and_evaluation_stops_and_the_rerun_redoes_only_th
         assert "The export in" in log and "is already of" in log and "Exporting" not in log
         assert ("is already evaluated in" in log) == bool(again)
     assert files_of(model_dir / "checkpoints") == checkpoints_before
-    assert len(glob.glob(str(model_dir / "eval" / "best-15" / "events.out.tfevents.*"))) == 1
+    assert len(glob.glob(str(model_dir / "eval" / "events.out.tfevents.*.best-15"))) == 1
     assert [r["epoch"] for r in csv_rows(model_dir)] == ["1"] and leftovers(model_dir) == []
 
 

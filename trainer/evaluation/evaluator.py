@@ -313,18 +313,25 @@ def evaluate_best_of_phase(model_dir, data, model=None, strategy=None):
     if not path:
         logging.warning("No best checkpoint in %s/best: nothing to evaluate.", model_dir)
         return None
-    out_dir = os.path.join(os.path.expanduser(model_dir), "eval", checkpoint_name(path))
+    eval_dir = os.path.join(os.path.expanduser(model_dir), "eval")
+    out_dir = os.path.join(eval_dir, checkpoint_name(path))
     complete = os.path.join(out_dir, COMPLETE)
     if tf.io.gfile.exists(complete):
         logging.info("%s is already evaluated in %s: not redone.", path, out_dir)
         return None
-    for stale in tf.io.gfile.glob(os.path.join(out_dir, "events.out.tfevents.*")):
-        tf.io.gfile.remove(stale)  # A killed evaluation's: rewritten, not appended to (no doubled points).
+    # Its own event file (named by the checkpoint), so a killed evaluation's is rewritten, not added to (TensorBoard
+    # would show its points twice).
+    suffix = f".{checkpoint_name(path)}"
+    for stale in tf.io.gfile.glob(os.path.join(eval_dir, f"events.out.tfevents.*{suffix}")):
+        tf.io.gfile.remove(stale)
     if getattr(strategy, "multi_worker", False) or isinstance(getattr(strategy, "strategy", strategy),
                                                               tf.distribute.MultiWorkerMirroredStrategy):
         model, strategy = None, None
-    report = evaluate_checkpoint(model, path, data, "val", os.path.join(os.path.expanduser(model_dir), "eval"),
-                                 strategy=strategy)
+    writer = tf.summary.create_file_writer(eval_dir, filename_suffix=suffix)
+    try:
+        report = evaluate_checkpoint(model, path, data, "val", eval_dir, writer=writer, strategy=strategy)
+    finally:
+        writer.close()
     with tf.io.gfile.GFile(complete, "w") as f:  # Last: a rerun of the finished phase does not evaluate again.
         f.write(f"{path}\n")
     return report
