@@ -275,6 +275,25 @@ def test_stale_partial_is_removed_and_a_killed_swap_is_undone(tmp_path):
     assert read_json(export_dir / "export.json")["source"] == "second"
 
 
+def test_a_swap_killed_midway_never_leaves_the_export_missing(tmp_path, monkeypatch):
+    export_dir = tmp_path / "export"
+    export_tiny(export_dir, source="first")
+    exchange = export._exchange
+
+    def exchange_then_die(a, b):
+        assert exchange(a, b)  # (Linux: renameat2 RENAME_EXCHANGE.)
+        assert read_json(export_dir / "export.json")["source"] == "second"  # In place, the old one beside it.
+        raise KeyboardInterrupt  # Killed before the old export is removed.
+
+    monkeypatch.setattr(export, "_exchange", exchange_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        export_tiny(export_dir, source="second")
+    assert read_json(export_dir / "export.json")["source"] == "second"
+    monkeypatch.undo()
+    export_tiny(export_dir, source="third")  # Removes the leftover (the old export).
+    assert os.listdir(tmp_path) == ["export"] and read_json(export_dir / "export.json")["source"] == "third"
+
+
 def test_classes_must_match_the_network(tmp_path):
     with pytest.raises(UserError, match=r"outputs 3 classes but 2 wnids and 3 class names"):
         export.export_model(tiny_model(), Preprocessing(8), ["a", "b"], ["A", "B", "C"], str(tmp_path / "e"))

@@ -27,7 +27,7 @@ import tensorflow as tf
 from helpers import REPO, STEPS_PER_EPOCH, env, main_command, train_in_process
 
 RUN = ("EPOCHS = 3", "trainer.train.steps_per_execution = 1", "trainer.train.checkpoint_every_steps = 4",
-       "trainer.train.export = True", "trainer.train.deterministic_ops = True")
+       "trainer.train.export = True", "trainer.train.evaluate_best = True", "trainer.train.deterministic_ops = True")
 
 
 def run(command, timeout=300):
@@ -44,7 +44,8 @@ class Trigger:
 
     kinds: 'step' (the progress line of step `after`), 'state' (checkpoints/checkpoint names ckpt-`after`:
     the epoch's checkpoint is written, nothing derived from it yet), 'ckpt_temp' / 'best_temp' (a save into
-    checkpoints/ or best/ is under way), 'export' (a partial.export-* directory exists).
+    checkpoints/ or best/ is under way), 'tmp' (an atomic write of settings.json or metrics.csv is under way),
+    'export' (an partial.export-* directory exists), 'eval' (the end-of-phase evaluation is writing eval/).
     """
 
     def __init__(self, kind, after):
@@ -55,7 +56,7 @@ class Trigger:
 
     def gives_up(self, step):
         """Past this step the point was missed (a save too quick to see): the next one is armed."""
-        return self.kind != "export" and step > self.after + (3 if self.kind in ("step", "state") else 16)
+        return self.kind not in ("export", "eval") and step > self.after + (3 if self.kind in ("step", "state") else 16)
 
     def fired(self, model_dir, step):
         if step < self.after and self.kind != "state":
@@ -74,6 +75,10 @@ class Trigger:
                 return any("_temp" in name for name in os.listdir(directory))
             except OSError:
                 return False
+        if self.kind == "tmp":
+            return bool(glob.glob(os.path.join(model_dir, "*.tmp-*")))
+        if self.kind == "eval":
+            return bool(glob.glob(os.path.join(model_dir, "eval", "best-*", "*")))
         return bool(glob.glob(os.path.join(model_dir, "partial.export-*")))
 
 
@@ -119,13 +124,14 @@ def run_with_kills(command, model_dir, triggers, timeout=300):
 
 
 def seeded_kill_points(seed):
-    """6 kill points over a 3-epoch run (45 steps): always right after ckpt-15 and inside the export; a
-    checkpoint save, a best/ save and two mid-epoch steps at seeded places."""
+    """8 kill points over a 3-epoch run (45 steps): always right after ckpt-15, inside the export and inside the
+    evaluation; a checkpoint save, a best/ save, a metrics.csv write and two mid-epoch steps at seeded places."""
     rng = random.Random(seed)
     points = [Trigger("state", STEPS_PER_EPOCH), Trigger("ckpt_temp", rng.randint(1, 40)),
-              Trigger("best_temp", rng.choice([15, 30, 45])), Trigger("export", 45)]
+              Trigger("best_temp", rng.choice([15, 30, 45])), Trigger("tmp", rng.choice([15, 30])),
+              Trigger("export", 45), Trigger("eval", 45)]
     points += [Trigger("step", s) for s in rng.sample([s for s in range(2, 45) if s % 15], 2)]
-    order = ("step", "state", "ckpt_temp", "best_temp", "export")  # At one step, in the order they happen.
+    order = ("step", "state", "ckpt_temp", "best_temp", "tmp", "export", "eval")  # At one step, as they happen.
     return sorted(points, key=lambda t: (t.after, order.index(t.kind)))
 
 
@@ -183,6 +189,9 @@ def assert_whole(model_dir, epochs=3):
         "history/.ATTRIBUTES/VARIABLE_VALUE").decode())
     assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
     assert leftovers(model_dir) == []
+    evaluated = model_dir / "eval" / f"best-{best_step}"
+    assert (evaluated / ".complete").exists()
+    assert len(glob.glob(str(model_dir / "eval" / f"events.out.tfevents.*.best-{best_step}"))) == 1
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +226,7 @@ def test_sigkill_anywhere_then_rerun_loses_and_doubles_nothing(train_base_gin, r
     assert returncode == 0 and "Traceback" not in log, log[-3000:]
     assert not triggers
     # The two points whose timing is certain always fire; a save too quick to catch may be missed.
-    assert {repr(t) for t in fired} >= {"state@15", "export@45"} and len(fired) >= 4, (planned, fired)
+    assert {repr(t) for t in fired} >= {"state@15", "export@45", "eval@45"} and len(fired) >= 5, (planned, fired)
     assert_whole(model_dir)
     # Resuming mid-epoch re-seeds the data order (seed mixed with the resume step): the weights differ from the
     # reference; the step, the epochs and the structure are the same.
@@ -343,7 +352,8 @@ def test_the_other_network_error_is_the_last_line_of_stderr(train_base_gin, one_
     returncode, log = run(main_command(train_base_gin, model_dir, "EPOCHS = 2", other))
     assert returncode == 1, log[-3000:]
     lines = log.strip().splitlines()
-    assert lines[-1].startswith(f"error: {model_dir} holds checkpoints of another network or optimizer"), lines[-5:]
+    assert lines[-1].startswith(f"error: {model_dir} holds checkpoints of another network (trainer.network.blocks)"), \
+        lines[-5:]
     assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in log
 
 
@@ -659,3 +669,333 @@ def test_a_read_only_model_directory_from_the_command_line(train_base_gin, one_e
     assert log.strip().splitlines()[-1] == (f"error: Cannot write the model directory {model_dir}: Read-only file "
                                             f"system ({model_dir / 'LOCK'}). Use a writable --model_dir.")
     assert "Traceback" not in log
+
+
+# --- Issue 17: settings that name a metric or a block are checked before the first step -------------------------
+
+@pytest.mark.slow
+def test_a_misspelled_select_best_by_is_refused_before_the_first_step(train_base_gin, tmp_path):
+    model_dir = tmp_path / "run"
+    returncode, log = run(main_command(train_base_gin, model_dir, "trainer.train.select_best_by = 'val_acc'"))
+    assert returncode == 1, log[-3000:]
+    assert log.strip().splitlines()[-1] == (
+        "error: trainer.train.select_best_by is 'val_acc': expected one of 'val_top1', 'val_top5', 'val_loss' "
+        "(a val column of metrics.csv)."), log[-3000:]
+    assert "Traceback" not in log and "step 1/" not in log and not model_dir.exists()
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("trainer.train.keep_checkpoints = 0", "trainer.train.keep_checkpoints is 0: expected an integer >= 1"),
+    ("trainer.train.keep_checkpoints = -1", "trainer.train.keep_checkpoints is -1: expected an integer >= 1"),
+    ("trainer.train.early_stopping_patience = -1",
+     "trainer.train.early_stopping_patience is -1: expected None (never stop early) or an integer >= 0"),
+    ("trainer.train.schedule = @trainer.optim.reduce_on_plateau\ntrainer.optim.reduce_on_plateau.metric = 'val_acc'",
+     "trainer.optim.reduce_on_plateau.metric is 'val_acc': expected 'val_loss', 'val_top1' or 'val_top5'"),
+    ("trainer.train.evaluate_best = True\ntrainer.evaluate.gradcam_layer = 'nope'",
+     "trainer.evaluate.gradcam_layer = 'nope': expected a block or layer name"),
+])
+def test_settings_naming_a_metric_or_block_are_checked_before_the_first_step(train_base_gin, tmp_path, binding,
+                                                                             message):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = tmp_path / "run"
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, *binding.split("\n"), stop_after_steps=1)
+    assert one_line(err.value).startswith(message) and "\n" not in one_line(err.value)
+    assert latest(model_dir) is None and not (model_dir / "metrics.csv").exists()
+
+
+# --- Issue 17: a damaged settings.json refuses; the refusal names the setting -------------------------------------
+
+def files_of(model_dir):
+    return {p: open(p, "rb").read() for p in glob.glob(str(model_dir / "**" / "*"), recursive=True)
+            if os.path.isfile(p)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, why", [(b"", "Expecting value"),
+                                         (b'{"IMAGE_SIZE": 32, "BATCH_', "Unterminated string"),
+                                         (b"[32, 20]", "a JSON list, not an object")])
+def test_a_damaged_settings_file_refuses_the_resume(train_base_gin, one_epoch, tmp_path, damage, why):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = copy_run(one_epoch, tmp_path)
+    (model_dir / "settings.json").write_bytes(damage)
+    before = files_of(model_dir)
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, "EPOCHS = 3", "BATCH_SIZE = 10")
+    message = one_line(err.value)
+    assert message.startswith(f"Cannot resume {model_dir}: its settings.json is damaged (") and why in message
+    assert message.endswith("Restore that file, or delete it to resume without the check, or train in a new "
+                            "--model_dir.") and "\n" not in message
+    assert files_of(model_dir) == before
+
+
+@pytest.mark.slow
+def test_a_schedule_change_is_named(train_base_gin, one_epoch, tmp_path):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = copy_run(one_epoch, tmp_path)
+    before = files_of(model_dir)
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, "EPOCHS = 2",
+                         "trainer.train.schedule = @trainer.optim.reduce_on_plateau")
+    assert one_line(err.value).startswith(f"{model_dir} holds checkpoints of another learning-rate schedule "
+                                          "(trainer.train.schedule) (")
+    after = files_of(model_dir)
+    assert {p: v for p, v in after.items() if p in before and "checkpoints" in p} == \
+        {p: v for p, v in before.items() if "checkpoints" in p}
+
+
+# --- Issue 17: a damaged run never starts over; a damaged checkpoint is skipped, best/ rebuilt ---------------------
+
+@pytest.fixture(scope="module")
+def two_epochs(train_base_gin, tmp_path_factory):
+    """A finished 2-epoch run, ckpt-15 and ckpt-30 (read, never changed: tests copy it)."""
+    model_dir = tmp_path_factory.mktemp("two_epochs") / "run"
+    train_in_process(train_base_gin, model_dir, "EPOCHS = 2")
+    return model_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_a_run_without_its_checkpoint_index_is_refused_not_restarted(train_base_gin, two_epochs, tmp_path, damage):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = copy_run(two_epochs, tmp_path)
+    index = model_dir / "checkpoints" / "checkpoint"
+    os.remove(index) if damage == "deleted" else index.write_text("garbage\n")
+    before = files_of(model_dir)
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, "EPOCHS = 2")
+    assert one_line(err.value) == (
+        f"{model_dir} holds a run (ckpt-30, ckpt-15, best/{os.path.basename(latest(model_dir, 'best'))}, "
+        f"metrics.csv) but no readable checkpoint index ({index} is missing "
+        f"or damaged): refusing to start it over. Resume from the newest intact checkpoint with "
+        f"trainer.train.resume_from = '{model_dir / 'checkpoints' / 'ckpt-30'}', or move the folder aside to start "
+        "afresh.")
+    assert files_of(model_dir) == before  # Nothing overwritten, metrics.csv not rewritten.
+    # The way out the message names: the phase is complete at ckpt-30, nothing trained, nothing rewritten.
+    assert train_in_process(train_base_gin, model_dir, "EPOCHS = 2",
+                            f"trainer.train.resume_from = '{model_dir / 'checkpoints' / 'ckpt-30'}'")["epoch"] == 2
+    assert [r["epoch"] for r in csv_rows(model_dir)] == ["1", "2"]
+    assert {p: v for p, v in files_of(model_dir).items() if "ckpt-" in p} == \
+        {p: v for p, v in before.items() if "ckpt-" in p}
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_falls_back_to_the_newest_intact_one(train_base_gin, two_epochs, tmp_path, caplog):
+    model_dir = copy_run(two_epochs, tmp_path)
+    data = model_dir / "checkpoints" / "ckpt-30.data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    ckpt15 = {p: v for p, v in files_of(model_dir).items() if "ckpt-15" in p}
+    caplog.set_level("WARNING", logger="absl")
+    best = train_in_process(train_base_gin, model_dir, "EPOCHS = 2")
+    assert (f"{model_dir / 'checkpoints' / 'ckpt-30'} is damaged (Read less bytes than requested): resuming from "
+            f"{model_dir / 'checkpoints' / 'ckpt-15'}, the newest intact checkpoint; steps 16-30 are trained again."
+            ) in caplog.text
+    assert best["epoch"] in (1, 2)
+    assert [r["epoch"] for r in csv_rows(model_dir)] == ["1", "2"]
+    assert latest(model_dir).endswith("ckpt-30") and weights(latest(model_dir))  # Rewritten whole.
+    assert {p: v for p, v in files_of(model_dir).items() if "ckpt-15" in p} == ckpt15
+    assert leftovers(model_dir) == []
+
+
+@pytest.mark.slow
+def test_a_truncated_best_is_refused_by_export_and_rebuilt_by_the_rerun(train_base_gin, two_epochs, tmp_path,
+                                                                        caplog):
+    from trainer import checkpoints  # pylint: disable=import-outside-toplevel
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    model_dir = copy_run(two_epochs, tmp_path)
+    best = latest(model_dir, "best")
+    data = best + ".data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError) as err:  # What export and evaluate call first.
+        checkpoints.find_checkpoint(str(model_dir), "best")
+    assert one_line(err.value) == (f"{best} is damaged (Read less bytes than requested). Rerun the phase's training "
+                                   "command (it rebuilds best/ from checkpoints/ when it can) or name another "
+                                   "checkpoint with --checkpoint.")
+    caplog.set_level("WARNING", logger="absl")
+    train_in_process(train_base_gin, model_dir, "EPOCHS = 2")
+    source = model_dir / "checkpoints" / os.path.basename(best)
+    assert f"{best} was damaged (Read less bytes than requested): rebuilt from {source}, the same step." in caplog.text
+    assert open(data, "rb").read() == open(str(source) + ".data-00000-of-00001", "rb").read()
+    assert checkpoints.find_checkpoint(str(model_dir), "best") == best
+
+
+# --- Issue 17: a signal stops the phase's tail; a finished phase's rerun redoes only what is missing ---------------
+
+@pytest.mark.slow
+def test_sigterm_during_export_and_evaluation_stops_and_the_rerun_redoes_only_them(train_base_gin, tmp_path):
+    model_dir = tmp_path / "run"
+    command = main_command(train_base_gin, model_dir, "trainer.train.export = True",
+                           "trainer.train.evaluate_best = True")
+    returncode, log, _ = run_until_signal(command, r"Exporting best checkpoint")
+    assert returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert last_line(log) == ("stopped: SIGTERM during the phase's export and evaluation: every checkpoint is saved. "
+                              "Run the same command to redo them."), log[-3000:]
+    assert latest(model_dir).endswith("ckpt-15") and latest(model_dir, "best").endswith("ckpt-15")
+    # Stopped at once, or (when TensorFlow held the signal back) right after the export: never evaluated.
+    assert (model_dir / "export" / "export.json").exists() or not (model_dir / "export").exists()
+    assert not (model_dir / "eval").exists()
+    checkpoints_before = files_of(model_dir / "checkpoints")
+    # The rerun trains nothing, exports if it has to, and is stopped in the evaluation.
+    returncode, log, _ = run_until_signal(command, r"Exported .* \(5 classes|The export in .* is already of")
+    assert returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "phase already complete" in log and "step 1/15" not in log
+    assert last_line(log).startswith("stopped: SIGTERM during the phase's export and evaluation"), log[-3000:]
+    assert json.loads((model_dir / "export" / "export.json").read_text())["source"]["step"] == 15
+    # The next one evaluates only; the one after does nothing but say so.
+    for again in range(2):
+        returncode, log = run(command)
+        assert returncode == 0 and "Traceback" not in log, log[-3000:]
+        assert "The export in" in log and "is already of" in log and "Exporting" not in log
+        assert ("is already evaluated in" in log) == bool(again)
+    assert files_of(model_dir / "checkpoints") == checkpoints_before
+    assert len(glob.glob(str(model_dir / "eval" / "events.out.tfevents.*.best-15"))) == 1
+    assert [r["epoch"] for r in csv_rows(model_dir)] == ["1"] and leftovers(model_dir) == []
+
+
+# --- Issue 17: the model directory deleted under a live run ------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_model_directory_deleted_under_the_run_stops_it(train_base_gin, tmp_path):
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    model_dir = tmp_path / "run"
+    proc = subprocess.Popen(main_command(train_base_gin, model_dir, "EPOCHS = 3",
+                                         "trainer.train.steps_per_execution = 1"),
+                            cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "epoch 2/3 step 3/15" in line:
+            shutil.rmtree(model_dir)
+    log = "".join(lines)
+    assert proc.wait(timeout=300) == 1, log[-3000:]
+    assert log.strip().splitlines()[-1] == (
+        f"error: The model directory {model_dir} vanished under the run (its lock {model_dir / 'LOCK'} is gone): "
+        "stopped without writing anything more. Put it back and run the same command to resume, or run it to start "
+        "afresh."), log[-3000:]
+    assert not model_dir.exists() and "Traceback" not in log
+
+
+# --- Issue 17: one line, not a traceback; a stale lock of any shape is taken over ---------------------------------
+
+def test_a_gin_file_that_is_not_utf8_is_one_line(tmp_path):
+    from trainer import config  # pylint: disable=import-outside-toplevel
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    path = tmp_path / "latin1.gin"
+    path.write_bytes("# Réglages\nEPOCHS = 1\n".encode("latin-1"))
+    with pytest.raises(UserError) as err:
+        config.parse_gin([str(path)], [])
+    assert str(err.value) == (f"{path} is not UTF-8 text (byte 0xe9 at offset 3): expected a gin file in UTF-8; "
+                              "save it as UTF-8.")
+
+
+@pytest.mark.parametrize("lock, why", [
+    (b"\x00\xff\xfe\x13garbage", "garbled: "),
+    (None, "a directory, not a lock file"),
+    (f"{socket.gethostname()} 99999999999999999999".encode(), "99999999999999999999: no such process"),
+    (f"{socket.gethostname()} 0".encode(), f"{socket.gethostname()} 0: no such process"),
+])
+def test_a_lock_of_garbage_a_directory_or_an_impossible_pid_is_stale(tmp_path, caplog, lock, why):
+    from trainer import run_dir  # pylint: disable=import-outside-toplevel
+
+    path = tmp_path / "LOCK"
+    if lock is None:
+        (path / "sub").mkdir(parents=True)
+    else:
+        path.write_bytes(lock)
+    caplog.set_level("WARNING", logger="absl")
+    held = run_dir.ModelDirLock(str(tmp_path))
+    assert f"Taking over the stale lock {path} (" in caplog.text and why in caplog.text
+    assert path.read_text() == f"{socket.gethostname()} {os.getpid()}"
+    held.release()
+    assert not path.exists()
+
+
+def test_temp_files_of_killed_writes_are_removed_when_the_run_starts(tmp_path):
+    import types  # pylint: disable=import-outside-toplevel
+
+    from trainer import run_dir  # pylint: disable=import-outside-toplevel
+
+    dead = tmp_path / "settings.json.tmp-99999999"
+    alive = tmp_path / f"metrics.csv.tmp-{os.getppid()}"  # Another live process's write: left alone.
+    dead.write_text('{"IMAGE_')
+    alive.write_text("epoch,")
+    with run_dir.claimed(str(tmp_path), types.SimpleNamespace(chief=True, multi_worker=False)):
+        assert not dead.exists() and alive.exists()
+
+
+def test_compare_names_and_skips_a_run_whose_metrics_csv_is_garbage(tmp_path):
+    good, binary, text = tmp_path / "good", tmp_path / "binary", tmp_path / "text"
+    for run_dir in (good, binary, text):
+        run_dir.mkdir()
+    (good / "metrics.csv").write_text("epoch,step,time,val_top1,val_top5\n1,15,2.0,0.5,0.9\n")
+    (binary / "metrics.csv").write_bytes(bytes(range(256)) * 8)
+    (text / "metrics.csv").write_text("epoch,step,val_top1\n1,x,0.5\n")
+    proc = subprocess.run([sys.executable, "-m", "trainer.compare", str(good), str(binary), str(text)], cwd=REPO,
+                          env=env(), capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    for run_dir in (binary, text):
+        assert re.search(rf"warning: {run_dir / 'metrics.csv'} is not a metrics.csv the trainer writes \(.+\): run "
+                         rf"{run_dir} skipped\.", proc.stderr), proc.stderr
+    table = proc.stdout.splitlines()
+    assert len(table) == 3 and table[2].startswith("good") and "0.5" in table[2], proc.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_read_only_model_directory_says_where_and_offers_output_dir(one_epoch, tmp_path, tmpfs):
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    mount_point = tmpfs("size=20m")
+    model_dir = mount_point / "run"
+    shutil.copytree(one_epoch, model_dir)
+    subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+    command = [sys.executable, "-m", "trainer.evaluate", f"--model_dir={model_dir}"]
+    returncode, log = run(command)
+    assert returncode == 1 and "Traceback" not in log, log[-3000:]
+    assert log.strip().splitlines()[-1] == (
+        f"error: Cannot write the evaluation to {model_dir / 'eval'}: Read-only file system. Give a writable "
+        "--output_dir (its reports go to <output_dir>/<checkpoint name>/)."), log[-3000:]
+    returncode, log = run(command + [f"--output_dir={tmp_path / 'out'}"])
+    assert returncode == 0, log[-3000:]
+    assert (tmp_path / "out" / "best-15" / "report.json").exists() and not (model_dir / "eval").exists()
+
+
+def test_predict_does_not_follow_directory_symlinks(tmp_path):
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+
+    from trainer import predict  # pylint: disable=import-outside-toplevel
+
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    images.mkdir()
+    outside.mkdir()
+    for path in (images / "a.png", images / "b.jpg", outside / "c.png"):
+        Image.new("RGB", (8, 8)).save(path)
+    os.symlink("..", images / "up")  # A cycle: the issue's 81 predictions from 2 images.
+    os.symlink(outside, images / "elsewhere")
+    os.symlink(outside / "c.png", images / "c_link.png")  # A symlinked file is an image of the directory.
+    found, problems = predict.list_images([str(images)])
+    assert found == [str(images / n) for n in ("a.png", "b.jpg", "c_link.png")] and problems == []
+
+
+@pytest.mark.slow
+def test_a_truncated_init_from_checkpoint_is_one_line(train_base_gin, two_epochs, tmp_path):
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
+    previous = copy_run(two_epochs, tmp_path)
+    data = previous / "checkpoints" / "ckpt-30.data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, tmp_path / "next", f"trainer.train.init_from = '{previous}'")
+    assert one_line(err.value) == (f"trainer.train.init_from = '{previous}': {previous / 'checkpoints' / 'ckpt-30'} is "
+                                   "damaged (Read less bytes than requested). Rerun the previous phase (it resumes "
+                                   "from its newest intact checkpoint), or name an intact checkpoint.")
+    assert not (tmp_path / "next").exists()

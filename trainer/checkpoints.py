@@ -11,6 +11,7 @@ optimizer, the phase's step and the best metric so far.
 """
 
 import os
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -89,26 +90,26 @@ class Checkpoints:
         """Removes what a save killed midway left behind (`ckpt-N_temp` directories), in checkpoints/ and best/."""
         remove_partial_saves(self._model_dir)
 
-    def restore(self):
-        """Restores the newest checkpoint of this phase, if there is one.
+    def restore(self, path):
+        """Restores `path` (`resume_point`'s choice), or nothing when it is None.
 
         Returns:
-          Its path, or None when the phase starts fresh.
+          `path`.
 
         Raises:
-          UserError: the checkpoint belongs to another network or optimizer.
+          UserError: the checkpoint belongs to another network, schedule or optimizer.
         """
         if self._distribution.chief:
             self.remove_partial_saves()
-        path = self.latest
         if path:
             try:
                 self._checkpoint.restore(path).assert_existing_objects_matched()
             except (ValueError, AssertionError, tf.errors.OpError) as err:
                 raise UserError(
-                    f"{self._model_dir} holds checkpoints of another network or optimizer ({path}: "
-                    f"{str(err).splitlines()[0][:300]}). Use a new --model_dir, or start from those weights "
-                    "with trainer.train.init_from (and trainer.train.allow_partial_init = True).") from None
+                    f"{self._model_dir} holds checkpoints of {self._what_differs(path)} ({path}: "
+                    f"{str(err).splitlines()[0][:300]}). Rerun with the old setting to resume, or use a new "
+                    "--model_dir (start it from those weights with trainer.train.init_from and "
+                    "trainer.train.allow_partial_init = True).") from None
             self._saved_step = _step_of(path)  # Already on disk: a save at that step does not rewrite it.
         if self._distribution.multi_worker:
             # It restores the same checkpoint again and adds its run counter to the checkpoint.
@@ -116,6 +117,20 @@ class Checkpoints:
                 self._distribution.strategy.cluster_resolver, self._checkpoint, checkpoint_dir=self.directory,
                 termination_config=tf.distribute.experimental.TerminationConfig(exit_fn=self._on_preempted))
         return path
+
+    def _what_differs(self, path):
+        """Names the setting a checkpoint disagrees with: the network, the schedule or the optimizer."""
+        try:
+            stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+        except (tf.errors.OpError, ValueError):
+            return "another network, schedule or optimizer"
+        ours = {_checkpoint_key(name): list(w.shape) for name, w in weights_by_path(self._model).items()}
+        theirs = {k: list(v) for k, v in stored.items() if k.startswith("weights/")}
+        if ours != theirs:
+            return "another network (trainer.network.blocks)"
+        if any(k.startswith("plateau/") for k in stored) != hasattr(self._checkpoint, "plateau"):
+            return "another learning-rate schedule (trainer.train.schedule)"
+        return "another optimizer (trainer.train.optimizer or its settings)"
 
     def save(self, step, best=False, rewrite=False):
         """Saves `step` (and as the best so far if `best`), after checking the weights are finite.
@@ -136,6 +151,29 @@ class Checkpoints:
             self._saved_step = step
         if best:
             self._best.save(checkpoint_number=step)
+
+    def repair_best(self, step):
+        """A damaged best/ is rebuilt from checkpoints/ckpt-<step> when that one is intact, else removed (logged).
+
+        Args:
+          step: the best epoch's step, by the history.
+        """
+        best, best_dir = self.best, os.path.join(self._model_dir, "best")
+        why = damage(best) if best else None
+        if why is None:
+            return
+        source = os.path.join(self.directory, f"ckpt-{step}")
+        for f in tf.io.gfile.glob(best + ".*"):
+            tf.io.gfile.remove(f)
+        if _step_of(best) == step and damage(source) is None:
+            for f in tf.io.gfile.glob(source + ".*"):
+                tf.io.gfile.copy(f, os.path.join(best_dir, os.path.basename(f)), overwrite=True)
+            logging.warning("%s was damaged (%s): rebuilt from %s, the same step.", best, why, source)
+        else:
+            tf.io.gfile.remove(os.path.join(best_dir, "checkpoint"))
+            logging.warning("%s is damaged (%s) and checkpoints/ no longer holds an intact ckpt-%d: best/ is removed "
+                            "(the next epoch that improves writes it again).", best, why, _step_of(best))
+        self._best = tf.train.CheckpointManager(self._checkpoint, best_dir, 1)
 
     def save_if_preempted(self, step):
         """MultiWorkerMirroredStrategy: saves at the step the workers agreed on after a SIGTERM."""
@@ -168,6 +206,70 @@ def _step_of(path):
     return int(path.rsplit("-", 1)[1]) if path else None
 
 
+def damage(path):
+    """Why the checkpoint `path` cannot be trusted (one line), or None when every tensor of it reads back."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for key in reader.get_variable_to_shape_map():
+            reader.get_tensor(key)
+    except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as err:
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    return None
+
+
+def _on_disk(directory):
+    """The ckpt-N checkpoints in `directory` that have an .index file, newest first."""
+    paths = [p[:-len(".index")] for p in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index"))]
+    return sorted((p for p in paths if re.fullmatch(r"ckpt-\d+", os.path.basename(p))), key=_step_of, reverse=True)
+
+
+def resume_point(model_dir, resume_from=None):
+    """The checkpoint a run of this phase resumes from: the newest intact one (a damaged one is skipped, logged).
+
+    Args:
+      model_dir: the model directory.
+      resume_from: a checkpoint named by the user (`trainer.train.resume_from`), or None.
+
+    Returns:
+      Its path, or None when the phase starts fresh (nothing of a run in `model_dir`).
+
+    Raises:
+      UserError: the directory holds a run but no readable checkpoint index (damaged, not fresh), or no intact
+        checkpoint.
+    """
+    directory = os.path.join(model_dir, "checkpoints")
+    if resume_from:
+        path = find_checkpoint(model_dir, resume_from)
+        why = damage(path)
+        if why:
+            raise UserError(f"trainer.train.resume_from = {resume_from!r} is damaged ({why}): name an intact "
+                            f"checkpoint ({', '.join(map(os.path.basename, _on_disk(directory))) or 'none left'}).")
+        return path
+    latest, on_disk = tf.train.latest_checkpoint(directory), _on_disk(directory)
+    if not latest:
+        run = ([os.path.basename(p) for p in on_disk[:3]]
+               + [f"best/{os.path.basename(p)}" for p in _on_disk(os.path.join(model_dir, "best"))]
+               + [f for f in ("metrics.csv",) if tf.io.gfile.exists(os.path.join(model_dir, f))])
+        if not run:
+            return None  # (A settings.json alone: the first run was stopped before its first checkpoint.)
+        intact = next((p for p in on_disk if damage(p) is None), None)
+        how = (f"Resume from the newest intact checkpoint with trainer.train.resume_from = '{intact}'" if intact
+               else "No intact checkpoint is left")
+        raise UserError(f"{model_dir} holds a run ({', '.join(run)}) but no readable checkpoint index "
+                        f"({os.path.join(directory, 'checkpoint')} is missing or damaged): refusing to start it "
+                        f"over. {how}, or move the folder aside to start afresh.")
+    why = None
+    for path in [latest] + [p for p in on_disk if _step_of(p) < _step_of(latest)]:
+        why = damage(path)
+        if why is None:
+            if path != latest:
+                logging.warning("%s is damaged (%s): resuming from %s, the newest intact checkpoint; steps %d-%d are "
+                                "trained again.", latest, damage(latest), path, _step_of(path) + 1, _step_of(latest))
+            return path
+    raise UserError(f"No intact checkpoint in {directory}: {latest} is damaged ({why}), and so is every older one. "
+                    "Move the folder aside to start afresh.")
+
+
 def find_init_checkpoint(init_from, previous_phase=None):
     """The checkpoint `init_from` names: a model directory's latest one, or a checkpoint path.
 
@@ -183,6 +285,10 @@ def find_init_checkpoint(init_from, previous_phase=None):
                      if previous_phase else "")
         raise UserError(f"trainer.train.init_from = {init_from!r} holds no checkpoint to start this phase from."
                         f"{run_first} Or set trainer.train.init_from = None to start from scratch.")
+    why = damage(path)
+    if why:
+        raise UserError(f"trainer.train.init_from = {init_from!r}: {path} is damaged ({why}). Rerun the previous "
+                        "phase (it resumes from its newest intact checkpoint), or name an intact checkpoint.")
     return path
 
 
@@ -266,6 +372,15 @@ def find_checkpoint(model_dir, which="best"):
     Raises:
       UserError: no such checkpoint.
     """
+    path = _find_checkpoint(model_dir, which)
+    why = damage(path)
+    if why:
+        raise UserError(f"{path} is damaged ({why}). Rerun the phase's training command (it rebuilds best/ from "
+                        "checkpoints/ when it can) or name another checkpoint with --checkpoint.")
+    return path
+
+
+def _find_checkpoint(model_dir, which):
     model_dir = model_dir if "://" in str(model_dir or "") else os.path.expanduser(model_dir or "")
     if which in CHECKPOINT_DIRS:
         directory = os.path.join(model_dir, CHECKPOINT_DIRS[which])

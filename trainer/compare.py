@@ -185,6 +185,9 @@ def summarize(run, compute_plan=True, warn=None):
       run: the run's directory.
       compute_plan: build the declared network for params and MACs when run.json does not give them.
       warn: `warn(text)` for figures that could not be read; default: a `warning:` line on stderr.
+
+    Returns:
+      The row, or None when the run's metrics.csv cannot be read (the run is skipped, with a warning).
     """
     warn = warn or _warn
     row = dict.fromkeys(SORT_KEYS)
@@ -211,13 +214,18 @@ def summarize(run, compute_plan=True, warn=None):
                  f"({str(err).splitlines()[0] if str(err) else type(err).__name__}).")
 
     metrics_path = os.path.join(run, "metrics.csv")
-    rows = read_metrics(metrics_path) if _isfile(metrics_path) else []
-    rows = [r for r in rows if isinstance(r.get("val_top1"), (int, float)) and not math.isnan(r["val_top1"])]
-    row["epochs"] = len(rows)
-    if rows:
-        best = max(rows, key=lambda r: (r["val_top1"], -r.get("step", 0)))
-        row["val_top1"], row["val_top5"], row["best_epoch"] = best["val_top1"], best.get("val_top5"), best["epoch"]
-        row["epoch_time"], row["images_per_second"] = _speed(rows, row["batch_size"])
+    try:
+        rows = read_metrics(metrics_path) if _isfile(metrics_path) else []
+        rows = [r for r in rows if isinstance(r.get("val_top1"), (int, float)) and not math.isnan(r["val_top1"])]
+        row["epochs"] = len(rows)
+        if rows:
+            best = max(rows, key=lambda r: (r["val_top1"], -r.get("step", 0)))
+            row["val_top1"], row["val_top5"], row["best_epoch"] = best["val_top1"], best.get("val_top5"), best["epoch"]
+            row["epoch_time"], row["images_per_second"] = _speed(rows, row["batch_size"])
+    except (OSError, ValueError, csv.Error, KeyError, TypeError) as err:  # (UnicodeDecodeError is a ValueError.)
+        warn(f"{metrics_path} is not a metrics.csv the trainer writes ({' '.join(str(err).split())[:120]}): run "
+             f"{run} skipped.")
+        return None
     return row
 
 
@@ -258,7 +266,7 @@ def compare(paths, sort="val_top1", reverse=False, compute_plan=True, warn=None)
         raise UserError(f"No training run among {' '.join(paths) or 'the arguments'}: give run directories (each "
                         "holds the metrics.csv and operative_config.gin the trainer writes), e.g. "
                         "`python -m trainer.compare runs/*`.")
-    rows = [summarize(run, compute_plan, warn) for run in runs]
+    rows = [row for row in (summarize(run, compute_plan, warn) for run in runs) if row is not None]
     differing_settings(rows, warn)
     known = [r for r in rows if r[sort] is not None]
     unknown = [r for r in rows if r[sort] is None]

@@ -90,13 +90,17 @@ def _exists(path):
 
 
 def _read(path):
-    if "://" in path:
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    try:
+        if "://" in path:
+            import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-        with tf.io.gfile.GFile(path) as f:
+            with tf.io.gfile.GFile(path, "rb") as f:
+                return f.read().decode("utf-8")
+        with open(path, encoding="utf-8") as f:
             return f.read()
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}): "
+                        "expected a gin file in UTF-8; save it as UTF-8.") from None
 
 
 def resolve_gin_file(path):

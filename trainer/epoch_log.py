@@ -16,6 +16,9 @@ from absl import logging
 from trainer import checkpoints, summaries
 
 
+VAL_METRICS = ("val_top1", "val_top5", "val_loss")  # The epoch metrics that can pick the best or drive a plateau.
+
+
 def step_offset(init_from, rows, first_epoch, steps_per_epoch):
     """The TensorBoard step of this phase's step 0, so the phases continue one axis."""
     if rows:
@@ -61,6 +64,7 @@ def republish(model_dir, rows, checkpoints, metric, writers=None):
     if rows:
         summaries.CsvLog(os.path.join(model_dir, "metrics.csv")).write(rows)
         top = best_row(rows, metric)
+        checkpoints.repair_best(top["step"])
         if checkpoints.best_step() != top["step"] and checkpoints.latest_step() == top["step"]:
             checkpoints.save(top["step"], best=True)
         if writers is not None:

@@ -1,7 +1,7 @@
 """Evaluates a checkpoint of a training run: `python -m trainer.evaluate --model_dir=runs/quickstart`.
 
     python -m trainer.evaluate --model_dir=D [--gin_file=F ...] [--gin_bindings=B ...]
-                               [--checkpoint=best|latest|PATH] [--split=val|train]
+                               [--checkpoint=best|latest|PATH] [--split=val|train] [--output_dir=DIR]
 
 Flags:
   --model_dir     the run's model directory (overrides the gin macro MODEL_DIR).
@@ -9,13 +9,14 @@ Flags:
   --gin_bindings  gin bindings, repeatable, e.g. "trainer.evaluate.tta_flip = True".
   --checkpoint    'best' (default), 'latest' or a checkpoint path.
   --split         'val' (default) or 'train'.
+  --output_dir    where the evaluation goes (default: <model_dir>/eval), e.g. for a read-only model directory.
 
 The network, the data (`trainer.data`: resolution, batch size, resize method,
 standardisation), the strategy (`trainer.train.strategy`; a multi-worker
 run is evaluated on one machine) and the mixed-precision policy come from the
 run's gin configuration.
 
-Writes <model_dir>/eval/<checkpoint name>/: report.json, report.md,
+Writes <output_dir>/<checkpoint name>/: report.json, report.md,
 predictions.csv and a TensorBoard event file (confusion matrix, misclassified
 images, Grad-CAM, reliability diagram, per-class table). The switches
 (flip TTA, the Grad-CAM layer, how many images to show) are gin parameters of
@@ -54,7 +55,7 @@ def main(argv):
     from trainer.evaluation import evaluator  # pylint: disable=import-outside-toplevel  (registers trainer.evaluate)
 
     config.parse_gin(gin_files, FLAGS.gin_bindings, model_dir=FLAGS.model_dir)
-    report = run_evaluation(evaluator, FLAGS.model_dir, FLAGS.checkpoint, FLAGS.split)
+    report = run_evaluation(evaluator, FLAGS.model_dir, FLAGS.checkpoint, FLAGS.split, FLAGS.output_dir)
     m = report["metrics"]
     print(f"{report['checkpoint_name']} on {report['split']}: {report['data']['num_scored']} images, "
           f"loss {m['loss']:.4f}, top-1 {m['top1']:.4f}, top-{m['top_k']} {m['top5']:.4f}, ECE {m['ece']:.4f}")
@@ -63,7 +64,7 @@ def main(argv):
     print(f"Reports: {report['out_dir']}")
 
 
-def run_evaluation(evaluator, model_dir, checkpoint, split):
+def run_evaluation(evaluator, model_dir, checkpoint, split, output_dir=None):
     """Evaluates with gin parsed: the run's strategy (on one machine) and mixed-precision policy.
 
     Args:
@@ -71,9 +72,13 @@ def run_evaluation(evaluator, model_dir, checkpoint, split):
       model_dir: the run's directory, or None for gin's `trainer.train.model_dir`.
       checkpoint: 'best', 'latest' or a path.
       split: 'val' or 'train'.
+      output_dir: where the evaluation goes; None: <model_dir>/eval.
 
     Returns:
       The report dict.
+
+    Raises:
+      UserError: no such checkpoint; the output directory cannot be written (checked before anything starts).
     """
     import gin  # pylint: disable=import-outside-toplevel
     import keras  # pylint: disable=import-outside-toplevel
@@ -85,6 +90,8 @@ def run_evaluation(evaluator, model_dir, checkpoint, split):
     if not model_dir:
         raise UserError("No model directory: pass --model_dir (or bind MODEL_DIR in the gin files).")
     checkpoints.find_checkpoint(model_dir, checkpoint)  # A missing checkpoint fails before anything starts.
+    output_dir = os.path.expanduser(output_dir) if output_dir else os.path.join(os.path.expanduser(model_dir), "eval")
+    _check_writable(output_dir)
     distribution = None
     reference = evaluator.gin_value("trainer.train.strategy", None)
     # One process evaluates: a multi-worker run's strategy cannot start here.
@@ -97,9 +104,25 @@ def run_evaluation(evaluator, model_dir, checkpoint, split):
     try:
         if mixed:
             keras.mixed_precision.set_global_policy(mixed)
-        return evaluator.evaluate_model_dir(model_dir, checkpoint, split, data=data, strategy=distribution)
+        return evaluator.evaluate_model_dir(model_dir, checkpoint, split, data=data, strategy=distribution,
+                                            eval_dir=output_dir)
     finally:
         keras.mixed_precision.set_global_policy(policy)
+
+
+def _check_writable(directory):
+    """A directory the evaluation cannot write is one line before the evaluation runs, not a traceback after it."""
+    if "://" in directory:
+        return
+    import tempfile  # pylint: disable=import-outside-toplevel
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise UserError(f"Cannot write the evaluation to {directory}: {err.strerror or err}. Give a writable "
+                        "--output_dir (its reports go to <output_dir>/<checkpoint name>/).") from None
 
 
 def run():
@@ -107,6 +130,7 @@ def run():
     cli.define_gin_flags()
     flags.DEFINE_string("checkpoint", "best", "'best', 'latest' or a checkpoint path.")
     flags.DEFINE_enum("split", "val", ["val", "train"], "The split to evaluate.")
+    flags.DEFINE_string("output_dir", None, "Where the evaluation goes (default: <model_dir>/eval).")
     cli.run(main, usage=lambda: __doc__)
 
 

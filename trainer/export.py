@@ -51,6 +51,7 @@ if __name__ == "__main__":  # `--help` answers before TensorFlow loads.
 import datetime
 import json
 import os
+import sys
 
 import gin
 import keras
@@ -229,9 +230,17 @@ def _write_json(path, value):
 
 
 def _swap_in(partial, export_dir):
-    """Replaces `export_dir` by `partial`: old away, new in, old deleted (restored if the new cannot go in)."""
+    """Replaces `export_dir` by `partial`: old away, new in, old deleted (restored if the new cannot go in).
+
+    Locally on Linux the two directories are exchanged in one step (renameat2 RENAME_EXCHANGE), so `export_dir`
+    is never missing, even to a kill midway; elsewhere the old one is moved aside first (a killed swap is undone
+    by the next export, `_clean_leftovers`).
+    """
     previous = _staging(export_dir, _PREVIOUS)
     had_previous = _present(export_dir)
+    if had_previous and _exchange(partial, export_dir):
+        _remove(partial, ignore_errors=True)  # Now the old export.
+        return
     if had_previous:
         _remove(previous)
         _move(export_dir, previous)
@@ -249,6 +258,17 @@ def _staging(export_dir, kind, pid=None):
     """`<parent>/<kind>.<name>-<pid>`: where an export is staged (partial) or the old one waits (previous)."""
     parent, name = os.path.split(export_dir)
     return os.path.join(parent, f"{kind}.{name}-{os.getpid() if pid is None else pid}")
+
+
+def _exchange(a, b):
+    """Exchanges two local paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where that is unavailable."""
+    if "://" in a or not sys.platform.startswith("linux"):
+        return False
+    import ctypes  # pylint: disable=import-outside-toplevel
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    return bool(renameat2) and renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _clean_leftovers(export_dir):

@@ -182,6 +182,9 @@ def reduce_on_plateau(steps_per_epoch, epochs, learning_rate=1e-3, metric="val_l
     """
     del steps_per_epoch, epochs
     _positive("trainer.optim.reduce_on_plateau.learning_rate", learning_rate)
+    if metric not in ("val_loss", "val_top1", "val_top5"):
+        raise UserError(f"trainer.optim.reduce_on_plateau.metric is {metric!r}: expected 'val_loss', 'val_top1' or "
+                        "'val_top5' (a val column of metrics.csv).")
     if not 0 < factor < 1 or patience < 1:
         raise UserError(f"trainer.optim.reduce_on_plateau needs 0 < factor < 1 and patience >= 1, got factor "
                         f"{factor!r}, patience {patience!r}.")

@@ -159,7 +159,8 @@ class Predictor:
 
 
 def list_images(paths):
-    """Expands files and directories (recursively: .jpg, .jpeg, .png, any case) into image paths.
+    """Expands files and directories (recursively, not into symlinked directories: .jpg, .jpeg, .png, any case)
+    into image paths.
 
     Args:
       paths: file and directory paths.
@@ -171,7 +172,9 @@ def list_images(paths):
     images, problems = [], []
     for path in paths:
         if tf.io.gfile.isdir(path):
-            found = sorted(os.path.join(root, name) for root, _, names in tf.io.gfile.walk(path) for name in names
+            # Locally, symlinked directories are not followed (out of `path`, or round in a cycle like `up -> ..`).
+            walk = tf.io.gfile.walk(path) if "://" in path else os.walk(path, followlinks=False)
+            found = sorted(os.path.join(root, name) for root, _, names in walk for name in names
                            if name.lower().endswith(IMAGE_SUFFIXES))
             if not found:
                 problems.append((path, f"no {', '.join(IMAGE_SUFFIXES)} images in this directory"))

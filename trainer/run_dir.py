@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -44,10 +45,14 @@ class ModelDirLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                if self._stale():
-                    logging.warning("Taking over the stale lock %s (%s).", self.path, self._holder())
+                stale = self._stale()
+                if stale:
+                    logging.warning("Taking over the stale lock %s (%s).", self.path, stale)
                     try:
-                        os.remove(self.path)
+                        if os.path.isdir(self.path):
+                            shutil.rmtree(self.path)
+                        else:
+                            os.remove(self.path)
                     except FileNotFoundError:  # Another run took it over first.
                         pass
                     continue
@@ -77,8 +82,8 @@ class ModelDirLock:
 
     def _holder(self):
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return f.read().strip()
+            with open(self.path, "rb") as f:
+                return f.read(200).decode("utf-8", "replace").strip()
         except OSError:
             return "unknown"
 
@@ -89,16 +94,29 @@ class ModelDirLock:
             return 0.0
 
     def _stale(self):
-        try:
-            host, pid = self._holder().split()
-        except ValueError:
-            return True  # Empty or garbled: its writer died between creating and writing it.
-        if host != socket.gethostname():
-            return self._age() > STALE_AFTER_SECONDS  # Its heartbeat stopped.
-        return not process_alive(pid)
+        """Why the lock is stale (its holder is provably gone, or it is no lock a run writes), or None."""
+        if os.path.isdir(self.path):
+            return "a directory, not a lock file"
+        holder = self._holder()
+        if len(holder.split()) != 2 or not holder.split()[1].isdigit() or not holder.isprintable():
+            return f"garbled: {holder[:40]!r}, not 'host pid'"  # Or its writer died between creating and writing it.
+        host, pid = holder.split()
+        if host != socket.gethostname():  # Its heartbeat stopped?
+            return f"{holder}: not refreshed for {self._age():.0f} s" if self._age() > STALE_AFTER_SECONDS else None
+        return None if process_alive(pid) else f"{holder}: no such process"
 
     def heartbeat(self):
-        """Refreshes the lock's modification time (at most every HEARTBEAT_SECONDS)."""
+        """Refreshes the lock's modification time (at most every HEARTBEAT_SECONDS); checks the lock is still there.
+
+        Raises:
+          UserError: the lock vanished: the model directory was deleted or moved under the run (nothing more is
+            written).
+        """
+        if self._held and not os.path.exists(self.path):
+            self._held = False
+            raise UserError(f"The model directory {os.path.dirname(self.path)} vanished under the run (its lock "
+                            f"{self.path} is gone): stopped without writing anything more. Put it back and run the "
+                            "same command to resume, or run it to start afresh.")
         now = time.time()
         if self._held and now - self._last_beat >= HEARTBEAT_SECONDS:
             try:
@@ -116,12 +134,25 @@ class ModelDirLock:
 def process_alive(pid):
     """True unless `pid` (an int or a string of digits) is provably not a live process on this host."""
     try:
+        if int(pid) <= 0:
+            return False  # (Not a process: kill(0) and kill(-1) signal groups.)
         os.kill(int(pid), 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: larger than any pid.
         return False
-    except (PermissionError, ValueError, OverflowError):
+    except (PermissionError, ValueError):
         return True
     return True
+
+
+def remove_dead_temps(model_dir):
+    """Removes the `<file>.tmp-<pid>` a write killed midway left in the model directory (of dead pids only)."""
+    if "://" in model_dir:
+        return
+    for path in tf.io.gfile.glob(os.path.join(model_dir, "*.tmp-*")):
+        pid = path.rsplit("-", 1)[1]
+        if pid.isdigit() and not process_alive(pid):
+            logging.warning("Removing %s, left by a write that was killed midway.", path)
+            os.remove(path)
 
 
 class StopSignals:
@@ -137,6 +168,7 @@ class StopSignals:
         self.received = None
         self.saved = False  # True if tf.distribute's PreemptionCheckpointHandler already saved.
         self.immediate = True
+        self.stage = "the first training step"  # What a signal stops at once, while `immediate`.
         self._previous = {}
         for sig, handler in [(s, self._handle) for s in signals] + [(signal.SIGALRM, self._retry)]:
             try:
@@ -170,6 +202,9 @@ class StopSignals:
         """The `Interrupted` of a signal received before the first training step."""
         from trainer.cli import Interrupted  # pylint: disable=import-outside-toplevel
 
+        if self.stage != "the first training step":
+            return Interrupted(f"{self.name} during {self.stage}: every checkpoint is saved. Run the same command to "
+                               "redo them.", self.received)
         return Interrupted(f"{self.name} before the first training step: nothing new to save, the model directory "
                            "holds what it held. Run the same command to start again.", self.received)
 
@@ -284,8 +319,14 @@ def check_resumable(model_dir, settings):
     try:
         with tf.io.gfile.GFile(path) as f:
             saved = json.loads(f.read())
-    except (tf.errors.NotFoundError, ValueError):
+        if not isinstance(saved, dict):
+            raise ValueError(f"a JSON {type(saved).__name__}, not an object")
+    except tf.errors.NotFoundError:
         saved = {}  # A model directory of an older version: the restore still checks the network's variables.
+    except (ValueError, UnicodeDecodeError) as err:  # Empty, truncated, garbage: never taken as permissive.
+        raise UserError(f"Cannot resume {model_dir}: its {SETTINGS_FILE} is damaged ({str(err)[:100] or 'empty'}), "
+                        "so the settings its checkpoints were trained with cannot be checked. Restore that file, or "
+                        "delete it to resume without the check, or train in a new --model_dir.") from None
     changed = [k for k in settings if k in saved and saved[k] != settings[k]]
     if changed:
         def show(key, value):
@@ -351,6 +392,8 @@ def disk_errors(model_dir):
 def claimed(model_dir, distribution):
     """Holds the model directory's lock (chief) and the stop signals for the run's duration."""
     lock = ModelDirLock(model_dir) if distribution.chief else None
+    if lock:
+        remove_dead_temps(model_dir)
     # Under MultiWorkerMirroredStrategy, the PreemptionCheckpointHandler takes SIGTERM.
     signals = StopSignals([signal.SIGINT] if distribution.multi_worker else [signal.SIGINT, signal.SIGTERM])
     try:

@@ -73,6 +73,7 @@ def train(model_dir,
           scan_data=True,
           precise_bn="auto",
           precise_bn_images=1024,
+          resume_from=None,
           stop_after_steps=None):
     """Trains one phase. Every argument is set in gin (gin/common.gin and the runnable files).
 
@@ -122,6 +123,8 @@ def train(model_dir,
         to settle, i.e. m ** steps_per_epoch > 5% (0.99 needs 300 steps an epoch; `steps.precise_bn_decision`).
       precise_bn_images: training images (augmented, from the training stream) the statistics are computed
         from, rounded up to whole batches and at most one epoch.
+      resume_from: a checkpoint of this phase to resume from instead of the newest one (e.g. when
+        checkpoints/checkpoint, the index, was lost: the refusal names the newest intact checkpoint).
       stop_after_steps: checkpoint and return at this step; for tests.
 
     Returns:
@@ -139,11 +142,12 @@ def train(model_dir,
         data = dataclasses.replace(data, deterministic=True)
     steps_per_execution = steps_per_execution or distribution.steps_per_execution
     _check_settings(data, num_classes, distribution, steps_per_execution, checkpoint_every_steps)
+    _check_run_settings(select_best_by, keep_checkpoints, early_stopping_patience)
     if not model_dir:
         raise UserError("No model directory: set MODEL_DIR in the gin file or pass --model_dir.")
     model_dir = os.path.expanduser(model_dir)
-    checkpoint_dir = os.path.join(model_dir, "checkpoints")
-    resuming = bool(tf.train.latest_checkpoint(checkpoint_dir))
+    resume_path = checkpoints_lib.resume_point(model_dir, resume_from)
+    resuming = bool(resume_path)
     settings = run_dir.settings(data, num_classes)
     if resuming:
         run_dir.check_resumable(model_dir, settings)
@@ -171,6 +175,8 @@ def train(model_dir,
         with distribution.strategy.scope(), blocks.synchronized_batch_norm(distribution.synchronized_batch_norm):
             model = builder.build_network(data.image_size)
             _check_output(model, num_classes)
+            if evaluate_best:
+                _check_gradcam_layer(model)
             learning_rate = schedule(steps_per_epoch=steps_per_epoch, epochs=epochs)
             plateau = learning_rate if isinstance(learning_rate, optim.Plateau) else None
             opt = optimizer(learning_rate=float(plateau.rate.numpy()) if plateau else learning_rate)
@@ -198,7 +204,7 @@ def train(model_dir,
             logging.info("Precise BatchNorm: off (%s).", precise_reason)
 
         # --- 3. Resume this phase, or start it from the previous one. ---------------------------------------------
-        resumed_from = checkpoints.restore()
+        resumed_from = checkpoints.restore(resume_path)
         if plateau:
             opt.learning_rate = float(plateau.rate.numpy())  # Where the restored plateau had brought it.
         elif resumed_from and isinstance(learning_rate, float):
@@ -295,6 +301,8 @@ def train(model_dir,
                 recompute_bn(train_data)
             val_totals = evaluate(val_data).numpy()
             val = steps.means(val_totals)
+            if lock:
+                lock.heartbeat()  # (The model directory is still there.)
             row = epoch_log.new_row(first_epoch + epoch, done, offset, steps.means(epoch_totals), val,
                                     time.time() - epoch_start, _current_lr(opt))
             rows = commit(rows, row, plateau_rate=plateau.update(row) if plateau else None, opt=opt)
@@ -312,16 +320,26 @@ def train(model_dir,
                 break
 
         # --- 5. The phase is done: export the best checkpoint and evaluate it in depth. -------------------------
+        # Both derive from checkpoints: a signal now stops at once, and the next run redoes what is missing.
+        signals.immediate, signals.stage = True, "the phase's export and evaluation"
         best = epoch_log.best_row(rows, select_best_by)
         exported = None
-        if best and distribution.chief and export:
-            from trainer import export as export_lib  # pylint: disable=import-outside-toplevel
+        if best and distribution.chief and (export or evaluate_best) and not checkpoints.best:
+            logging.warning("No best checkpoint in %s/best (see above): the export and evaluation are skipped.",
+                            model_dir)
+            best = None
+        try:
+            if best and distribution.chief and export:
+                exported = _export(model_dir, data, checkpoints.best)
+            _raise_if_signalled(signals)
+            if best and distribution.chief and evaluate_best:
+                from trainer.evaluation import evaluator  # pylint: disable=import-outside-toplevel
 
-            exported = export_lib.export_trained(model_dir, data)["export_dir"]
-        if best and distribution.chief and evaluate_best:
-            from trainer.evaluation import evaluator  # pylint: disable=import-outside-toplevel
-
-            evaluator.evaluate_best_of_phase(model_dir, data, model=model, strategy=distribution)
+                evaluator.evaluate_best_of_phase(model_dir, data, model=model, strategy=distribution)
+            _raise_if_signalled(signals)
+        except Exception:  # pylint: disable=broad-except
+            _raise_if_signalled(signals)  # (Raised inside TensorFlow, which may have wrapped or swallowed it.)
+            raise
         writers.flush()
         summaries.end_summary(model_dir, best, exported)
         return best
@@ -345,6 +363,49 @@ def _check_settings(data, num_classes, distribution, steps_per_execution, checkp
     if steps_per_execution < 1 or checkpoint_every_steps < 0:
         raise UserError(f"trainer.train.steps_per_execution must be >= 1 (got {steps_per_execution}) and "
                         f"trainer.train.checkpoint_every_steps >= 0 (got {checkpoint_every_steps}).")
+
+
+def _raise_if_signalled(signals):
+    if signals.received:
+        raise signals.before_training() from None
+
+
+def _export(model_dir, data, best):
+    """Exports `best` into model_dir/export, unless the export there is already of it (a finished phase's rerun)."""
+    from trainer import export as export_lib  # pylint: disable=import-outside-toplevel
+
+    export_dir = os.path.join(model_dir, "export")
+    try:
+        with open(os.path.join(export_dir, export_lib.METADATA_FILE), encoding="utf-8") as f:
+            current = json.load(f)["source"]["checkpoint"] == best
+    except (OSError, ValueError, KeyError, TypeError):
+        current = False
+    if current:
+        logging.info("The export in %s is already of %s: not redone.", export_dir, best)
+        return export_dir
+    return export_lib.export_trained(model_dir, data)["export_dir"]
+
+
+def _check_run_settings(select_best_by, keep_checkpoints, early_stopping_patience):
+    if select_best_by not in epoch_log.VAL_METRICS:
+        raise UserError(f"trainer.train.select_best_by is {select_best_by!r}: expected one of "
+                        f"{', '.join(map(repr, epoch_log.VAL_METRICS))} (a val column of metrics.csv).")
+    if not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+        raise UserError(f"trainer.train.keep_checkpoints is {keep_checkpoints!r}: expected an integer >= 1 (the "
+                        "recent checkpoints kept; the best is kept apart, in best/).")
+    if early_stopping_patience is not None and (not isinstance(early_stopping_patience, int)
+                                                or early_stopping_patience < 0):
+        raise UserError(f"trainer.train.early_stopping_patience is {early_stopping_patience!r}: expected None "
+                        "(never stop early) or an integer >= 0 (epochs without a new best before the phase stops).")
+
+
+def _check_gradcam_layer(model):
+    """The end-of-phase evaluation's Grad-CAM block exists: checked before the first step, not after the phase."""
+    from trainer.evaluation import evaluator, gradcam  # pylint: disable=import-outside-toplevel
+
+    name = evaluator.gin_value("trainer.evaluate.gradcam_layer", None)
+    if name is not None:
+        gradcam.find_layer(model, name)
 
 
 @contextlib.contextmanager

@@ -267,7 +267,7 @@ def evaluate_checkpoint(model, checkpoint_path, data, split, eval_dir, writer=No
 
 
 def evaluate_model_dir(model_dir, checkpoint="best", split="val", data=None, model=None, strategy=None,
-                       writer=None):
+                       writer=None, eval_dir=None):
     """Evaluates a run's checkpoint into `model_dir/eval/<name>/` (gin must be parsed).
 
     Args:
@@ -278,6 +278,7 @@ def evaluate_model_dir(model_dir, checkpoint="best", split="val", data=None, mod
       model: passed to `evaluate_checkpoint` (None: a fresh network from gin).
       strategy: passed to `evaluate_checkpoint`.
       writer: passed to `evaluate_checkpoint`.
+      eval_dir: where the evaluation goes; None: model_dir/eval.
 
     Returns:
       The report dict.
@@ -285,8 +286,11 @@ def evaluate_model_dir(model_dir, checkpoint="best", split="val", data=None, mod
     model_dir = os.path.expanduser(model_dir)
     path = checkpoints.find_checkpoint(model_dir, checkpoint)
     data = data or pipeline.data()
-    return evaluate_checkpoint(model, path, data, split, os.path.join(model_dir, "eval"), writer=writer,
+    return evaluate_checkpoint(model, path, data, split, eval_dir or os.path.join(model_dir, "eval"), writer=writer,
                                strategy=strategy)
+
+
+COMPLETE = ".complete"  # In eval/best-<step>/ once the end-of-phase evaluation wrote everything.
 
 
 def evaluate_best_of_phase(model_dir, data, model=None, strategy=None):
@@ -302,17 +306,35 @@ def evaluate_best_of_phase(model_dir, data, model=None, strategy=None):
       strategy: the `strategy.Distribution` (or the tf.distribute strategy) `model` was built under.
 
     Returns:
-      The report dict, or None when the phase saved no best checkpoint.
+      The report dict, or None when the phase saved no best checkpoint or it is already evaluated (a finished
+      phase's rerun; a killed evaluation's event files are removed and it is redone).
     """
     path = tf.train.latest_checkpoint(os.path.join(os.path.expanduser(model_dir), "best"))
     if not path:
         logging.warning("No best checkpoint in %s/best: nothing to evaluate.", model_dir)
         return None
+    eval_dir = os.path.join(os.path.expanduser(model_dir), "eval")
+    out_dir = os.path.join(eval_dir, checkpoint_name(path))
+    complete = os.path.join(out_dir, COMPLETE)
+    if tf.io.gfile.exists(complete):
+        logging.info("%s is already evaluated in %s: not redone.", path, out_dir)
+        return None
+    # Its own event file (named by the checkpoint), so a killed evaluation's is rewritten, not added to (TensorBoard
+    # would show its points twice).
+    suffix = f".{checkpoint_name(path)}"
+    for stale in tf.io.gfile.glob(os.path.join(eval_dir, f"events.out.tfevents.*{suffix}")):
+        tf.io.gfile.remove(stale)
     if getattr(strategy, "multi_worker", False) or isinstance(getattr(strategy, "strategy", strategy),
                                                               tf.distribute.MultiWorkerMirroredStrategy):
         model, strategy = None, None
-    return evaluate_checkpoint(model, path, data, "val", os.path.join(os.path.expanduser(model_dir), "eval"),
-                               strategy=strategy)
+    writer = tf.summary.create_file_writer(eval_dir, filename_suffix=suffix)
+    try:
+        report = evaluate_checkpoint(model, path, data, "val", eval_dir, writer=writer, strategy=strategy)
+    finally:
+        writer.close()
+    with tf.io.gfile.GFile(complete, "w") as f:  # Last: a rerun of the finished phase does not evaluate again.
+        f.write(f"{path}\n")
+    return report
 
 
 def gin_value(name, default=UserError):
