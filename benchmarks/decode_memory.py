@@ -55,14 +55,15 @@ def main():
     from trainer.data import synthetic  # pylint: disable=import-outside-toplevel
 
     classes = 10
-    synthetic.ensure_synthetic(data_dir, num_classes=classes, per_class=args.num_images // classes,
-                               val_per_class=1, test_images=0, image_size=args.image_size)
+    if not (args.data_dir and os.path.isdir(data_dir)):  # A given dataset is used as it is.
+        synthetic.ensure_synthetic(data_dir, num_classes=classes, per_class=args.num_images // classes,
+                                   val_per_class=1, test_images=0, image_size=args.image_size)
     out = subprocess.run([sys.executable, __file__, "--measure", f"--data_dir={data_dir}",
                           f"--image_size={args.image_size}"], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     mb = 2 ** 20
     extra = result["peak"] - result["rss_before"]
-    print(f"{args.num_images} images at {args.image_size} px: decoded {result['decoded'] / mb:,.0f} MB; peak "
+    print(f"{result['shape'][0]} images at {args.image_size} px: decoded {result['decoded'] / mb:,.0f} MB; peak "
           f"resident memory {extra / mb:,.0f} MB above the {result['rss_before'] / mb:,.0f} MB before the load "
           f"= {extra / result['decoded']:.2f}x the decoded size; {(result['after'] - result['rss_before']) / mb:,.0f}"
           f" MB held after it. (Starting tf.data took {result['runtime'] / mb:,.0f} MB first, whatever the data.)")

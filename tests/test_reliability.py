@@ -397,6 +397,7 @@ def run_plan(args):
 @pytest.mark.slow
 def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_path, monkeypatch, caplog):
     from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+    from trainer.data import pipeline  # pylint: disable=import-outside-toplevel
     from trainer.models import plan  # pylint: disable=import-outside-toplevel
 
     captured = {}
@@ -407,25 +408,29 @@ def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_p
         return captured["memory"]
 
     monkeypatch.setattr(plan, "training_memory", spy)
-    monkeypatch.setattr(plan, "available_memory", lambda: (1, "host RAM"))
+    monkeypatch.setattr(plan, "available_memory", lambda host=False: (1, "host RAM"))
+    in_memory = "trainer.data.in_memory = True"  # The decoded training set counts: 300 images at 32 px.
     with pytest.raises(UserError, match=r"even the smallest batch does not fit"):
-        train_in_process(train_base_gin, tmp_path / "a")
+        train_in_process(train_base_gin, tmp_path / "a", in_memory)
     memory = captured["memory"]
     assert memory.per_image > 0 and memory.fixed > 0
+    data_bytes = int(pipeline.DECODE_PEAK_FACTOR * 300 * 32 * 32 * 3)
     # Room for 7.5 images: BATCH_SIZE 20 does not fit, 7 does.
-    available = memory.fixed + int(7.5 * memory.per_image)
-    monkeypatch.setattr(plan, "available_memory", lambda: (available, "host RAM"))
+    available = memory.fixed + int(7.5 * memory.per_image) + data_bytes
+    monkeypatch.setattr(plan, "available_memory", lambda host=False: (available, "host RAM"))
     with pytest.raises(UserError) as err:
-        train_in_process(train_base_gin, tmp_path / "b")
+        train_in_process(train_base_gin, tmp_path / "b", in_memory)
     message = one_line(err.value)
     assert message.startswith("Training needs about") and "at BATCH_SIZE 20" in message
     assert "use BATCH_SIZE = 7 or less" in message and "\n" not in message
+    assert f"{plan.format_bytes(data_bytes)} of decoded images in memory" in message
     assert not os.path.exists(tmp_path / "b" / "checkpoints")
     # Close: a warning, and the run goes on.
-    monkeypatch.setattr(plan, "available_memory", lambda: (int(memory.at(20) / 0.8), "host RAM"))
+    monkeypatch.setattr(plan, "available_memory", lambda host=False: (int((memory.at(20) + data_bytes) / 0.8),
+                                                                      "host RAM"))
     caplog.set_level("INFO")
     caplog.set_level("INFO", logger="absl")  # (Another test may have left absl at WARNING.)
-    train_in_process(train_base_gin, tmp_path / "c", stop_after_steps=1)
+    train_in_process(train_base_gin, tmp_path / "c", in_memory, stop_after_steps=1)
     assert "it may run out of memory" in caplog.text
 
 

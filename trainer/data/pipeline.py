@@ -45,7 +45,13 @@ from trainer.errors import UserError
 from trainer.registry import configurable
 
 AUTOTUNE = tf.data.AUTOTUNE
-DEFAULT_BUDGET_FRACTION = 0.5  # Of the memory available when the run starts (see `memory_mode`).
+# Peak resident memory of decoding a training set into memory, as a multiple of its decoded size (uint8): the
+# array, the decode's chunks in flight and what glibc's allocator keeps of them. Measured with
+# benchmarks/decode_memory.py (BUILD_NOTES.md): 2.2x at 64 px (10,000 images: the fixed part weighs), 1.4x at
+# 256 px, 3.9x at 512 px (1,000 images: freed buffers stay in per-thread arenas; 1.25x with MALLOC_ARENA_MAX=2).
+DECODE_PEAK_FACTOR = 4.0
+# The default memory budget: the decoded set's peak may take half the memory available when the run starts.
+DEFAULT_BUDGET_FRACTION = 0.5 / DECODE_PEAK_FACTOR
 LOAD_CHUNK_BYTES = 32 << 20  # Decoded images handed over at a time while loading into memory (a few in flight).
 
 
@@ -184,8 +190,8 @@ def data(data_dir,
       std: per-channel standard deviations to divide by (with `mean`).
       in_memory: None: decode the training set into memory when it fits `memory_budget`,
         else stream it; True or False forces either.
-      memory_budget: bytes the decoded training images may take; None: half the
-        memory available when the run starts.
+      memory_budget: bytes the decoded training images may take; None: an eighth of the
+        memory available when the run starts (their decode peaks at up to DECODE_PEAK_FACTOR times that).
       shuffle_buffer: streaming only: decoded images mixed by the shuffle buffer
         (the file or shard order is drawn anew every epoch before it).
       num_parallel_calls: parallelism of decode and augmentation.

@@ -368,12 +368,6 @@ def available_memory(host=False):
     return min(found) if found else (None, None)
 
 
-# Peak resident memory of decoding a training set into memory, as a multiple of its decoded size (uint8): the
-# array itself plus the decode pipeline's chunks in flight and what the allocator keeps of them. Measured 1.36x
-# (2,000 images at 256 px) with benchmarks/decode_memory.py (BUILD_NOTES.md).
-DECODE_PEAK_FACTOR = 1.4
-
-
 def check_memory(network_plan, data, replicas, num_pipelines=1):
     """Stops before the first step (and before any decoding) when the memory estimate exceeds what is available.
 
@@ -384,6 +378,8 @@ def check_memory(network_plan, data, replicas, num_pipelines=1):
     Raises:
       UserError: naming the estimate, what is available and a batch size that fits.
     """
+    from trainer.data import pipeline  # pylint: disable=import-outside-toplevel
+
     available, where = available_memory()
     if not available:
         return
@@ -391,7 +387,7 @@ def check_memory(network_plan, data, replicas, num_pipelines=1):
     memory = Memory(memory.per_image, memory.fixed * replicas)  # Every replica holds its copy here.
     in_memory, _ = data.memory_mode(num_pipelines)
     image_bytes = data.image_size ** 2 * 3
-    data_bytes = int(DECODE_PEAK_FACTOR * (data.decoded_bytes(num_pipelines) if in_memory else
+    data_bytes = int(pipeline.DECODE_PEAK_FACTOR * (data.decoded_bytes(num_pipelines) if in_memory else
                                            min(data.shuffle_buffer, data.num_train) * image_bytes))
     need = memory.at(data.batch_size) + data_bytes
     estimate = (f"about {format_bytes(need)} at BATCH_SIZE {data.batch_size} (estimate: "
