@@ -166,7 +166,7 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path):
     with open(files[3], "wb") as f:
         f.write(b"not a jpeg")
     class Listed(FileSource):
-        kind, location, splits = "listed", str(tmp_path / "data"), ("val",)
+        kind, location, splits = "listed", str(tmp_path / "data"), ("train", "val")
         class_ids, class_names = ["a", "b", "c", "d"], ["red", "green", "blue", "yellow"]
 
         def _list(self, split):

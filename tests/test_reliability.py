@@ -416,6 +416,7 @@ def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_p
     assert memory.per_image > 0 and memory.fixed > 0
     data_bytes = int(pipeline.DECODE_PEAK_FACTOR * 300 * 32 * 32 * 3)
     # Room for 7.5 images: BATCH_SIZE 20 does not fit, 7 does.
+    memory = plan.Memory(int(memory.per_image * plan.MEASURED_RATIO), int(memory.fixed * plan.MEASURED_RATIO))
     available = memory.fixed + int(7.5 * memory.per_image) + data_bytes
     monkeypatch.setattr(plan, "available_memory", lambda host=False: (available, "host RAM"))
     with pytest.raises(UserError) as err:

@@ -121,7 +121,7 @@ class Checkpoints:
     def _what_differs(self, path):
         """Names the setting a checkpoint disagrees with: the network, the schedule or the optimizer."""
         try:
-            stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+            stored = tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_shape_map()
         except (tf.errors.OpError, ValueError):
             return "another network, schedule or optimizer"
         ours = {_checkpoint_key(name): list(w.shape) for name, w in weights_by_path(self._model).items()}
@@ -209,7 +209,9 @@ def _step_of(path):
 def damage(path):
     """Why the checkpoint `path` cannot be trusted (one line), or None when every tensor of it reads back."""
     try:
-        reader = tf.train.load_checkpoint(path)
+        # (Not tf.train.load_checkpoint: it takes `path` for a directory where a file system, as ram:// does, says
+        # that any prefix of a file name exists.)
+        reader = tf.compat.v1.train.NewCheckpointReader(path)
         for key in reader.get_variable_to_shape_map():
             reader.get_tensor(key)
     except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as err:
@@ -313,7 +315,7 @@ def transfer_weights(weights, init_from, previous_phase=None, allow_partial=Fals
       UserError: no checkpoint at `init_from`, or a partial load not allowed.
     """
     path = find_init_checkpoint(init_from, previous_phase)
-    reader = tf.train.load_checkpoint(path)
+    reader = tf.compat.v1.train.NewCheckpointReader(path)
     stored = reader.get_variable_to_shape_map()
     restored, missing, mismatched = [], [], []
     for name, var in weights.items():
@@ -411,7 +413,7 @@ def read_history(path):
     import json  # pylint: disable=import-outside-toplevel
 
     try:
-        reader = tf.train.load_checkpoint(path)
+        reader = tf.compat.v1.train.NewCheckpointReader(path)
         key = "history/.ATTRIBUTES/VARIABLE_VALUE"
         if not reader.has_tensor(key):
             return []
@@ -424,7 +426,7 @@ def read_history(path):
 def checkpoint_step(path):
     """The phase's step a trainer checkpoint was saved at (its `step`, else the number of its name, else None)."""
     try:
-        reader = tf.train.load_checkpoint(path)
+        reader = tf.compat.v1.train.NewCheckpointReader(path)
         key = "step/.ATTRIBUTES/VARIABLE_VALUE"
         if reader.has_tensor(key):
             return int(reader.get_tensor(key))

@@ -203,9 +203,8 @@ def _readme(metadata):
     crop = ("the largest centred square is cut out first" if prep["crop"] == "center" else
             "a non-square image is stretched to a square (not cropped)")
     standardise = "" if metadata["mean"] is None else f", then (x - {metadata['mean']}) / {metadata['std']}"
-    source = metadata.get("source") or {}
     return f"""An image classifier exported by tiny-imagenet-trainer ({metadata['num_classes']} classes).
-Exported from {source.get('checkpoint', 'a checkpoint')} (step {source.get('step')}).
+Exported from: {_describe(metadata.get("source"))}.
 
 saved_model/  TensorFlow SavedModel; needs TensorFlow only:
                   serve = tf.saved_model.load("saved_model").signatures["{SIGNATURE}"]

@@ -398,6 +398,12 @@ def claimed(model_dir, distribution):
     signals = StopSignals([signal.SIGINT] if distribution.multi_worker else [signal.SIGINT, signal.SIGTERM])
     try:
         yield lock, signals
+    except Exception as err:  # pylint: disable=broad-except
+        if signals.received and signals.immediate and not isinstance(err, UserError):
+            # The stop raised inside TensorFlow's tracing (a tf.data function, a tf.function): it arrives wrapped
+            # (autograph's StagingError); it is the same stop.
+            raise signals.before_training() from None
+        raise
     finally:
         signals.immediate = False  # A signal now must not skip the lock's release.
         signals.restore()
