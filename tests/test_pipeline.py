@@ -169,3 +169,18 @@ def test_every_epoch_is_a_full_permutation(many_classes):
                              shuffle_buffer=100)
     mixed = [len(set(y.numpy().argmax(-1))) for _, y in streamed.train().take(per_epoch)]
     assert 22.0 <= np.mean(mixed) <= 25.5, np.mean(mixed)
+
+
+def test_the_memory_mode_is_decided_once_by_the_budget(bind, monkeypatch):
+    from trainer.models import plan
+
+    data = bind(image_size=64, batch_size=10)  # 200 images: 2.3 MB decoded.
+    monkeypatch.setattr(plan, "available_memory", lambda host=False: (2**30, "host RAM"))
+    assert data.memory_mode() == (True, "in memory: decoded training set 2.3 MB <= budget 128.0 MB (12% of the "
+                                        "1.0 GB available)")
+    monkeypatch.setattr(plan, "available_memory", lambda host=False: (2**20, "host RAM"))  # The data took it.
+    assert data.memory_mode()[0] is True  # Not a second decode, streamed, beside the first.
+    assert bind(image_size=64, batch_size=10).memory_mode() == (
+        False, "streaming: decoded training set 2.3 MB > budget 128.0 KB (12% of the 1.0 MB available)")
+    assert bind(image_size=64, batch_size=10, memory_budget=10**6).memory_mode()[1].endswith(
+        "> budget 976.6 KB (trainer.data.memory_budget)")

@@ -71,7 +71,8 @@ class Data:
     prefetch: int = AUTOTUNE
     deterministic: bool = False
     synthetic: bool = False
-    _loaded: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    _loaded: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    _mode: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def image_size(self):
@@ -98,7 +99,15 @@ class Data:
         return -(-self.num_train // num_pipelines) * self.image_size ** 2 * 3
 
     def memory_mode(self, num_pipelines=1):
-        """(in_memory, reason): whether the training set is decoded into memory, and why, in one line."""
+        """(in_memory, reason): whether the training set is decoded into memory, and why, in one line.
+
+        Decided once (the first call): what is available changes once the data is in memory.
+        """
+        if num_pipelines not in self._mode:
+            self._mode[num_pipelines] = self._decide_memory_mode(num_pipelines)
+        return self._mode[num_pipelines]
+
+    def _decide_memory_mode(self, num_pipelines):
         from trainer.models import plan  # pylint: disable=import-outside-toplevel
 
         size = plan.format_bytes(self.decoded_bytes(num_pipelines))
