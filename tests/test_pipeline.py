@@ -154,7 +154,7 @@ def test_every_epoch_is_a_full_permutation(many_classes):
     shuffle buffer of 100 alone over the class-sorted file list would give
     about 12 and 15; streaming draws the file order anew each epoch first.
     """
-    data = pipeline.data(many_classes, image_size=32, batch_size=32, seed=5)
+    data = pipeline.data(many_classes, image_size=32, batch_size=32, seed=5, deterministic=True)  # Batch order.
     per_epoch = data.steps_per_epoch  # 31
     labels = [y.numpy().argmax(-1) for _, y in data.train().take(3 * per_epoch)]
     distinct = [len(set(batch)) for batch in labels]

@@ -191,6 +191,9 @@ class StopSignals:
                 signal.setitimer(signal.ITIMER_REAL, 0.05)
                 return
             frame = frame.f_back
+        # Code that catches every exception can swallow this one (autograph does while it converts a function,
+        # then runs it unconverted): raised again in 0.5 s until the stop is under way (`immediate` off).
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
         raise self.before_training()
 
     def _retry(self, signum, frame):

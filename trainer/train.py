@@ -276,6 +276,7 @@ def train(model_dir,
                         raise
                     # Stopped at once (run_dir.StopSignals.immediate) during the first call; tracing wraps the
                     # exception (autograph's StagingError), so it is raised again here.
+                    signals.immediate = False  # The stop is under way: no second raise during the save.
                     if int(step.numpy()) == done:
                         raise signals.before_training() from None  # While tracing: no step ran.
                     return _stop(signals, checkpoints, writers, int(step.numpy()), first_epoch + epoch, model_dir)
