@@ -285,7 +285,9 @@ def evaluate_model_dir(model_dir, checkpoint="best", split="val", data=None, mod
     """
     model_dir = os.path.expanduser(model_dir)
     path = checkpoints.find_checkpoint(model_dir, checkpoint)
-    data = data or pipeline.data()
+    if data is None:
+        data = pipeline.data()
+        data.pin(model_dir)  # The run's own validation split, if its source draws one (image_folder).
     return evaluate_checkpoint(model, path, data, split, eval_dir or os.path.join(model_dir, "eval"), writer=writer,
                                strategy=strategy)
 
