@@ -662,14 +662,20 @@ def test_sigterm_before_the_first_step_stops_at_once(train_base_gin, tmp_path):
     assert leftovers(model_dir) == []
 
 
-@pytest.mark.slow
-def test_a_read_only_model_directory_from_the_command_line(train_base_gin, one_epoch, tmpfs):
+def read_only_copy(run, tmpfs):
+    """A copy of `run` on a small tmpfs remounted read-only: its model directory."""
     import shutil  # pylint: disable=import-outside-toplevel
 
     mount_point = tmpfs("size=20m")
     model_dir = mount_point / "run"
-    shutil.copytree(one_epoch, model_dir)
+    shutil.copytree(run, model_dir)
     subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+    return model_dir
+
+
+@pytest.mark.slow
+def test_a_read_only_model_directory_from_the_command_line(train_base_gin, one_epoch, tmpfs):
+    model_dir = read_only_copy(one_epoch, tmpfs)
     returncode, log = run(main_command(train_base_gin, model_dir, "EPOCHS = 2"))
     assert returncode == 1, log[-3000:]
     assert log.strip().splitlines()[-1] == (f"error: Cannot write the model directory {model_dir}: Read-only file "
@@ -957,12 +963,7 @@ def test_compare_names_and_skips_a_run_whose_metrics_csv_is_garbage(tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_on_a_read_only_model_directory_says_where_and_offers_output_dir(one_epoch, tmp_path, tmpfs):
-    import shutil  # pylint: disable=import-outside-toplevel
-
-    mount_point = tmpfs("size=20m")
-    model_dir = mount_point / "run"
-    shutil.copytree(one_epoch, model_dir)
-    subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+    model_dir = read_only_copy(one_epoch, tmpfs)
     command = [sys.executable, "-m", "trainer.evaluate", f"--model_dir={model_dir}"]
     returncode, log = run(command)
     assert returncode == 1 and "Traceback" not in log, log[-3000:]

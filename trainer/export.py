@@ -69,7 +69,6 @@ CLASSES_FILE = "classes.json"
 METADATA_FILE = "export.json"
 README_FILE = "README.txt"
 SIGNATURE = "serving_default"
-INPUT_SCALE = 1.0 / 255.0
 FORMAT_VERSION = 1
 _PARTIAL = "partial"
 _PREVIOUS = "previous"
@@ -139,7 +138,7 @@ def export_model(model, preprocess, wnids, class_names, export_dir, source=None,
         "names": list(class_names),
         "num_classes": num_classes,
         "image_size": int(image_size),
-        "input_scale": INPUT_SCALE,
+        "input_scale": preprocess.to_json()["input_scale"],
         "mean": None if mean is None else [float(v) for v in mean],
         "std": None if std is None else [float(v) for v in std],
         "input": f"float32 RGB [N, image_size, image_size, 3] = uint8 pixels * input_scale{standardise}",
