@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import shutil
+import subprocess
 
 import helpers
 import pytest
@@ -138,3 +140,28 @@ def test_names_that_are_not_utf8_are_skipped_and_named(tmp_path, caplog):
     source = ImageFolder(root, val_fraction=0.5)
     assert source.count("train") + source.count("val") == 2
     assert r"Skipped 1 names in" in caplog.text and r"caf\xe9.jpg" in caplog.text
+
+
+@pytest.mark.parametrize("layout, data_gin, message", [
+    ("empty class", "image_folder", r"error: The class folder '.*train/dog' holds no image \(.jpg, .jpeg, .png, "
+                                    r".gif, .bmp, any case\): add images or remove the folder."),
+    ("tiny imagenet", "image_folder", r"error: .* is not a folder per class. It holds the tiny_imagenet layout "
+                                      r"instead: include gin/data/tiny_imagenet.gin after the runnable gin file .*"),
+    ("class folders", "tfrecord", r"error: No TFRecord dataset at .*: it has no index.json. .* It holds the "
+                                  r"image_folder layout instead: include gin/data/image_folder.gin after .*"),
+])
+def test_a_bad_layout_stops_the_trainer_in_one_line_before_writing_anything(synthetic_dir, tmp_path, layout,
+                                                                             data_gin, message):
+    data_dir = {"empty class": lambda: _tree(tmp_path, {"train/cat/a.jpg": JPEG, "train/dog": None,
+                                                        "val/cat/b.jpg": JPEG}),
+                "tiny imagenet": lambda: synthetic_dir,
+                "class folders": lambda: _tree(tmp_path, {"cat/a.jpg": JPEG, "dog/b.jpg": JPEG})}[layout]()
+    model_dir = tmp_path / "run"
+    command = [*helpers.main_command("gin/quickstart.gin", model_dir, f"--gin_file=gin/data/{data_gin}.gin",
+                                     f"DATA_DIR = '{data_dir}'")]
+    proc = subprocess.run(command, cwd=helpers.REPO, env=helpers.env(), capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.fullmatch(message, lines[0]), proc.stderr
+    assert not model_dir.exists()  # Refused before the run directory is made.

@@ -50,13 +50,13 @@ import sys
 import numpy as np
 import tensorflow as tf
 
+from trainer.data.preprocess import IMAGE_SUFFIXES
 from trainer.errors import UserError
 
 # The layout trainer.export writes.
 SAVED_MODEL = "saved_model"
 CLASSES_FILE = "classes.json"
 SIGNATURE = "serving_default"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 SPLIT_PREDICTIONS = "predictions_{split}.txt"
 
 

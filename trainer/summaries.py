@@ -324,10 +324,12 @@ def data_report(data, model_dir, share_decode=True):
     """
     from trainer.data import scan  # pylint: disable=import-outside-toplevel
 
-    decoded = None
-    if share_decode and data.memory_mode()[0] and not scan.is_cached(data.source):
+    def decoded():  # Called on a cache miss only: the scan takes the training set's decode from the pipeline.
+        if not (share_decode and data.memory_mode()[0]):
+            return None
         _, labels, ids = data.load_train()
-        decoded = {"train": (ids, labels.numpy().tolist())}
+        return {"train": (ids, labels.numpy().tolist())}
+
     report = scan.scan(data.source, decoded=decoded)
     path = os.path.join(model_dir, "data_report.json")
     run_dir.write_text(path, json.dumps(report, indent=1) + "\n")

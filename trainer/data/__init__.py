@@ -1,1 +1,2 @@
-"""Data: the Tiny ImageNet reader, the synthetic writer, the downloader, the tf.data pipeline."""
+"""Data: the sources (Tiny ImageNet, class folders, TFRecord shards), the one preprocessing, the tf.data pipeline,
+the data scan, the converter, the synthetic writer and the downloader."""

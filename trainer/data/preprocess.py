@@ -30,6 +30,7 @@ RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area")
 MAX_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS: about a quarter gigabyte of RGB pixels.
 CROPS = ("stretch", "center")
 INPUT_SCALE = 1.0 / 255.0
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")  # The files `decode` reads, in any case.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,20 +57,14 @@ def _cache_file(source):
     return key, os.path.join(scan_cache_dir(), f"scan-{hashlib.sha1(key.encode()).hexdigest()}.json")
 
 
-def is_cached(source):
-    """True if a scan of `source`'s current content is cached."""
-    key, cache = _cache_file(source)
-    return _read_cache(cache, key) is not None
-
-
 def scan(source, use_cache=True, decoded=None):
     """Counts each split's images and the undecodable ones, and the images of each class.
 
     Args:
       source: a `Source`.
       use_cache: read and write the cache (see `scan_cache_dir`).
-      decoded: {split: (ids, labels)} of splits already decoded elsewhere (the in-memory training set):
-        not decoded again.
+      decoded: {split: (ids, labels)} of splits already decoded elsewhere (the in-memory training set): not
+        decoded again; or a function returning that dict, called only when the scan is not cached.
 
     Returns:
       A dict: {'data_dir', 'source', 'splits': {split: {'images', 'unreadable': [ids]}}, 'train_per_class':
@@ -83,7 +77,7 @@ def scan(source, use_cache=True, decoded=None):
         if report is not None:
             report["cached"] = cache
             return report
-    decoded = dict(decoded or {})
+    decoded = dict((decoded() if callable(decoded) else decoded) or {})
     splits, per_class = {}, {}
     for split in source.splits:
         ids = source.listing(split)[0]

@@ -22,11 +22,11 @@ import tensorflow as tf
 from absl import logging
 
 from trainer.data import sources
+from trainer.data.preprocess import IMAGE_SUFFIXES
 from trainer.data.sources import INCOMPLETE_MARKER, DatasetNotFoundError
 from trainer.errors import UserError
 from trainer.registry import configurable
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 NAME_FILES = ("classes.txt", "words.txt")
 SPLIT_FILE = "val_split.json"
 _LAYOUT = ("Expected a folder per class: DATA_DIR/train/<class>/ and DATA_DIR/val/<class>/, or only "
