@@ -59,3 +59,27 @@ def _defined_flags(module):
     for call in re.findall(r"cli\.define_gin_flags\(([^)]*)\)", source):
         found |= {"gin_file", "gin_bindings"} | (set() if "model_dir=False" in call else {"model_dir"})
     return found
+
+
+# A command that logs one line, warns, and imports matplotlib (which announces "generated new fontManager" the
+# first time it runs with an empty cache directory).
+LOGS = ("import sys\nfrom absl import logging\nfrom trainer import cli\n"
+        "def main(argv):\n    import matplotlib.pyplot\n    logging.info('hello %s', 'world')\n"
+        "    logging.warning('careful')\ncli.run(main)\n")
+
+
+@pytest.mark.parametrize("verbosity", [None, "1"])
+def test_the_console_shows_time_and_message_and_no_font_cache_line(tmp_path, verbosity):
+    env = dict(helpers.env(), MPLCONFIGDIR=str(tmp_path / "mpl"))  # An empty font cache: matplotlib rebuilds it.
+    args = [sys.executable, "-c", LOGS] + ([f"--verbosity={verbosity}"] if verbosity else [])
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.listdir(tmp_path / "mpl"), "matplotlib did not build its font cache: the test proves nothing"
+    assert "fontManager" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "hello world" in line or "careful" in line]
+    if verbosity is None:
+        assert len(lines) == 2 and re.fullmatch(r"\d\d:\d\d:\d\d hello world", lines[0]), result.stderr
+        assert re.fullmatch(r"\d\d:\d\d:\d\d warning: careful", lines[1]), result.stderr
+    else:  # --verbosity asks for absl's full prefix: level, date, time, thread, file:line.
+        assert len(lines) == 2 and re.fullmatch(r"I\d{4} [\d:.]+ +\d+ <string>:\d+\] hello world", lines[0]), \
+            result.stderr

@@ -43,6 +43,18 @@ def test_gin_typo_names_file_line_and_nearest_name(tmp_path):
     assert "Did you mean 'trainer.train.epochs'?" in message
 
 
+@pytest.mark.parametrize("binding, message", [
+    ("AUGMENT=flip(0.5)", "'flip(0.5)' is not a gin value: quote text, AUGMENT = 'flip(0.5)' (on the command line: "
+                          "--gin_bindings=\"AUGMENT = 'flip(0.5)'\")."),
+    ("trainer.train.optimizer = trainer.optim.sgd", "'trainer.optim.sgd' names a configurable: write "
+                                                    "@trainer.optim.sgd to pass it."),
+])
+def test_an_unquoted_value_says_how_to_write_it(binding, message):
+    with pytest.raises(UserError) as err:
+        config.parse_gin(["gin/quickstart.gin"], [binding])
+    assert str(err.value) == f"Invalid gin configuration: --gin_bindings='{binding}', line 1: {message}"
+
+
 def test_later_files_and_bindings_win_and_model_dir_overrides():
     config.parse_gin(["gin/phase32.gin", "gin/phase64.gin"], ["EPOCHS = 2"], model_dir="/tmp/x")
     assert gin.query_parameter("%IMAGE_SIZE") == 64

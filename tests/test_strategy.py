@@ -89,7 +89,8 @@ def test_two_mirrored_cpu_replicas_match_one_device(train_base_gin, tmp_path):
             cwd=REPO, env=env(), capture_output=True, text=True, timeout=600, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         logs[name] = result.stderr
-    assert "Strategy:  MirroredStrategy, 2 replica(s)" in logs["two"]
+    assert "Strategy:  mirrored (tf.distribute.MirroredStrategy), 2 replicas" in logs["two"]
+    assert "Strategy:  default (one device, no tf.distribute strategy), 1 replica\n" in logs["one"]
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, STEPS_PER_EPOCH + 1))
     for step in (1, 2, 3):  # Float rounding only (per-replica BatchNorm statistics differ by ~1e-2).

@@ -1,4 +1,4 @@
-"""What every command-line entry point shares: quiet TensorFlow, gin flags, one-line errors, exit codes.
+"""What every command-line entry point shares: a clean console, gin flags, one-line errors, exit codes.
 
     from trainer import cli
     cli.define_gin_flags()
@@ -61,12 +61,35 @@ def parse_gin_flags(defaults=(), model_dir=None):
 
 
 def quiet_tensorflow():
-    """Drops TensorFlow's own Python INFO lines (checkpoint sharding, SavedModel export), keeps its warnings."""
+    """Drops TensorFlow's own Python INFO lines (checkpoint sharding, SavedModel export), keeps its warnings;
+    and matplotlib's ("generated new fontManager" the first time it runs on a machine)."""
     def keep(record):
         return record.levelno >= logging.WARNING or f"{os.sep}tensorflow{os.sep}" not in record.pathname
 
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     logging.getLogger("absl").addFilter(keep)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """'14:18:41 message', 'warning: ' or 'error: ' before the message at those levels."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    def formatMessage(self, record):
+        level = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}
+        return f"{record.asctime} {level.get(record.levelno, '')}{record.message}"
+
+
+def clean_console():
+    """Console lines without absl's 'I1204 14:18:41.754869 139971503549312 file.py:88]' prefix, unless
+    --verbosity asks for more (1 or above) or the lines go to a log file (absl's full format there)."""
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+    handler = absl_logging.get_absl_handler().python_handler
+    if FLAGS["verbosity"].value < 1 and handler.stream in (sys.stderr, sys.__stderr__):
+        handler.setFormatter(ConsoleFormatter())
 
 
 def run(main, usage=None):
@@ -78,6 +101,7 @@ def run(main, usage=None):
     """
     def wrapped(argv):
         quiet_tensorflow()
+        clean_console()
         try:
             return main(argv)
         except app.UsageError as err:

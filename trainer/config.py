@@ -19,6 +19,7 @@ was checked with.
 
 import difflib
 import os
+import re
 
 import gin
 from gin import config_parser
@@ -157,8 +158,7 @@ class _Expanded:
             statements = list(config_parser.ConfigParser(text, recorder))
         except SyntaxError as err:
             line = f", line {err.lineno}" if err.lineno else ""
-            raise UserError(f"Invalid gin configuration: {source}{line}: {err.msg}: {(err.text or '').strip()}") \
-                from None
+            raise UserError(f"Invalid gin configuration: {source}{line}: {_syntax_message(err)}") from None
         except Exception as err:  # tokenize.TokenError: an unclosed bracket.
             raise UserError(f"Invalid gin configuration: {source}: {err}") from None
         for statement in statements:
@@ -181,6 +181,19 @@ class _Expanded:
                 self.text.append("\n")
             else:
                 self.text.append(line if line.endswith("\n") else line + "\n")
+
+
+def _syntax_message(err):
+    """Gin's parse error in words; a bare word where a value belongs (`AUGMENT=flip(0.5)`) says to quote it."""
+    text = (err.text or "").strip()
+    name, equals, value = text.partition("=")
+    if "malformed node or string" in str(err.msg) and equals and value.strip():
+        if re.fullmatch(r"[\w.]+(\(\))?", value.strip()) and _match(value.strip().rstrip("()")):
+            return f"'{value.strip()}' names a configurable: write @{value.strip()} to pass it."
+        quoted = f"{name.strip()} = '{value.strip()}'"
+        return (f"'{value.strip()}' is not a gin value: quote text, {quoted} (on the command line: "
+                f"--gin_bindings=\"{quoted}\").")
+    return f"{err.msg}: {text}"
 
 
 def _match(selector):

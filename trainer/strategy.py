@@ -35,6 +35,7 @@ class Distribution:
       task_id: this worker's index (0 on a single machine).
       multi_worker: MultiWorkerMirroredStrategy (SIGTERM goes through its preemption handler).
       steps_per_execution: training steps per call from the host that suit this strategy.
+      name: the gin configurable that made it ('default', 'mirrored', 'multi_worker', 'tpu').
     """
 
     strategy: tf.distribute.Strategy
@@ -43,6 +44,14 @@ class Distribution:
     task_id: int = 0
     multi_worker: bool = False
     steps_per_execution: int = 10
+    name: str = "default"
+
+    def describe(self):
+        """'mirrored (tf.distribute.MirroredStrategy), 2 replicas': the banner's words."""
+        replicas = self.strategy.num_replicas_in_sync
+        kind = type(self.strategy).__name__
+        kind = "one device, no tf.distribute strategy" if kind.startswith("_") else f"tf.distribute.{kind}"
+        return f"{self.name} ({kind}), {replicas} replica{'s' if replicas != 1 else ''}"
 
 
 @configurable("trainer.strategy")
@@ -85,7 +94,7 @@ def mirrored(devices=None, cross_device_ops=None, logical_cpus=0, synchronized_b
         "hierarchical_copy": tf.distribute.HierarchicalCopyAllReduce,
     }[cross_device_ops]()
     return Distribution(tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=ops),
-                        synchronized_batch_norm=synchronized_batch_norm)
+                        synchronized_batch_norm=synchronized_batch_norm, name="mirrored")
 
 
 @configurable("trainer.strategy")
@@ -106,7 +115,7 @@ def multi_worker(synchronized_batch_norm=True):
         chief = resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
                                                   and "chief" not in resolver.cluster_spec().as_dict())
     return Distribution(strategy, synchronized_batch_norm=synchronized_batch_norm, chief=chief,
-                        task_id=getattr(resolver, "task_id", 0) or 0, multi_worker=True)
+                        task_id=getattr(resolver, "task_id", 0) or 0, multi_worker=True, name="multi_worker")
 
 
 @configurable("trainer.strategy")
@@ -124,7 +133,8 @@ def tpu(address="", timeout_seconds=60, synchronized_batch_norm=False, steps_per
       A `Distribution`.
     """
     return Distribution(tf.distribute.TPUStrategy(_connect_tpu(address, timeout_seconds)),
-                        synchronized_batch_norm=synchronized_batch_norm, steps_per_execution=steps_per_execution)
+                        synchronized_batch_norm=synchronized_batch_norm, steps_per_execution=steps_per_execution,
+                        name="tpu")
 
 
 def _split_cpu(count):

@@ -110,8 +110,7 @@ def banner(data, network, distribution, model_dir, epochs, first_epoch, start):
         f"Data:      {data.image_size} px, batch {data.batch_size}, {data.steps_per_epoch} steps an epoch, "
         f"epochs {first_epoch}-{first_epoch + epochs - 1}",
         f"Feeding:   {data.memory_mode()[1]}",
-        f"Strategy:  {type(distribution.strategy).__name__}, {distribution.strategy.num_replicas_in_sync} "
-        "replica(s)",
+        f"Strategy:  {distribution.describe()}",
         f"Model dir: {model_dir}",
         f"Start:     {start}",
     ]
