@@ -281,7 +281,11 @@ def test_cli_reads_the_operative_config_and_runs_under_two_mirrored_replicas(tra
                           "--gin_bindings=trainer.strategy.mirrored.logical_cpus = 2",
                           "--gin_bindings=trainer.strategy.mirrored.cross_device_ops = 'reduction_to_one_device'")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ckpt-30 on val: 100 images" in result.stdout
+    out = trained_run / "eval" / "ckpt-30"
+    said = (result.stdout + result.stderr).splitlines()
+    results = [line for line in said if "top-1" in line]  # The result, said once, with where the reports are.
+    assert len(results) == 1 and "Evaluated" in results[0] and "ckpt-30 on val (100 images)" in results[0] and \
+        f"Reports in {out}" in results[0], said
     out = trained_run / "eval" / "ckpt-30"
     assert {"report.json", "report.md", "predictions.csv"} <= set(os.listdir(out))
     assert IMAGE_TAGS <= set(event_tags(out.parent).Tags()["tensors"])

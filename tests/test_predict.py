@@ -137,16 +137,25 @@ def test_test_split_file(run_dir, synthetic_dir, tmp_path):
 
 
 def test_savedmodel_alone_agrees_with_predict(run_dir, synthetic_dir, predictor, tmp_path):
-    """A fresh process that never imports `trainer` gets predict's top-1 for every val image from raw JPEG bytes."""
+    """A fresh process that never imports `trainer` gets predict's top-1 for every val image from raw JPEG bytes;
+    undecodable images in the same call (garbage, a truncated JPEG) are flagged, the others answered."""
     val_files = TinyImageNet(synthetic_dir).files("val")[0]
     script = textwrap.dedent(f"""
         import json, sys
         import tensorflow as tf
         serve = tf.saved_model.load({os.path.join(run_dir, 'export', 'saved_model')!r}).signatures['serving_default']
         files = {val_files!r}
-        out = serve(images=tf.constant([open(f, 'rb').read() for f in files]))
+        images = [open(f, 'rb').read() for f in files]
+        bad = [b'not an image', images[0][:200]]
+        out = serve(images=tf.constant(images[:1] + bad[:1] + images[1:] + bad[1:]))
+        valid = out['valid'].numpy().tolist()
+        assert valid == [True, False] + [True] * (len(files) - 1) + [False], valid
+        rows = [0] + list(range(2, len(files) + 1))
+        for i in (1, len(files) + 1):
+            assert out['probabilities'].numpy()[i].max() == 0 and out['top_k_indices'].numpy()[i].max() == -1
+            assert set(out['top_k_names'].numpy()[i].tolist()) == {{b''}}
         assert 'trainer' not in sys.modules, sorted(m for m in sys.modules if m.startswith('trainer'))
-        print(json.dumps({{f: w.decode() for f, w in zip(files, out['top_k_wnids'].numpy()[:, 0])}}))
+        print(json.dumps({{f: out['top_k_wnids'].numpy()[r, 0].decode() for f, r in zip(files, rows)}}))
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=ENV, capture_output=True,
                             text=True, timeout=300, check=False)

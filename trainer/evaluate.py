@@ -30,6 +30,7 @@ would clash with the one the trainer imports.
 import os
 
 from absl import flags
+from absl import logging
 
 from trainer import cli
 from trainer.errors import UserError
@@ -56,12 +57,9 @@ def main(argv):
 
     config.parse_gin(gin_files, FLAGS.gin_bindings, model_dir=FLAGS.model_dir)
     report = run_evaluation(evaluator, FLAGS.model_dir, FLAGS.checkpoint, FLAGS.split, FLAGS.output_dir)
-    m = report["metrics"]
-    print(f"{report['checkpoint_name']} on {report['split']}: {report['data']['num_scored']} images, "
-          f"loss {m['loss']:.4f}, top-1 {m['top1']:.4f}, top-{m['top_k']} {m['top5']:.4f}, ECE {m['ece']:.4f}")
-    if report["data"]["num_skipped"]:
-        print(f"{report['data']['num_skipped']} images could not be decoded and were skipped.")
-    print(f"Reports: {report['out_dir']}")
+    if report["data"]["num_skipped"]:  # The result and where the reports are: the evaluator's log line.
+        logging.warning("%d images could not be decoded and were skipped (listed in %s).",
+                        report["data"]["num_skipped"], os.path.join(report["out_dir"], "report.json"))
 
 
 def run_evaluation(evaluator, model_dir, checkpoint, split, output_dir=None):

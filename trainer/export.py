@@ -6,7 +6,9 @@ An export directory (model_dir/export by default) holds:
                    images (1-D tf.string: JPEG, PNG, GIF or BMP bytes of any size,
                    greyscale, RGBA and CMYK too) and returns `probabilities`
                    [N, C], `top_k_indices` [N, k] (int32), `top_k_probabilities`
-                   [N, k], `top_k_wnids` and `top_k_names` [N, k] (tf.string).
+                   [N, k], `top_k_wnids` and `top_k_names` [N, k] (tf.string), and
+                   `valid` [N] (bool): an image that cannot be decoded is answered
+                   with valid False, zeros, -1 and '' and does not fail the call.
                    Loading it needs TensorFlow only (`tf.saved_model.load`).
     model.keras    the Keras network (float32 [N, S, S, 3] images, prepared as
                    export.json says -> logits [N, C]); stock Keras layers only, so
@@ -88,14 +90,33 @@ class _Serving(tf.Module):
         self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
 
     def _serve(self, images):
-        size = self._preprocess.image_size
-        pixels = tf.map_fn(self._preprocess.decode, images, fn_output_signature=tf.TensorSpec([size, size, 3],
-                                                                                            tf.uint8))
+        pixels, valid = self._decode(images)
         logits = tf.cast(self._forward(self._preprocess.prepare(pixels)), tf.float32)
-        probabilities = tf.nn.softmax(logits, axis=-1)
+        probabilities = tf.where(valid[:, None], tf.nn.softmax(logits, axis=-1), 0.0)
         top_p, top_i = tf.math.top_k(probabilities, k=self._top_k)
+        top_i = tf.where(valid[:, None], top_i, -1)
         return {"probabilities": probabilities, "top_k_indices": top_i, "top_k_probabilities": top_p,
-                "top_k_wnids": tf.gather(self._wnids, top_i), "top_k_names": tf.gather(self._names, top_i)}
+                "top_k_wnids": self._names_of(self._wnids, top_i), "top_k_names": self._names_of(self._names, top_i),
+                "valid": valid}
+
+    def _decode(self, images):
+        """uint8 [N, S, S, 3] and valid [N]: an image that cannot be decoded (or is too large) is a row of zeros
+        flagged invalid instead of failing the call. tf.data's `ignore_errors` drops the failed ones; each
+        decoded image carries its row back."""
+        size, count = self._preprocess.image_size, tf.size(images)
+        rows = tf.range(count)
+        decoded = tf.data.Dataset.from_tensor_slices((rows, images)).map(
+            lambda row, encoded: (row, self._preprocess.decode(encoded)), num_parallel_calls=tf.data.AUTOTUNE)
+        sentinel = tf.data.Dataset.from_tensors((count, tf.zeros([size, size, 3], tf.uint8)))  # Never empty.
+        rows, pixels = decoded.ignore_errors().concatenate(sentinel).batch(tf.cast(count, tf.int64) + 1) \
+            .get_single_element()
+        valid = tf.scatter_nd(rows[:, None], tf.ones_like(rows), [count + 1])[:count] > 0
+        pixels = tf.scatter_nd(rows[:, None], tf.cast(pixels, tf.int32), [count + 1, size, size, 3])[:count]
+        return tf.cast(pixels, tf.uint8), valid
+
+    @staticmethod
+    def _names_of(names, indices):
+        return tf.where(indices >= 0, tf.gather(names, tf.maximum(indices, 0)), "")
 
 
 def export_model(model, preprocess, wnids, class_names, export_dir, source=None, top_k=5):
@@ -155,7 +176,10 @@ def export_model(model, preprocess, wnids, class_names, export_dir, source=None,
                                   "top_k_indices": "int32 [N, k]: labels, most probable first",
                                   "top_k_probabilities": "float32 [N, k]",
                                   "top_k_wnids": "string [N, k]: class ids (classes.json 'wnids')",
-                                  "top_k_names": "string [N, k]: class names (classes.json 'names')"}},
+                                  "top_k_names": "string [N, k]: class names (classes.json 'names')",
+                                  "valid": "bool [N]: False for an image that could not be decoded (or declares "
+                                           "more than max_pixels pixels): its row has probabilities 0, "
+                                           "top_k_indices -1 and empty names; the other rows are answered"}},
         "keras_model_output": "logits float32 [N, C] (apply a softmax for probabilities)",
         "saved_model": SAVED_MODEL,
         "keras_model": KERAS_MODEL,
@@ -210,7 +234,8 @@ saved_model/  TensorFlow SavedModel; needs TensorFlow only:
                   out = serve(images=tf.constant([open("photo.jpg", "rb").read()]))
               Input: encoded image bytes (JPEG, PNG, GIF, BMP), any size, colour or greyscale.
               Outputs: probabilities [N, C], top_k_indices, top_k_probabilities, top_k_wnids, top_k_names
-              (k = {metadata['top_k']}). Every image of a call must decode: check one at a time if unsure.
+              (k = {metadata['top_k']}), valid [N]: an image that cannot be decoded gets valid False,
+              probabilities 0, top_k_indices -1 and empty names; the other images of the call are answered.
 model.keras   the Keras network: float32 images [N, {prep['image_size']}, {prep['image_size']}, 3] in, LOGITS out
               (no softmax). Prepare images as the signature does (below).
 classes.json  label i is wnids[i], named names[i].
