@@ -158,3 +158,18 @@ def test_plan_text_warns_when_the_output_is_not_num_classes_logits():
     assert "- Output: The network outputs shape (5,) per image (its last block: 'fc') but it must output (7,)" in text
     config.parse_gin([], ["NUM_CLASSES = 5"])
     assert "- Output:" not in plan.plan_text(16, CHAIN)
+
+
+def test_a_layer_the_plan_cannot_count_is_named_not_counted_as_zero(monkeypatch):
+    import keras  # pylint: disable=import-outside-toplevel
+
+    from trainer.models import blocks  # pylint: disable=import-outside-toplevel
+
+    def deconv(x, *, name, filters):  # A user's own block kind: a layer type the plan has no MAC rule for.
+        return keras.layers.Conv2DTranspose(filters, 3, padding="same", name=f"{name}_deconv")(x)
+
+    monkeypatch.setitem(blocks.KINDS, "deconv", blocks.Kind("deconv", deconv, deconv, False))
+    text = plan.plan_text(16, [CHAIN[0], {"name": "up", "kind": "deconv", "filters": 2}] + CHAIN[4:])
+    assert ("- Not counted: the MACs of 1 layer(s) of a type the plan does not know: up_deconv (Conv2DTranspose); "
+            "the MACs above leave them out") in text.splitlines()
+    assert "Not counted" not in plan.plan_text(16, CHAIN)  # Every layer of the shipped kinds has a rule.

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -93,7 +94,7 @@ def test_every_kind_of_image_and_a_corrupt_one(image_dir, run_dir, predictor, tm
     lines = result.stdout.splitlines()
     assert sorted(line.split(": ")[0] for line in lines) == sorted(files.values())
     for line in lines:
-        assert len(line.split(": ", 1)[1].split(", ")) == 3  # top 3: "name probability" each.
+        assert len(parse_text_line(line)[1]) == 3  # top 3: "name probability" each.
 
     rows = list(csv.DictReader(out_csv.open()))
     assert sorted(r["file"] for r in rows) == sorted(files.values())
@@ -109,6 +110,48 @@ def test_every_kind_of_image_and_a_corrupt_one(image_dir, run_dir, predictor, tm
         assert p.probabilities == sorted(p.probabilities, reverse=True) and sum(p.probabilities) <= 1 + 1e-5
     # The same picture through every format and colour model: the PNG is lossless, so it equals the 64 px source.
     assert by_file[files["png"]].wnids[0] == by_file[files["rgb"]].wnids[0] == by_file[files["cmyk"]].wnids[0]
+
+
+def parse_text_line(line):
+    """(file, [(name, probability)]) of a text line; names with spaces or commas are JSON strings."""
+    token = r'("(?:[^"\\]|\\.)*"|[^\s",:]+)'
+    file, rest = re.fullmatch(token + r": (.*)", line).groups()
+    pairs = re.findall(token + r" (\d\.\d{4})", rest)
+    assert ", ".join(f"{n} {p}" for n, p in pairs) == rest, line  # Nothing left over: the line is unambiguous.
+    unquote = lambda text: json.loads(text) if text.startswith('"') else text  # noqa: E731
+    return unquote(file), [(unquote(n), float(p)) for n, p in pairs]
+
+
+def test_text_lines_quote_names_with_spaces_commas_or_quotes():
+    prediction = predict.Prediction("my photos/a, b.jpg", ["n1", "n2", "n3"], ["tabby, tabby cat", 'say "cheese"',
+                                                                             "disk"], [0.5, 0.25, 0.125])
+    line = predict.format_prediction(prediction)
+    assert line == '"my photos/a, b.jpg": "tabby, tabby cat" 0.5000, "say \\"cheese\\"" 0.2500, disk 0.1250'
+    assert parse_text_line(line) == ("my photos/a, b.jpg", [("tabby, tabby cat", 0.5), ('say "cheese"', 0.25),
+                                                            ("disk", 0.125)])
+
+
+def test_output_formats_and_stdout(run_dir, image_dir, predictor, tmp_path):
+    d, files = image_dir
+    spaced = save(Image.open(files["rgb"]), str(d / "my cat.jpg"), "JPEG", quality=95)
+    expected, _ = predict.predict_files(predictor, sorted([*files.values(), spaced]), top_k=2)
+    by_file = {p.file: p for p in expected}
+    # JSON on stdout: no file named '-' appears; the corrupt file is in "errors" (and on stderr).
+    result = run_predict(f"--model_dir={run_dir}", str(d), "--top_k=2", "--output=-", "--format=json", cwd=tmp_path)
+    assert result.returncode == 1 and not (tmp_path / "-").exists(), result.stderr
+    out = json.loads(result.stdout)
+    assert out["errors"] == [{"file": str(d / "corrupt.jpg"), "reason": out["errors"][0]["reason"]}]
+    assert {p["file"]: [c["wnid"] for c in p["top_k"]] for p in out["predictions"]} == \
+        {f: p.wnids for f, p in by_file.items()}
+    # CSV on stdout.
+    result = run_predict(f"--model_dir={run_dir}", str(d), "--top_k=2", "--format=csv")
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert {r["file"]: [r["wnid_1"], r["wnid_2"]] for r in rows} == {f: p.wnids for f, p in by_file.items()}
+    # --output=FILE.json: JSON in the file (its suffix), the text lines on stdout, the spaced name quoted.
+    result = run_predict(f"--model_dir={run_dir}", str(d), "--top_k=2", f"--output={tmp_path / 'out.json'}")
+    assert len(json.loads((tmp_path / "out.json").read_text())["predictions"]) == len(by_file)
+    parsed = dict(parse_text_line(line) for line in result.stdout.splitlines())
+    assert f'"{spaced}": ' in result.stdout and [n for n, _ in parsed[spaced]] == by_file[spaced].names
 
 
 def test_bad_files_fail_alone_in_process(predictor, image_dir):

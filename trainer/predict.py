@@ -5,30 +5,43 @@ itself when it holds `saved_model/`): it loads the SavedModel written by
 `trainer.export` with TensorFlow and reads its classes.json; it never builds
 the network, reads gin files or opens the dataset.
 
-Images are files or directories (searched recursively for .jpg, .jpeg and
-.png, any case). Each image's top-k classes are printed, one line per image:
+Images are files or directories (directories searched recursively for
+.jpg, .jpeg, .png, .gif and .bmp, any case; symlinked directories are not
+followed). A file named explicitly is tried whatever its suffix; WebP, TIFF and
+HEIC are not decodable by TensorFlow (`tf.io.decode_image`) and get an error
+line. Each image's top-k classes are printed, one line per image:
 
-    images/cat.jpg: tabby 0.8123, tiger cat 0.1002, ...
+    images/cat.jpg: tabby 0.8123, "tiger cat" 0.1002, ...
+
+A file or class name containing a space, comma, colon or quote is written in
+double quotes (JSON string escapes), so every line splits unambiguously.
 
 A file that cannot be read or decoded gets one `error:` line on stderr naming
 it; every other image is still classified, and the exit status is 1 (0 when
 every image was classified).
 
-`--output=FILE` also writes a CSV: a header, then one row per classified
-image: file, then wnid_i, name_i, probability_i for ranks i = 1..k.
+`--format` chooses what is written: `text` (the lines above), `csv` (a header,
+then one row per image: file, then wnid_i, name_i, probability_i for ranks
+i = 1..k) or `json` ({"predictions": [{"file", "top_k": [{"wnid", "name",
+"probability"}, ...]}, ...], "errors": [{"file", "reason"}, ...]}). It goes to
+stdout, or to `--output=FILE` (then the text lines are still printed; the
+format defaults to the file's suffix: .json, .txt, else CSV); `--output=-`
+is stdout.
 
 `--split=NAME` classifies every image of a split of a dataset, of any source
 (Tiny ImageNet, class folders, TFRecord shards): the run's own dataset when
 --model_dir is a run's model directory (its data.json), or --data_dir (its
-layout recognised). It writes one `name class_id` line per image, sorted (the
-name is the file name, or the example id when file names repeat): for
-`--split=test` on Tiny ImageNet that is the test-set predictions file. It goes
-to --output, by default `<model_dir>/predictions_<split>.txt`.
+layout recognised). In text it writes one `name class_id` line per image,
+sorted (the name is the file name, or the example id when file names repeat):
+for `--split=test` on Tiny ImageNet that is the test-set predictions file. It
+goes to --output, by default `<model_dir>/predictions_<split>.txt` (.csv,
+.json with --format).
 
 Flags:
   --model_dir   a run's model directory (uses its export/) or an export directory.
   --top_k       classes shown per image (default 5).
-  --output      CSV file for images; the predictions file for --split.
+  --format      text, csv or json (default: text on stdout; else the --output file's suffix).
+  --output      where the predictions go: a file, or - for stdout.
   --split       predict this split of the dataset ('test', 'val', ...).
   --data_dir    the dataset directory, for --split (default: the run's).
   --batch_size  images per call of the SavedModel (default 32).
@@ -254,22 +267,45 @@ def predict_encoded(predictor, named, top_k=5, batch_size=32):
 
 
 def format_prediction(prediction):
-    """One line: `file: name probability, name probability, ...`."""
-    return f"{prediction.file}: " + ", ".join(
-        f"{name} {p:.4f}" for name, p in zip(prediction.names, prediction.probabilities))
+    """One line: `file: name probability, name probability, ...` (names with spaces or commas quoted)."""
+    return f"{quote(prediction.file)}: " + ", ".join(
+        f"{quote(name)} {p:.4f}" for name, p in zip(prediction.names, prediction.probabilities))
 
 
-def write_csv(predictions, path):
-    """Writes one CSV row per image: file, then wnid_i, name_i, probability_i for each rank i."""
+def quote(text):
+    """`text` as it is, or as a JSON string when a space, comma, colon or quote would make a line ambiguous."""
+    return json.dumps(text, ensure_ascii=False) if not text or re.search(r"[\s,:\"']", text) else text
+
+
+FORMATS = ("text", "csv", "json")
+
+
+def format_predictions(predictions, failures, fmt):
+    """The predictions as `fmt` ('text', 'csv' or 'json') text."""
+    if fmt == "text":
+        return "".join(format_prediction(p) + "\n" for p in predictions)
+    if fmt == "json":
+        return json.dumps({"predictions": [{"file": p.file, "top_k": [
+            {"wnid": w, "name": n, "probability": round(float(q), 6)} for w, n, q in zip(p.wnids, p.names,
+                                                                                        p.probabilities)]}
+            for p in predictions], "errors": [{"file": f, "reason": r} for f, r in failures]}, indent=1) + "\n"
     k = max((len(p.wnids) for p in predictions), default=0)
-    header = ["file"] + [f"{field}_{i}" for i in range(1, k + 1) for field in ("wnid", "name", "probability")]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(header)
+    writer.writerow(["file"] + [f"{field}_{i}" for i in range(1, k + 1) for field in ("wnid", "name", "probability")])
     for p in predictions:
         writer.writerow([p.file] + [v for triple in zip(p.wnids, p.names, p.probabilities)
                                     for v in (triple[0], triple[1], f"{triple[2]:.6f}")])
-    _write_text(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def output_format(fmt, output):
+    """The format to write: `fmt` if given, else from the --output file's suffix (text on stdout)."""
+    if fmt:
+        return fmt
+    if not output or output == "-":
+        return "text"
+    return {".json": "json", ".txt": "text"}.get(os.path.splitext(output)[1].lower(), "csv")
 
 
 def open_split_source(model_dir, data_dir=None):
@@ -301,12 +337,12 @@ def open_split_source(model_dir, data_dir=None):
 
 
 def predict_split(predictor, source, split, output, batch_size=32):
-    """Classifies every image of a split of `source`; writes sorted `name class_id` lines to `output`.
+    """Classifies every image of a split of `source`; writes sorted `name class_id` lines to `output` (if given).
 
     The name is the example's file name, or its id (the path within the dataset) when file names repeat.
 
     Returns:
-      (predictions, failures) as `predict_encoded` returns them.
+      (predictions, failures) as `predict_encoded` returns them, the predictions sorted by name.
 
     Raises:
       UserError: the source has no such split.
@@ -319,8 +355,23 @@ def predict_split(predictor, source, split, output, batch_size=32):
     named = ((short[id_.decode("utf-8", "surrogateescape")], image)
              for image, _, id_ in source.examples(split).as_numpy_iterator())
     predictions, failures = predict_encoded(predictor, named, top_k=1, batch_size=batch_size)
-    _write_text(output, "".join(sorted(f"{p.file} {p.wnids[0]}\n" for p in predictions)))
+    predictions.sort(key=lambda p: p.file)
+    if output:
+        _write_text(output, split_text(predictions))
     return predictions, failures
+
+
+def split_text(predictions):
+    """`name class_id` lines: the Tiny ImageNet test-set predictions format."""
+    return "".join(f"{p.file} {p.wnids[0]}\n" for p in predictions)
+
+
+def _write(path, text):
+    """`text` to the file `path`, or to stdout when `path` is None."""
+    if path is None:
+        sys.stdout.write(text)
+    else:
+        _write_text(path, text)
 
 
 def _write_text(path, text):
@@ -354,20 +405,25 @@ def main(argv):
     if not flag_values.split and not paths:
         raise UserError("Nothing to classify: expected image files or directories (or --split=NAME).")
     model_dir = flag_values.model_dir if "://" in flag_values.model_dir else os.path.expanduser(flag_values.model_dir)
+    fmt = output_format(flag_values.format, flag_values.output)
+    output = None if flag_values.output == "-" else flag_values.output
     predictor = Predictor(find_export(model_dir))
     if flag_values.split:
         source = open_split_source(model_dir, flag_values.data_dir)
-        output = flag_values.output or os.path.join(model_dir, SPLIT_PREDICTIONS.format(split=flag_values.split))
-        predictions, failures = predict_split(predictor, source, flag_values.split, output, flag_values.batch_size)
-        print(f"Wrote {len(predictions)} predictions ({flag_values.split} split of {source.location}) to {output}.")
+        if not flag_values.output:
+            output = os.path.join(model_dir, SPLIT_PREDICTIONS.format(split=flag_values.split))
+            output = output if fmt == "text" else f"{os.path.splitext(output)[0]}.{fmt}"
+        predictions, failures = predict_split(predictor, source, flag_values.split, None, flag_values.batch_size)
+        _write(output, split_text(predictions) if fmt == "text" else format_predictions(predictions, failures, fmt))
+        if output:
+            print(f"Wrote {len(predictions)} predictions ({flag_values.split} split of {source.location}) to {output}.")
     else:
         files, failures = list_images(paths)
-        more, bad = predict_files(predictor, files, flag_values.top_k, flag_values.batch_size)
+        predictions, bad = predict_files(predictor, files, flag_values.top_k, flag_values.batch_size)
         failures += bad
-        for prediction in more:
-            print(format_prediction(prediction))
-        if flag_values.output:
-            write_csv(more, flag_values.output)
+        if output:  # The lines on the console, the chosen format in the file.
+            sys.stdout.write(format_predictions(predictions, failures, "text"))
+        _write(output, format_predictions(predictions, failures, fmt))
     for file, reason in failures:
         print(f"error: cannot classify {file}: {reason}", file=sys.stderr)
     return 1 if failures else 0
@@ -382,8 +438,10 @@ def run():
     flags.DEFINE_string("model_dir", None, "A run's model directory (its export/ is used) or an export directory.",
                         required=True)
     flags.DEFINE_integer("top_k", 5, "Classes shown per image.", lower_bound=1)
-    flags.DEFINE_string("output", None, "CSV file for images; for --split, the predictions file "
-                        "(default <model_dir>/predictions_<split>.txt).")
+    flags.DEFINE_string("output", None, "Where the predictions go: a file, or - for stdout (for --split, default "
+                        "<model_dir>/predictions_<split>.txt).")
+    flags.DEFINE_enum("format", None, list(FORMATS), "text, csv or json (default: text on stdout; else the "
+                      "--output file's suffix: .json, .txt, else csv).")
     flags.DEFINE_string("split", None, "Classify this split of the dataset ('test', 'val', ...) instead of image "
                         "arguments.")
     flags.DEFINE_string("data_dir", None, "The dataset directory, for --split (default: the run's).")

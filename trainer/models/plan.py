@@ -11,7 +11,9 @@ It replaces the reference author's design spreadsheet. The network is built
   output" is that of the last spatial feature map (each logit also averages
   over all its positions). Non-square kernels use their larger side.
 - MACs are the multiply-accumulates of convolutions and dense layers for one
-  image (biases, BatchNorm, activations and pooling are not counted).
+  image (biases, BatchNorm, activations and pooling are not counted). A layer
+  of any other type is named in a "Not counted" line: its MACs are unknown,
+  not zero.
 - parameters are Keras's own counts, split trainable / non-trainable.
 """
 
@@ -43,6 +45,7 @@ class Row:
     non_trainable: int
     macs: int
     activations: int = 0  # Values of the block's layer outputs for one image (kept for the backward pass).
+    uncounted: tuple = ()  # 'layer (Type)' of layers whose MACs the plan cannot count (not in `macs`).
 
 
 @dataclasses.dataclass
@@ -97,8 +100,9 @@ def make_plan(image_size: int, blocks=None) -> Plan:
             name=block.name, kind=block.kind, output_shape=tuple(block.output.shape[1:]),
             stride=jump / jump_in, jump=jump, rf=rf, params=trainable + non_trainable,
             trainable=trainable, non_trainable=non_trainable,
-            macs=sum(_macs(op, node) for op, node in ops),
-            activations=sum(_values(node.output_tensors) for _, node in ops)))
+            macs=sum(_macs(op, node) or 0 for op, node in ops),
+            activations=sum(_values(node.output_tensors) for _, node in ops),
+            uncounted=tuple(f"{op.name} ({type(op).__name__})" for op, node in ops if _macs(op, node) is None)))
     totals = Totals(
         params=sum(r.params for r in rows), trainable=sum(r.trainable for r in rows),
         non_trainable=sum(r.non_trainable for r in rows), macs=sum(r.macs for r in rows),
@@ -153,6 +157,11 @@ def format_plan(plan: Plan) -> str:
         f"- Receptive field at the output: {t.rf} px for a {t.image_size} px image "
         f"({coverage} the whole image; {t.rf / t.image_size:.2f}x its side)",
     ]
+    uncounted = [layer for r in plan.rows for layer in r.uncounted]
+    if uncounted:
+        totals.append(f"- Not counted: the MACs of {len(uncounted)} layer(s) of a type the plan does not know: "
+                      f"{', '.join(uncounted[:5])}{', ...' if len(uncounted) > 5 else ''}; the MACs above leave "
+                      "them out")
     totals += memory_lines(plan)
     problem = output_problem(plan)
     if problem:
@@ -292,8 +301,15 @@ def _propagate(op, node, stats):
         stats[id(t)] = (rf, jump)
 
 
+# Layers without multiply-accumulates the plan counts (normalisation, activations, pooling, merges, reshapes).
+_NO_MACS = (keras.layers.BatchNormalization, keras.layers.Activation, keras.layers.ReLU, keras.layers.Dropout,
+            keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.GlobalAveragePooling2D,
+            keras.layers.GlobalMaxPooling2D, keras.layers.Concatenate, keras.layers.Add, keras.layers.InputLayer,
+            keras.layers.Flatten, keras.layers.Reshape, keras.layers.ZeroPadding2D, keras.layers.Softmax)
+
+
 def _macs(op, node):
-    """Multiply-accumulates of one layer for one image."""
+    """Multiply-accumulates of one layer for one image; None for a layer type the plan does not know."""
     in_shape = node.input_tensors[0].shape
     out_shape = node.output_tensors[0].shape
     positions = int(np.prod(out_shape[1:-1]))
@@ -307,7 +323,7 @@ def _macs(op, node):
         return positions * int(np.prod(op.kernel_size)) * (in_shape[-1] // op.groups) * out_shape[-1]
     if isinstance(op, keras.layers.Dense):
         return positions * in_shape[-1] * out_shape[-1]
-    return 0
+    return 0 if isinstance(op, _NO_MACS) else None
 
 
 def _count(weights):
