@@ -1,7 +1,9 @@
 """The command line: gin resolution and errors, the missing-dataset message, one real end-to-end run."""
 
+import fnmatch
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -159,3 +161,10 @@ def test_help_is_fast_and_lists_the_gin_files_and_macros():
                             "except SystemExit as e:\n    print('tensorflow' in sys.modules, e.code)"],
                            cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert probe.stdout.strip().splitlines()[-1] == "False 0"
+
+
+def test_the_readmes_report_glob_matches_the_val_evaluation_only():
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    [pattern] = re.findall(r"^cat runs/quickstart/eval/(\S+)/report\.md", readme, re.M)
+    folders = ["best-414", "best-414-train", "best-414-flip", "ckpt-460", "best-1000"]
+    assert [f for f in folders if fnmatch.fnmatchcase(f, pattern)] == ["best-414", "best-1000"]

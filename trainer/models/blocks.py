@@ -22,17 +22,16 @@ network (`synchronized_batch_norm(...)`). `batch_norm.virtual_batch_size`
 makes it Ghost BatchNorm: statistics over groups of that many images of the
 batch (`GhostBatchNormalization`), as each core of a TPU saw its share.
 
-List the kinds and their arguments: `python -m trainer.models.blocks --list`.
-
-Kinds: conv, sepconv, transition, bn_relu, dense_unit, residual_basic,
-residual_bottleneck, max_pool, avg_pool, global_avg_pool, global_max_pool,
-concat, add, dropout, dense, classifier.
+List the kinds and their arguments, read from the registry below:
+`python -m trainer.models.blocks --list` (`--markdown`: the table of
+docs/writing_a_network.md, which a test keeps equal to it).
 """
 
 if __name__ == "__main__":  # `--help` answers before TensorFlow loads.
     from trainer import cli as _cli
 
-    _cli.fast_help(__doc__ + "\nFlags:\n  --list  print every block kind with its arguments and one line each.\n")
+    _cli.fast_help(__doc__ + "\nFlags:\n  --list      print every block kind with its arguments and one line each.\n"
+                   "  --markdown  the same as a markdown table.\n")
 
 import contextlib
 import dataclasses
@@ -665,14 +664,20 @@ def classifier(x, *, name: str, units: int, head: str = "dense", pooling: str = 
     return dense(x, name=name, units=units)
 
 
-def describe_kinds():
-    """One line per block kind: `kind(arguments)  what it is`."""
-    lines = []
+def describe_kinds(markdown=False):
+    """One line per block kind, `kind(arguments)  what it is`; or, with `markdown`, the table of
+    docs/writing_a_network.md §2 (required arguments in bold, the others with their default)."""
+    lines = ["| kind | what it is | arguments |", "|---|---|---|"] if markdown else []
     for kind in sorted(KINDS):
         fn = KINDS[kind].signature_of
-        params = [str(p) for p in inspect.signature(fn).parameters.values() if p.name not in ("x", "xs")]
+        params = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("x", "xs", "name")]
         doc = (inspect.getdoc(fn) or "").split("\n")[0]
-        lines.append(f"{kind}({', '.join(params)})\n    {doc}")
+        if markdown:
+            arguments = ", ".join(f"**{p.name}**" if p.default is inspect.Parameter.empty else
+                                  f"{p.name} {p.default!r}" for p in params) or "none"
+            lines.append(f"| `{kind}` | {doc} | {arguments} |")
+        else:
+            lines.append(f"{kind}({', '.join(['name: str'] + [str(p) for p in params])})\n    {doc}")
     return "\n".join(lines)
 
 
@@ -683,13 +688,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m trainer.models.blocks",
                                      description="The block kinds a network declaration can use.")
     parser.add_argument("--list", action="store_true", help="print every block kind with its arguments")
+    parser.add_argument("--markdown", action="store_true", help="the same as a markdown table (the docs' table)")
     args = parser.parse_args(argv)
-    if not args.list:
+    if not (args.list or args.markdown):
         parser.print_help()
         return
     from trainer.models import blocks as library  # pylint: disable=import-outside-toplevel,import-self
 
-    print(library.describe_kinds())
+    print(library.describe_kinds(markdown=args.markdown))
 
 
 if __name__ == "__main__":
