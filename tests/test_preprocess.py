@@ -16,7 +16,7 @@ from PIL import Image
 from trainer import export
 from trainer import predict
 from trainer.data import pipeline
-from trainer.data.preprocess import Preprocessing
+from trainer.data.preprocess import Preprocessing, header_shape
 from trainer.data.sources import FileSource
 from trainer.errors import UserError
 from trainer.evaluation import evaluator
@@ -25,13 +25,14 @@ SIZE = 8
 
 
 def _images(directory):
-    """Files of every kind decode reads: colour and greyscale JPEG, RGBA PNG, GIF, BMP, CMYK JPEG, large and
+    """Files of every kind decode reads: colour and greyscale JPEG, RGBA PNG, GIF, BMP, CMYK JPEG, RGBA WebP, large and
     non-square, and one at the network's size (not resized)."""
     rng = np.random.default_rng(0)
     made = []
     for i, (fmt, mode, size) in enumerate([("JPEG", "RGB", (40, 30)), ("JPEG", "L", (16, 16)),
                                            ("PNG", "RGBA", (9, 21)), ("GIF", "P", (12, 12)),
                                            ("BMP", "RGB", (64, 48)), ("JPEG", "CMYK", (20, 20)),
+                                           ("WEBP", "RGBA", (13, 11)),
                                            ("PNG", "RGB", (SIZE, SIZE))]):
         pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
         image = Image.fromarray(pixels, "RGBA").convert(mode)
@@ -144,3 +145,32 @@ def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path)
     predictions, failures = predict.predict_files(predict.Predictor(str(tmp_path / "export")),
                                                   [paths[0], str(tmp_path / "bomb.png")])
     assert len(predictions) == 1 and failures[0][0].endswith("bomb.png") and "max_pixels" in failures[0][1]
+
+
+def _webp(size, mode="RGB", **options):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 4), np.uint8), "RGBA").convert(
+        mode).save(buffer, "WEBP", **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("options, mode, chunk", [({}, "RGB", b"VP8 "), ({"lossless": True}, "RGB", b"VP8L"),
+                                                  ({}, "RGBA", b"VP8X"), ({"lossless": True}, "RGBA", b"VP8L")])
+def test_webp_headers_are_read_and_every_kind_decodes_to_rgb(options, mode, chunk):
+    encoded = _webp((301, 17), mode, **options)
+    assert encoded[12:16] == chunk
+    assert header_shape(tf.constant(encoded)).numpy().tolist() == [17, 301]
+    expected = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+    decoded = Preprocessing(SIZE, max_pixels=301 * 17).decode(tf.constant(encoded))  # Exactly at the limit.
+    assert decoded.shape == (SIZE, SIZE, 3)
+    native = tf.io.decode_image(encoded, channels=0, expand_animations=False).numpy()[..., :3]
+    np.testing.assert_array_equal(native, expected)  # RGBA: the colour channels as Pillow reads them.
+
+
+def test_a_webp_declaring_too_many_pixels_is_refused_before_decoding():
+    encoded = bytearray(_webp((20, 10), lossless=True))
+    side = 16383  # VP8L packs width - 1 and height - 1 in 14 bits each, from byte 21.
+    encoded[21:25] = ((side - 1) | (side - 1) << 14).to_bytes(4, "little")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"declares 16383 x 16383 pixels, more than "):
+        Preprocessing(SIZE).decode(tf.constant(bytes(encoded)))
+

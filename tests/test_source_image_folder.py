@@ -52,7 +52,7 @@ def test_names_file_nested_folders_any_extension_and_other_files(folders, tmp_pa
     os.remove(root / "words.txt")
     assert ImageFolder(str(root)).class_names[0] == first  # No names file: the folder names.
     assert source.count("train") == 201 and f"train/{first}/deeper/still/extra.PNG" in source.listing("train")[0]
-    assert "Ignored 1 files that are not jpg/jpeg/png/gif/bmp images" in caplog.text and "notes.txt" in caplog.text
+    assert "Ignored 1 files that are not jpg/jpeg/png/gif/bmp/webp images" in caplog.text and "notes.txt" in caplog.text
     data = pipeline.Data(source, Preprocessing(16), batch_size=201, deterministic=True)
     [(images, labels)] = list(data.eval("train"))
     assert images.shape == (201, 16, 16, 3) and labels.numpy().sum() == 201
@@ -100,7 +100,7 @@ JPEG = tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
 
 @pytest.mark.parametrize("files, error, message", [
     ({"train/cat/a.jpg": JPEG, "train/dog": None, "val/cat/b.jpg": JPEG}, UserError,
-     r"The class folder '.*train/dog' holds no image \(.jpg, .jpeg, .png, .gif, .bmp, any case\): add images or "
+     r"The class folder '.*train/dog' holds no image \(.jpg, .jpeg, .png, .gif, .bmp, .webp, any case\): add images or "
      r"remove the folder."),
     ({"train/cat/a.jpg": JPEG, "train/dog/b.jpg": JPEG, "train/c.jpg": JPEG, "val/cat/d.jpg": JPEG}, UserError,
      r"'.*train' holds images directly \(c.jpg\), outside any class folder: move each into train/<class>/."),
@@ -144,7 +144,7 @@ def test_names_that_are_not_utf8_are_skipped_and_named(tmp_path, caplog):
 
 @pytest.mark.parametrize("layout, data_gin, message", [
     ("empty class", "image_folder", r"error: The class folder '.*train/dog' holds no image \(.jpg, .jpeg, .png, "
-                                    r".gif, .bmp, any case\): add images or remove the folder."),
+                                    r".gif, .bmp, .webp, any case\): add images or remove the folder."),
     ("tiny imagenet", "image_folder", r"error: .* is not a folder per class. It holds the tiny_imagenet layout "
                                       r"instead: include gin/data/tiny_imagenet.gin after the runnable gin file .*"),
     ("class folders", "tfrecord", r"error: No TFRecord dataset at .*: it has no index.json. .* It holds the "

@@ -3,7 +3,7 @@
 An export directory (model_dir/export by default) holds:
 
     saved_model/   a SavedModel whose `serving_default` signature takes encoded
-                   images (1-D tf.string: JPEG, PNG, GIF or BMP bytes of any size,
+                   images (1-D tf.string: JPEG, PNG, GIF, BMP or WebP bytes of any size,
                    greyscale, RGBA and CMYK too) and returns `probabilities`
                    [N, C], `top_k_indices` [N, k] (int32), `top_k_probabilities`
                    [N, k], `top_k_wnids` and `top_k_names` [N, k] (tf.string), and
@@ -171,7 +171,7 @@ def export_model(model, preprocess, wnids, class_names, export_dir, source=None,
                        "resized only when not already image_size x image_size, then rounded to uint8",
         "preprocessing": preprocess.to_json(),
         "top_k": min(int(top_k), num_classes),
-        "signature": {"name": SIGNATURE, "input": "images: 1-D tf.string of encoded images (JPEG, PNG, GIF, BMP)",
+        "signature": {"name": SIGNATURE, "input": "images: 1-D tf.string of encoded images (JPEG, PNG, GIF, BMP, WebP)",
                       "outputs": {"probabilities": "float32 [N, C]: softmax over the classes, label order",
                                   "top_k_indices": "int32 [N, k]: labels, most probable first",
                                   "top_k_probabilities": "float32 [N, k]",
@@ -232,7 +232,7 @@ Exported from: {_describe(metadata.get("source"))}.
 saved_model/  TensorFlow SavedModel; needs TensorFlow only:
                   serve = tf.saved_model.load("saved_model").signatures["{SIGNATURE}"]
                   out = serve(images=tf.constant([open("photo.jpg", "rb").read()]))
-              Input: encoded image bytes (JPEG, PNG, GIF, BMP), any size, colour or greyscale.
+              Input: encoded image bytes (JPEG, PNG, GIF, BMP, WebP), any size, colour or greyscale.
               Outputs: probabilities [N, C], top_k_indices, top_k_probabilities, top_k_wnids, top_k_names
               (k = {metadata['top_k']}), valid [N]: an image that cannot be decoded gets valid False,
               probabilities 0, top_k_indices -1 and empty names; the other images of the call are answered.

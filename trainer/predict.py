@@ -6,8 +6,8 @@ itself when it holds `saved_model/`): it loads the SavedModel written by
 the network, reads gin files or opens the dataset.
 
 Images are files or directories (directories searched recursively for
-.jpg, .jpeg, .png, .gif and .bmp, any case; symlinked directories are not
-followed). A file named explicitly is tried whatever its suffix; WebP, TIFF and
+.jpg, .jpeg, .png, .gif, .bmp and .webp, any case; symlinked directories are
+not followed). A file named explicitly is tried whatever its suffix; TIFF and
 HEIC are not decodable by TensorFlow (`tf.io.decode_image`) and get an error
 line. Each image's top-k classes are printed, one line per image:
 

@@ -5,7 +5,7 @@ the same `Preprocessing`, so "prepared exactly as in training" is a property
 of the code:
 
     decode(bytes)   -> uint8 [S, S, 3]   any format tf.io.decode_image reads (JPEG, PNG, GIF's first frame,
-                                         BMP), greyscale, RGBA and CMYK too; resized to S x S unless it has that
+                                         BMP, WebP), greyscale, RGBA and CMYK too; resized to S x S unless it has that
                                          size already (Tiny ImageNet at 64 px), then rounded back to uint8
     scale(uint8)    -> float32 [0, 1]    pixels / 255 (training augments here, between scale and normalise)
     normalise(x)    -> float32           (x - mean) / std when the run sets them
@@ -30,7 +30,7 @@ RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area")
 MAX_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS: about a quarter gigabyte of RGB pixels.
 CROPS = ("stretch", "center")
 INPUT_SCALE = 1.0 / 255.0
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")  # The files `decode` reads, in any case.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")  # The files `decode` reads, in any case.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +83,10 @@ class Preprocessing:
         too_large = tf.debugging.Assert(height * width <= self.max_pixels, [tf.strings.join([
             "The image declares ", tf.strings.as_string(height), " x ", tf.strings.as_string(width),
             f" pixels, more than trainer.data.max_pixels = {self.max_pixels}: refused before decoding"])])
-        with tf.control_dependencies([too_large]):
-            image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+        with tf.control_dependencies([too_large]):  # decode_image cannot give 3 channels of an RGBA WebP.
+            image = tf.cond(is_webp(encoded),
+                            lambda: tf.io.decode_image(encoded, channels=0, expand_animations=False)[..., :3],
+                            lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
         image = tf.ensure_shape(image, [None, None, 3])
         size = self.image_size
         if self.crop == "center":
@@ -133,7 +135,8 @@ class Preprocessing:
 
 
 def header_shape(encoded):
-    """(height, width) int64 that a JPEG, PNG, GIF or BMP header declares, read without decoding ((0, 0) else)."""
+    """(height, width) int64 that a JPEG, PNG, GIF, BMP or WebP header declares, read without decoding ((0, 0)
+    else)."""
     def number(offset, size, little_endian):
         raw = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, offset, size), tf.uint8), tf.int64)
         weights = tf.constant([256 ** i for i in range(size)][::1 if little_endian else -1], tf.int64)
@@ -143,11 +146,25 @@ def header_shape(encoded):
         height = number(22, 4, True)  # Negative (two's complement) for top-down bitmaps.
         return tf.stack([tf.where(height >= 2**31, 2**32 - height, height), number(18, 4, True)])
 
+    def webp():  # A VP8 (lossy), VP8L (lossless) or VP8X (extended) chunk first; selected, not branched (cheaper).
+        chunk, bits = tf.strings.substr(encoded, 12, 4), number(21, 4, True)
+        lossy = tf.stack([number(28, 2, True) % 2**14, number(26, 2, True) % 2**14])
+        lossless = tf.stack([bits // 2**14 % 2**14 + 1, bits % 2**14 + 1])
+        extended = tf.stack([number(27, 3, True) + 1, number(24, 3, True) + 1])
+        return tf.where(tf.equal(chunk, b"VP8L"), lossless, tf.where(tf.equal(chunk, b"VP8X"), extended, lossy))
+
     return tf.case([
         (tf.equal(tf.strings.substr(encoded, 0, 4), b"\x89PNG"),
          lambda: tf.stack([number(20, 4, False), number(16, 4, False)])),
         (tf.equal(tf.strings.substr(encoded, 0, 3), b"GIF"),
          lambda: tf.stack([number(8, 2, True), number(6, 2, True)])),
         (tf.equal(tf.strings.substr(encoded, 0, 2), b"BM"), bmp),
+        (is_webp(encoded), webp),
         (tf.io.is_jpeg(encoded), lambda: tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64)),
     ], default=lambda: tf.zeros([2], tf.int64))
+
+
+def is_webp(encoded):
+    """True for WebP bytes (RIFF....WEBP)."""
+    return tf.logical_and(tf.equal(tf.strings.substr(encoded, 0, 4), b"RIFF"),
+                          tf.equal(tf.strings.substr(encoded, 8, 4), b"WEBP"))

@@ -7,7 +7,7 @@ Two layouts, told apart by a `train/` folder:
     DATA_DIR/test/**/*.jpg (optional,    validation; the split is written to the model directory,
                             unlabelled)  `val_split.json`, so a resumed run validates on the same images)
 
-Images are JPEG, PNG, GIF or BMP files (any case of extension), in
+Images are JPEG, PNG, GIF, BMP or WebP files (any case of extension), in
 subfolders of any depth, counted under their top class folder. Labels are
 the class folders in sorted order; their names are the folder names, or
 come from an optional `classes.txt` or `words.txt` at the top
