@@ -416,7 +416,7 @@ def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_p
     assert memory.per_image > 0 and memory.fixed > 0
     data_bytes = int(pipeline.DECODE_PEAK_FACTOR * 300 * 32 * 32 * 3)
     # Room for 7.5 images: BATCH_SIZE 20 does not fit, 7 does.
-    memory = plan.Memory(int(memory.per_image * plan.MEASURED_RATIO), int(memory.fixed * plan.MEASURED_RATIO))
+    memory = plan.counted_memory(memory)
     available = memory.fixed + int(7.5 * memory.per_image) + data_bytes
     monkeypatch.setattr(plan, "available_memory", lambda host=False: (available, "host RAM"))
     with pytest.raises(UserError) as err:
@@ -437,12 +437,17 @@ def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_p
 
 @pytest.mark.slow
 def test_plan_prints_the_memory_estimate():
+    from trainer.models import plan  # pylint: disable=import-outside-toplevel
+
     returncode, out = run_plan(["--gin_file=gin/models/small.gin", "--gin_bindings=BATCH_SIZE = 32",
                                 "--gin_bindings=NUM_CLASSES = 200"])
     assert returncode == 0, out
     assert re.search(r"- Training memory \(estimate, float32, Adam\): [\d.]+ MB per image \(activations kept for "
                      r"the backward pass\), [\d.]+ KB for weights, gradients and optimizer state; [\d.]+ MB per "
                      r"batch of 32", out), out
+    assert "- Measured (`python benchmarks/network_memory.py`, CPU, 64 px): the reference network at batch 4" in out
+    assert (f"the check before training counts {plan.MEASURED_RATIO}x this estimate plus "
+            f"{plan.format_bytes(plan.RUNTIME_ALLOWANCE)}, plus the decoded data") in out, out
     assert "- Output:" not in out
 
 
