@@ -3,6 +3,7 @@
 Imported as `import helpers` (pytest puts tests/ on sys.path).
 """
 
+import csv
 import glob
 import os
 import re
@@ -123,3 +124,48 @@ def write_image_folder(tiny_dir, out, split_layout=True):
             with open(path, "rb") as src, open(os.path.join(folder, os.path.basename(path)), "wb") as dst:
                 dst.write(src.read())
     return out
+
+
+def run(command, timeout=300):
+    """Runs `command` to its end: (returncode, stderr)."""
+    proc = subprocess.run(command, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=timeout, check=False)
+    return proc.returncode, proc.stderr
+
+
+# --- What a run left -----------------------------------------------------------------------------------------------
+
+def csv_rows(model_dir):
+    with open(os.path.join(str(model_dir), "metrics.csv"), encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def leftovers(model_dir):
+    """Half-written things: checkpoint temps, partial exports, atomic-write temps."""
+    found = []
+    for pattern in ("checkpoints/*_temp*", "best/*_temp*", "partial.*", "previous.*", "*.tmp-*", "LOCK"):
+        found += glob.glob(os.path.join(str(model_dir), pattern))
+    return found
+
+
+def weights(checkpoint):
+    reader = tf.train.load_checkpoint(checkpoint)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map() if k.startswith("weights/")}
+
+
+def latest(model_dir, sub="checkpoints"):
+    return tf.train.latest_checkpoint(os.path.join(str(model_dir), sub))
+
+
+def val_points(model_dir, tag="top1"):
+    """[(step, value)] of a val scalar over every val event file of the run (in file order)."""
+    points = []
+    for path in sorted(glob.glob(os.path.join(str(model_dir), "val", "events.out.tfevents.*"))):
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                points += [(event.step, float(tf.make_ndarray(v.tensor))) for v in event.summary.value
+                           if v.tag == tag]
+        except tf.errors.DataLossError:
+            pass
+    return points
