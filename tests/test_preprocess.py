@@ -174,3 +174,18 @@ def test_a_webp_declaring_too_many_pixels_is_refused_before_decoding():
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"declares 16383 x 16383 pixels, more than "):
         Preprocessing(SIZE).decode(tf.constant(bytes(encoded)))
 
+
+
+def test_header_shape_of_every_format_short_input_and_a_top_down_bmp(tmp_path):
+    for path in _images(str(tmp_path)):
+        with open(path, "rb") as f:
+            encoded = f.read()
+        width, height = Image.open(io.BytesIO(encoded)).size
+        assert header_shape(tf.constant(encoded)).numpy().tolist() == [height, width], path
+    bmp = bytearray(open(_images(str(tmp_path))[4], "rb").read())
+    bmp[22:26] = (2**32 - 48).to_bytes(4, "little")  # Height -48: rows stored top-down.
+    assert header_shape(tf.constant(bytes(bmp))).numpy().tolist() == [48, 64]
+    for short in (b"", b"BM", b"\x89PNG", b"RIFF0000WEBP", b"not an image at all"):
+        assert header_shape(tf.constant(short)).numpy().tolist() == [0, 0], short
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Incomplete bmp content"):
+        Preprocessing(SIZE).decode(tf.constant(b"BM"))  # Too short for its header: decode's own message.

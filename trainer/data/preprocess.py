@@ -134,37 +134,48 @@ class Preprocessing:
                    int(value.get("max_pixels", MAX_PIXELS)))
 
 
+def _header_weights():
+    """[11, 32] float64: the header numbers every format keeps at fixed offsets, as weighted sums of its first 32
+    bytes (one product, no branch per format)."""
+    rows = []
+    for offset, size, little_endian in [(20, 4, False), (16, 4, False),  # PNG height, width (IHDR)
+                                        (8, 2, True), (6, 2, True),  # GIF
+                                        (22, 4, True), (18, 4, True),  # BMP
+                                        (28, 2, True), (26, 2, True),  # WebP lossy (VP8): 14 bits each
+                                        (21, 4, True),  # WebP lossless (VP8L): width - 1, height - 1 packed
+                                        (27, 3, True), (24, 3, True)]:  # WebP extended (VP8X): height - 1, width - 1
+        row = [0.0] * 32
+        for i in range(size):
+            row[offset + i] = float(256 ** (i if little_endian else size - 1 - i))
+        rows.append(row)
+    return rows
+
+
+_HEADER_WEIGHTS = _header_weights()
+
+
 def header_shape(encoded):
     """(height, width) int64 that a JPEG, PNG, GIF, BMP or WebP header declares, read without decoding ((0, 0)
-    else)."""
-    def number(offset, size, little_endian):
-        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, offset, size), tf.uint8), tf.int64)
-        weights = tf.constant([256 ** i for i in range(size)][::1 if little_endian else -1], tf.int64)
-        return tf.reduce_sum(raw[:size] * weights[:tf.size(raw)])
-
-    def bmp():
-        height = number(22, 4, True)  # Negative (two's complement) for top-down bitmaps.
-        return tf.stack([tf.where(height >= 2**31, 2**32 - height, height), number(18, 4, True)])
-
-    def webp():  # A VP8 (lossy), VP8L (lossless) or VP8X (extended) chunk first; selected, not branched (cheaper).
-        chunk, bits = tf.strings.substr(encoded, 12, 4), number(21, 4, True)
-        lossy = tf.stack([number(28, 2, True) % 2**14, number(26, 2, True) % 2**14])
-        lossless = tf.stack([bits // 2**14 % 2**14 + 1, bits % 2**14 + 1])
-        extended = tf.stack([number(27, 3, True) + 1, number(24, 3, True) + 1])
-        return tf.where(tf.equal(chunk, b"VP8L"), lossless, tf.where(tf.equal(chunk, b"VP8X"), extended, lossy))
-
-    return tf.case([
-        (tf.equal(tf.strings.substr(encoded, 0, 4), b"\x89PNG"),
-         lambda: tf.stack([number(20, 4, False), number(16, 4, False)])),
-        (tf.equal(tf.strings.substr(encoded, 0, 3), b"GIF"),
-         lambda: tf.stack([number(8, 2, True), number(6, 2, True)])),
-        (tf.equal(tf.strings.substr(encoded, 0, 2), b"BM"), bmp),
-        (is_webp(encoded), webp),
-        (tf.io.is_jpeg(encoded), lambda: tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64)),
-    ], default=lambda: tf.zeros([2], tf.int64))
+    else). One conditional (JPEG's size is not at a fixed offset); the other formats are read from one product."""
+    head = tf.strings.join([tf.strings.substr(encoded, 0, 32), "\0" * 32])  # 64 bytes: no offset out of range.
+    v = tf.cast(tf.linalg.matvec(tf.constant(_HEADER_WEIGHTS, tf.float64), tf.cast(
+        tf.io.decode_raw(tf.strings.substr(head, 0, 32), tf.uint8), tf.float64)), tf.int64)
+    bmp_height = tf.where(v[4] >= 2**31, 2**32 - v[4], v[4])  # Negative (two's complement) for top-down bitmaps.
+    chunk = tf.strings.substr(head, 12, 4)
+    webp = tf.where(tf.equal(chunk, b"VP8L"), tf.stack([v[8] // 2**14 % 2**14 + 1, v[8] % 2**14 + 1]),
+                    tf.where(tf.equal(chunk, b"VP8X"), tf.stack([v[9] + 1, v[10] + 1]),
+                             tf.stack([v[6] % 2**14, v[7] % 2**14])))
+    candidates = tf.stack([tf.stack([v[0], v[1]]), tf.stack([v[2], v[3]]), tf.stack([bmp_height, v[5]]), webp,
+                           tf.zeros([2], tf.int64)])
+    kind = tf.argmax(tf.cast(tf.stack([
+        tf.equal(tf.strings.substr(head, 0, 4), b"\x89PNG"), tf.equal(tf.strings.substr(head, 0, 3), b"GIF"),
+        tf.equal(tf.strings.substr(head, 0, 2), b"BM"), is_webp(head), tf.constant(True)]), tf.int32))
+    return tf.cond(tf.io.is_jpeg(encoded), lambda: tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64),
+                   lambda: tf.gather(candidates, kind))
 
 
 def is_webp(encoded):
-    """True for WebP bytes (RIFF....WEBP)."""
-    return tf.logical_and(tf.equal(tf.strings.substr(encoded, 0, 4), b"RIFF"),
-                          tf.equal(tf.strings.substr(encoded, 8, 4), b"WEBP"))
+    """True for WebP bytes (RIFF....WEBP), of any length."""
+    head = tf.strings.join([tf.strings.substr(encoded, 0, 12), "\0" * 12])
+    return tf.logical_and(tf.equal(tf.strings.substr(head, 0, 4), b"RIFF"),
+                          tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"))
