@@ -154,15 +154,20 @@ def test_output_formats_and_stdout(run_dir, image_dir, predictor, tmp_path):
     assert f'"{spaced}": ' in result.stdout and [n for n, _ in parsed[spaced]] == by_file[spaced].names
 
 
-def test_bad_files_fail_alone_in_process(predictor, image_dir):
+@pytest.mark.parametrize("flags_invalid", [True, False], ids=["signature-flags", "older-export-checks-first"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_bad_files_fail_alone_in_process(predictor, image_dir, monkeypatch, flags_invalid, batch_size):
     d, files = image_dir
+    assert predictor.flags_invalid  # This export's signature flags an undecodable image's row.
+    monkeypatch.setattr(predictor, "flags_invalid", flags_invalid)  # False: as with an export from before it did.
     paths = [str(d / "corrupt.jpg"), files["rgb"], str(d / "missing.jpg"), files["png"]]
     images, problems = predict.list_images(paths)
     assert problems == [(str(d / "missing.jpg"), "no such file or directory")]
-    predictions, failures = predict.predict_files(predictor, images, top_k=2, batch_size=1)
+    predictions, failures = predict.predict_files(predictor, images, top_k=2, batch_size=batch_size)
     assert [p.file for p in predictions] == [files["rgb"], files["png"]]
     assert [f for f, _ in failures] == [str(d / "corrupt.jpg")]
     assert "Op:" not in failures[0][1] and failures[0][1]
+    assert failures[0][1] != "the export's signature could not prepare it"  # The decode's own reason.
 
 
 def test_test_split_file(run_dir, synthetic_dir, tmp_path):

@@ -112,6 +112,8 @@ class Predictor:
       export_dir: the export directory.
       wnids: class ids in label order.
       names: class names in label order.
+      flags_invalid: the signature answers a call with an undecodable image (its `valid` output flags that
+        row); an older export's fails the whole call.
     """
 
     def __init__(self, export_dir):
@@ -127,6 +129,7 @@ class Predictor:
         except (OSError, KeyError, ValueError, tf.errors.OpError) as err:
             raise UserError(f"Cannot load the SavedModel {path} (expected one written by trainer.export, with a "
                             f"{SIGNATURE!r} signature): {_reason(err)}") from None
+        self.flags_invalid = "valid" in self._serve.structured_outputs
         classes_path = os.path.join(export_dir, CLASSES_FILE)
         try:
             with tf.io.gfile.GFile(classes_path) as f:
@@ -151,18 +154,29 @@ class Predictor:
         else:
             self.preprocess.decode(tf.constant(encoded))
 
-    def probabilities(self, encoded):
-        """Class probabilities of encoded images.
+    def reason(self, encoded):
+        """Why the signature could not prepare this image: the decode's error, in one line."""
+        try:
+            self.check(encoded)
+        except tf.errors.OpError as err:
+            return _reason(err)
+        return "the export's signature could not prepare it"
 
-        Args:
-          encoded: a list of encoded image bytes (JPEG, PNG, ...), each decodable.
+    def answers(self, encoded):
+        """(probabilities float32 [N, C], valid bool [N]) of encoded images (JPEG, PNG, ...).
 
-        Returns:
-          float32 [N, C].
+        Raises:
+          tf.errors.OpError: an image could not be decoded and the export does not flag invalid rows.
         """
         if not encoded:
-            return np.zeros([0, len(self.wnids)], np.float32)
-        return self._serve(images=tf.constant(encoded, tf.string))["probabilities"].numpy()
+            return np.zeros([0, len(self.wnids)], np.float32), np.zeros([0], bool)
+        out = self._serve(images=tf.constant(encoded, tf.string))
+        valid = out["valid"].numpy() if self.flags_invalid else np.ones([len(encoded)], bool)
+        return out["probabilities"].numpy(), valid
+
+    def probabilities(self, encoded):
+        """Class probabilities float32 [N, C] of encoded images, each decodable."""
+        return self.answers(encoded)[0]
 
     def top_k(self, probabilities, k):
         """(wnids, names, probabilities) of the k most probable classes of one image, most probable first."""
@@ -172,8 +186,8 @@ class Predictor:
 
 
 def list_images(paths):
-    """Expands files and directories (recursively, not into symlinked directories: .jpg, .jpeg, .png, any case)
-    into image paths.
+    """Expands files and directories (recursively, not into symlinked directories: IMAGE_SUFFIXES, any case) into
+    image paths.
 
     Args:
       paths: file and directory paths.
@@ -221,7 +235,8 @@ def predict_files(predictor, files, top_k=5, batch_size=32):
 
 
 def predict_encoded(predictor, named, top_k=5, batch_size=32):
-    """Classifies encoded images, each checked on its own first so that one bad image fails alone.
+    """Classifies encoded images; one bad image fails alone (the signature flags it; with an older export that
+    fails the whole call, each image is checked on its own first).
 
     Args:
       predictor: a `Predictor`.
@@ -236,28 +251,31 @@ def predict_encoded(predictor, named, top_k=5, batch_size=32):
     predictions, failures = [], []
     batch = []
 
-    def flush():
+    def answer(images):
         try:
-            rows = predictor.probabilities([data for _, data in batch])
-        except tf.errors.OpError:  # Should not happen after the check: fall back to one image at a time.
-            rows = []
-            for name, data in batch:
-                try:
-                    rows.append(predictor.probabilities([data])[0])
-                except tf.errors.OpError as err:
-                    failures.append((name, _reason(err)))
-                    rows.append(None)
-        for (name, _), row in zip(batch, rows):
-            if row is not None:
+            return predictor.answers(images)
+        except tf.errors.OpError:  # Not after the check: one image at a time.
+            if len(images) == 1:
+                return [None], [False]
+            rows = [answer([image]) for image in images]
+            return [row[0][0] for row in rows], [row[1][0] for row in rows]
+
+    def flush():
+        rows, valid = answer([data for _, data in batch])
+        for (name, data), row, ok in zip(batch, rows, valid):
+            if ok:
                 predictions.append(Prediction(name, *predictor.top_k(row, top_k)))
+            else:
+                failures.append((name, predictor.reason(data)))  # Decoded once more, for its message.
         batch.clear()
 
     for name, data in named:
-        try:
-            predictor.check(data)  # What the signature does first.
-        except tf.errors.OpError as err:
-            failures.append((name, _reason(err)))
-            continue
+        if not predictor.flags_invalid:  # An older export: a bad image would fail the whole call.
+            try:
+                predictor.check(data)
+            except tf.errors.OpError as err:
+                failures.append((name, _reason(err)))
+                continue
         batch.append((name, data))
         if len(batch) >= batch_size:
             flush()
