@@ -1,5 +1,6 @@
 """Every console script of setup.py prints the same help as its `python -m` form, and exits 0."""
 
+import importlib
 import os
 import re
 import subprocess
@@ -13,15 +14,19 @@ REPO = helpers.REPO
 
 
 def _console_scripts():
+    """(name, the module `python -m` runs, the entry point's module, its function) for each console script."""
     text = open(os.path.join(REPO, "setup.py"), encoding="utf-8").read()
-    return re.findall(r'"(tiny-[\w-]+) = ([\w.]+):(\w+)"', text)
+    return [(name, getattr(importlib.import_module(module), function).module, module, function)
+            for name, module, function in re.findall(r'"(tiny-[\w-]+) = ([\w.]+):(\w+)"', text)]
 
 
 SCRIPTS = _console_scripts()
 
 # What pip's console-script wrapper does (`pip install` writes it to bin/<name>): import the module, call the
-# function. Run from the repository, so it is this checkout's `trainer` that answers.
-WRAPPER = ("import re, sys\nfrom {module} import {function}\n"
+# function. Run from the repository, so it is this checkout's `trainer` that answers. At exit it says whether
+# TensorFlow was loaded.
+WRAPPER = ("import atexit, re, sys\nfrom {module} import {function}\n"
+           "atexit.register(lambda: print('tensorflow loaded:', 'tensorflow' in sys.modules, file=sys.stderr))\n"
            "sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\nsys.exit({function}())")
 
 
@@ -31,18 +36,18 @@ def _run(args):
 
 
 def test_setup_declares_every_command():
-    assert {name for name, _, _ in SCRIPTS} >= {"tiny-train", "tiny-plan", "tiny-evaluate", "tiny-predict",
+    assert {name for name, _, _, _ in SCRIPTS} >= {"tiny-train", "tiny-plan", "tiny-evaluate", "tiny-predict",
                                                 "tiny-export", "tiny-compare", "tiny-preview", "tiny-synthetic",
                                                 "tiny-download"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name,module,function", SCRIPTS, ids=[s[0] for s in SCRIPTS])
-def test_console_script_help_is_the_python_m_help(name, module, function):
+@pytest.mark.parametrize("name,module,entry_module,function", SCRIPTS, ids=[s[0] for s in SCRIPTS])
+def test_console_script_help_is_the_python_m_help_and_loads_no_tensorflow(name, module, entry_module, function):
     as_module = _run([sys.executable, "-m", module, "--help"])
-    as_script = _run([sys.executable, "-c", WRAPPER.format(module=module, function=function), "--help"])
+    as_script = _run([sys.executable, "-c", WRAPPER.format(module=entry_module, function=function), "--help"])
     assert as_module.returncode == 0 and as_script.returncode == 0, as_script.stderr[-2000:]
     assert as_script.stdout == as_module.stdout
+    assert as_script.stderr.strip().endswith("tensorflow loaded: False"), as_script.stderr[-2000:]
     assert "USAGE:" not in as_script.stdout and "Try --helpfull" not in as_script.stdout
     assert f"python -m {module}" in as_script.stdout  # The module's own description, not absl's one-liner.
     assert re.search(r"^\s+--\w+", as_script.stdout, re.M), as_script.stdout  # It lists flags.

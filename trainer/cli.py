@@ -15,6 +15,7 @@ checkpoint (`Interrupted`) exits 128 + the signal's number, as shells expect.
 import importlib
 import logging
 import os
+import runpy
 import sys
 import traceback
 
@@ -167,3 +168,29 @@ def no_arguments(argv):
     """Rejects positional arguments (absl passes them through)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+
+
+
+# The console scripts of setup.py: `tiny-x` runs `python -m trainer.x` itself (runpy, as `python -m` does), so
+# both take the same path, `--help` included, which answers before TensorFlow loads (`fast_help`). A wrapper
+# that imported `trainer.x` and called its `run()` would load TensorFlow first: 4 s before the help.
+def _console_script(module):
+    def command():
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+    command.module = module
+    command.__doc__ = f"Console script: python -m {module}."
+    return command
+
+
+tiny_train = _console_script("trainer.main")
+tiny_plan = _console_script("trainer.plan")
+tiny_evaluate = _console_script("trainer.evaluate")
+tiny_predict = _console_script("trainer.predict")
+tiny_export = _console_script("trainer.export")
+tiny_compare = _console_script("trainer.compare")
+tiny_sweep = _console_script("trainer.sweep")
+tiny_preview = _console_script("trainer.data.preview")
+tiny_synthetic = _console_script("trainer.data.synthetic")
+tiny_download = _console_script("trainer.data.download")
+tiny_convert = _console_script("trainer.data.convert")

@@ -443,7 +443,7 @@ def main(argv):
 
 
 def run():
-    """Console script `tiny-compare`."""
+    """The command; its console script `tiny-compare` runs this module as `python -m` does (trainer.cli)."""
     flags.DEFINE_enum("sort", "val_top1", list(SORT_KEYS), "The column to sort by (numbers: largest first).")
     flags.DEFINE_bool("reverse", False, "Reverse the order.")
     flags.DEFINE_bool("markdown", False, "Print a markdown table instead of the aligned console table.")

@@ -32,7 +32,7 @@ def main(argv):
 
 
 def run():
-    """Console script `tiny-train`."""
+    """The command; its console script `tiny-train` runs this module as `python -m` does (trainer.cli)."""
     cli.run(main, usage=_help)
 
 

@@ -31,7 +31,7 @@ def main(argv):
 
 
 def run():
-    """Console script `tiny-plan`."""
+    """The command; its console script `tiny-plan` runs this module as `python -m` does (trainer.cli)."""
     cli.run(main)
 
 

@@ -587,7 +587,7 @@ def main(argv):
 
 
 def run():
-    """Console script `tiny-sweep`."""
+    """The command; its console script `tiny-sweep` runs this module as `python -m` does (trainer.cli)."""
     flags.DEFINE_integer("parallel", 1, "Points trained at once, each its own process.")
     flags.DEFINE_bool("dry_run", False, "Print and check the points; train nothing.")
     flags.DEFINE_string("sweep_dir", None, "Overrides sweep.output (the sweep directory).")

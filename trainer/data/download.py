@@ -287,7 +287,7 @@ def main(argv):
 
 
 def run():
-    """Console script `tiny-download`."""
+    """The command; its console script `tiny-download` runs this module as `python -m` does (trainer.cli)."""
     _define_flags()
     cli.run(main)
 

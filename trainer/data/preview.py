@@ -135,7 +135,7 @@ def main(argv):
 
 
 def run():
-    """Console script `tiny-preview`."""
+    """The command; its console script `tiny-preview` runs this module as `python -m` does (trainer.cli)."""
     _define_flags()
     cli.run(main)
 

@@ -445,7 +445,7 @@ def main(argv):
 
 
 def run():
-    """Console script `tiny-synthetic`."""
+    """The command; its console script `tiny-synthetic` runs this module as `python -m` does (trainer.cli)."""
     _define_flags()
     cli.run(main)
 
