@@ -145,19 +145,21 @@ def test_a_network_that_does_not_output_num_classes_logits_is_one_line(train_bas
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("blocks, shape, last", [(HEAD_200, "(200,)", "head"), (POOL_32, "(32,)", "features")])
 def test_the_plan_command_says_the_output_is_not_num_classes_logits(blocks, shape, last):
-    returncode, out = run_plan(["--gin_file=gin/models/small.gin", f"--gin_bindings={blocks}",
-                                "--gin_bindings=NUM_CLASSES = 10"])
-    assert returncode == 0 and f"- Output: The network outputs shape {shape} per image (its last block: " \
+    out = plan_text(blocks, "NUM_CLASSES = 10")
+    assert f"- Output: The network outputs shape {shape} per image (its last block: " \
                                f"'{last}') but it must output (10,)" in out, out
 
 
-def run_plan(args):
-    proc = subprocess.run([sys.executable, "-m", "trainer.plan", *args], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=120, check=False)
-    return proc.returncode, proc.stdout + proc.stderr
+def plan_text(*bindings):
+    """What `python -m trainer.plan --gin_file=gin/models/small.gin --gin_bindings=...` prints, in this process
+    (the command itself: tests/test_plan.py)."""
+    from trainer import config  # pylint: disable=import-outside-toplevel
+    from trainer.models import plan  # pylint: disable=import-outside-toplevel
+
+    config.parse_gin(["gin/models/small.gin"], bindings, defaults=["NUM_CLASSES = 200"])
+    return plan.plan_text(plan.default_image_size())
 
 
 @pytest.mark.slow
@@ -201,13 +203,10 @@ def test_memory_estimate_stops_with_a_batch_size_that_fits(train_base_gin, tmp_p
     assert "it may run out of memory" in caplog.text
 
 
-@pytest.mark.slow
 def test_plan_prints_the_memory_estimate():
     from trainer.models import plan  # pylint: disable=import-outside-toplevel
 
-    returncode, out = run_plan(["--gin_file=gin/models/small.gin", "--gin_bindings=BATCH_SIZE = 32",
-                                "--gin_bindings=NUM_CLASSES = 200"])
-    assert returncode == 0, out
+    out = plan_text("BATCH_SIZE = 32", "NUM_CLASSES = 200")
     assert re.search(r"- Training memory \(estimate, float32, Adam\): [\d.]+ MB per image \(activations kept for "
                      r"the backward pass\), [\d.]+ KB for weights, gradients and optimizer state; [\d.]+ MB per "
                      r"batch of 32", out), out
@@ -456,15 +455,17 @@ def test_a_read_only_model_directory_from_the_command_line(train_base_gin, one_e
 
 # --- Issue 17: settings that name a metric or a block are checked before the first step -------------------------
 
-@pytest.mark.slow
 def test_a_misspelled_select_best_by_is_refused_before_the_first_step(train_base_gin, tmp_path):
+    """In this process (the command line's last `error:` line: test_the_other_network_error_is_...)."""
+    from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
+
     model_dir = tmp_path / "run"
-    returncode, log = run(main_command(train_base_gin, model_dir, "trainer.train.select_best_by = 'val_acc'"))
-    assert returncode == 1, log[-3000:]
-    assert log.strip().splitlines()[-1] == (
-        "error: trainer.train.select_best_by is 'val_acc': expected one of 'val_top1', 'val_top5', 'val_loss' "
-        "(a val column of metrics.csv)."), log[-3000:]
-    assert "Traceback" not in log and "step 1/" not in log and not model_dir.exists()
+    with pytest.raises(UserError) as err:
+        train_in_process(train_base_gin, model_dir, "trainer.train.select_best_by = 'val_acc'")
+    assert one_line(err.value) == (
+        "trainer.train.select_best_by is 'val_acc': expected one of 'val_top1', 'val_top5', 'val_loss' "
+        "(a val column of metrics.csv).")
+    assert not model_dir.exists()
 
 
 @pytest.mark.parametrize("binding, message", [
