@@ -14,7 +14,8 @@ from trainer import predict
 from trainer import train as train_lib
 from trainer.data import convert
 
-BINDINGS = ["EPOCHS = 3", "trainer.train.export = True", "trainer.train.evaluate_best = True"]
+BINDINGS = ["EPOCHS = 3"]
+EXPORT_AND_EVALUATE = ("trainer.train.export = True", "trainer.train.evaluate_best = True")  # Read for two sources.
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +39,16 @@ def _train(base_gin, model_dir, extra_gin=(), bindings=()):
 
 @pytest.fixture(scope="module")
 def runs(train_base_gin, layouts, tmp_path_factory):
-    """One 3-epoch run a way of feeding the data; {name: (model_dir, best row, log)}."""
+    """One 3-epoch run a way of feeding the data (exported and evaluated for the two other sources);
+    {name: (model_dir, best row, log)}."""
     import logging
 
     root = tmp_path_factory.mktemp("source_runs")
     ways = {
         "tiny_imagenet": ((), ()),
-        "image_folder": (("gin/data/image_folder.gin",), (f"DATA_DIR = '{layouts['image_folder']}'",)),
-        "tfrecord": (("gin/data/tfrecord.gin",), (f"DATA_DIR = '{layouts['tfrecord']}'",)),
+        "image_folder": (("gin/data/image_folder.gin",), (f"DATA_DIR = '{layouts['image_folder']}'",
+                                                          *EXPORT_AND_EVALUATE)),
+        "tfrecord": (("gin/data/tfrecord.gin",), (f"DATA_DIR = '{layouts['tfrecord']}'", *EXPORT_AND_EVALUATE)),
         "streamed": ((), ("trainer.data.in_memory = False", "trainer.data.shuffle_buffer = 100")),
         "small_budget": ((), ("trainer.data.memory_budget = 100000",)),
     }
