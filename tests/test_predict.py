@@ -186,7 +186,8 @@ def test_test_split_file(run_dir, synthetic_dir, tmp_path):
 
 def test_savedmodel_alone_agrees_with_predict(run_dir, synthetic_dir, predictor, tmp_path):
     """A fresh process that never imports `trainer` gets predict's top-1 for every val image from raw JPEG bytes;
-    undecodable images in the same call (garbage, a truncated JPEG) are flagged, the others answered."""
+    undecodable images in the same call (garbage, a truncated JPEG) are flagged, the others answered; a call with
+    no image answers with no rows."""
     val_files = TinyImageNet(synthetic_dir).files("val")[0]
     script = textwrap.dedent(f"""
         import json, sys
@@ -202,6 +203,8 @@ def test_savedmodel_alone_agrees_with_predict(run_dir, synthetic_dir, predictor,
         for i in (1, len(files) + 1):
             assert out['probabilities'].numpy()[i].max() == 0 and out['top_k_indices'].numpy()[i].max() == -1
             assert set(out['top_k_names'].numpy()[i].tolist()) == {{b''}}
+        empty = serve(images=tf.constant([], tf.string))  # A call with no image: every output has 0 rows.
+        assert {{k: tuple(v.shape)[0] for k, v in empty.items()}} == {{k: 0 for k in out}}, empty
         assert 'trainer' not in sys.modules, sorted(m for m in sys.modules if m.startswith('trainer'))
         print(json.dumps({{f: out['top_k_wnids'].numpy()[r, 0].decode() for f, r in zip(files, rows)}}))
     """)

@@ -91,7 +91,9 @@ class _Serving(tf.Module):
 
     def _serve(self, images):
         pixels, valid = self._decode(images)
-        logits = tf.cast(self._forward(self._preprocess.prepare(pixels)), tf.float32)
+        logits = tf.cond(  # An empty call skips the network (oneDNN's matmul fails on a batch of 0).
+            tf.size(images) > 0, lambda: tf.cast(self._forward(self._preprocess.prepare(pixels)), tf.float32),
+            lambda: tf.zeros([0, self._wnids.shape[0]]))
         probabilities = tf.where(valid[:, None], tf.nn.softmax(logits, axis=-1), 0.0)
         top_p, top_i = tf.math.top_k(probabilities, k=self._top_k)
         top_i = tf.where(valid[:, None], top_i, -1)
