@@ -46,10 +46,11 @@ streaming rows and python decode again, from the OS file cache: no row
 reads a disk). The table gives images/s, ours' ratio to each pipeline and
 each pipeline as a fraction of the ceiling; then the three ratios issue 15
 sets targets for. Then `stages`: the streaming stages alone (read; read +
-decode) for files and TFRecord. Last, `mixing`: mean distinct classes per batch over one
-epoch, in memory and both streamed, against a uniformly random permutation's
-expectation. The machine's load average is printed first and last: run it
-when nothing else is.
+decode; read + bare decode) for files and TFRecord, and what the stages' rates
+let TFRecord streaming warm / in-memory warm be at most (about). Last,
+`mixing`: mean distinct classes per batch over one epoch, in memory and both
+streamed, against a uniformly random permutation's expectation. The
+machine's load average is printed first and last: run it when nothing else is.
 """
 
 import argparse
@@ -411,16 +412,17 @@ def _print_table(results):
 
 
 def _print_bound(medians, ours_warm):
-    """The most TFRecord streaming warm / in-memory warm can be on these cores with the least decode.
+    """About the most TFRecord streaming warm / in-memory warm can be on these cores, from the stages' rates.
 
     A streamed epoch reads and decodes every image on the cores that also augment it; in-memory warm is the
-    augmentation (and a gather) alone. If the two costs add, streaming warm is at most
-    1 / (1 / read_and_decode + 1 / ours_warm), a fraction R / (R + ours_warm) of ours.
+    augmentation (and a gather) alone. If the two costs add, streaming warm is about
+    1 / (1 / read_and_decode + 1 / ours_warm), a fraction R / (R + ours_warm) of ours. An estimate: the stages
+    and the warm epochs run at different moments, so another process's load moves it.
     """
     for stage in ("read + bare decode", "read + decode"):
         rate = medians["TFRecord", stage]
-        print(f"bound, TFRecord streaming warm / in-memory warm with {stage:<19}{rate / (rate + ours_warm):6.2f}x  "
-              f"(R = {rate:,.0f}, in-memory warm {ours_warm:,.0f} images/s)")
+        print(f"estimate (costs add), TFRecord streaming warm / in-memory warm with {stage:<19}"
+              f"{rate / (rate + ours_warm):6.2f}x  (R = {rate:,.0f}, in-memory warm {ours_warm:,.0f} images/s)")
 
 
 def _print_targets(results):
