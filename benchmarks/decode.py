@@ -5,11 +5,12 @@
 
 One process, the same encoded images in memory (random-pixel JPEGs at
 --image_size, so no resize), a tf.data map with 2 parallel calls, batches of
-100. Timed passes alternate between the three (this checkout's decode, the
-baseline revision's, loaded from `git show`, and `tf.io.decode_image` with 3
-channels alone: no header check, no pixel limit, no resize test); the first
-pass of each is warm-up. Prints the median images/s of each and its ratio to
-the baseline revision's.
+100. Timed passes alternate between the four (this checkout's decode, the
+baseline revision's, loaded from `git show`, this checkout's with what a
+TFRecord index says of these images (`known`: all at --image_size, none WebP,
+within max_pixels), and `tf.io.decode_image` with 3 channels alone: no header
+check, no pixel limit, no resize test); the first pass of each is warm-up.
+Prints the median images/s of each and its ratio to the baseline revision's.
 """
 
 import argparse
@@ -50,7 +51,7 @@ def main():
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     from PIL import Image  # pylint: disable=import-outside-toplevel
 
-    from trainer.data.preprocess import Preprocessing  # pylint: disable=import-outside-toplevel
+    from trainer.data.preprocess import KnownImages, Preprocessing  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(0)
     images = []
@@ -58,7 +59,10 @@ def main():
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), np.uint8)).save(buffer, "JPEG")
         images.append(buffer.getvalue())
+    size = args.image_size
+    known = KnownImages(size * size, (size, size), False)  # What a TFRecord index says of these images.
     decoders = {"this checkout": Preprocessing(args.image_size).decode,
+                "this checkout, indexed": lambda e: Preprocessing(size).decode(e, known=known),
                 f"baseline {args.baseline}": _revision_module(args.baseline).Preprocessing(args.image_size).decode,
                 "decode_image alone": lambda e: tf.io.decode_image(e, channels=3, expand_animations=False)}
     datasets = {name: tf.data.Dataset.from_tensor_slices(images).map(fn, num_parallel_calls=2).batch(100)

@@ -46,10 +46,11 @@ streaming rows and python decode again, from the OS file cache: no row
 reads a disk). The table gives images/s, ours' ratio to each pipeline and
 each pipeline as a fraction of the ceiling; then the three ratios issue 15
 sets targets for. Then `stages`: the streaming stages alone (read; read +
-decode) for files and TFRecord. Last, `mixing`: mean distinct classes per batch over one
-epoch, in memory and both streamed, against a uniformly random permutation's
-expectation. The machine's load average is printed first and last: run it
-when nothing else is.
+decode; read + bare decode) for files and TFRecord, and what the stages' rates
+let TFRecord streaming warm / in-memory warm be at most (about). Last,
+`mixing`: mean distinct classes per batch over one epoch, in memory and both
+streamed, against a uniformly random permutation's expectation. The
+machine's load average is printed first and last: run it when nothing else is.
 """
 
 import argparse
@@ -209,25 +210,34 @@ def stages(args, dataset):
     """Prints images/s of the streaming stages alone (one epoch, shuffled order, no augmentation, no batch).
 
     Read: the source's (encoded bytes, label, id); + decode: then `Preprocessing.decode` as the pipeline
-    maps it. Median of 3 passes each. Shows which stage the TFRecord source speeds up and which dominates.
+    maps it (with what the source knows of its images: a TFRecord index's sizes); + bare decode: then
+    `tf.io.decode_image` alone (no pixel check, no WebP branch, no resize test), the least any decode costs.
+    Median of 3 passes each. Shows which stage the TFRecord source speeds up and which dominates.
     """
     tfrecord_dir = _ensure_tfrecord(dataset.data_dir, args.tfrecord_shards)
     print("\nstreaming stages alone (images/s, median of 3 passes; min-max):")
+    medians = {}
+    bare = lambda image: tf.io.decode_image(image, channels=3, expand_animations=False)  # noqa: E731
     for name, data in (("files", _data(args, dataset.data_dir, None, in_memory=False)),
                        ("TFRecord", _data(args, tfrecord_dir, None, in_memory=False, tfrecord_source=True))):
-        decode = data.preprocess.decode
-        for stage, make in (("read", lambda d=data: d.source.examples("train", shuffle_seed=0)),
-                            ("read + decode", lambda d=data: d.source.examples("train", shuffle_seed=0).map(
-                                lambda image, label, id_: (decode(image), label), num_parallel_calls=tf.data.AUTOTUNE,
-                                deterministic=False))):
+        known = data.source.known_images("train")
+        decode = lambda image, d=data, k=known: d.preprocess.decode(image, known=k)  # noqa: E731
+        for stage, fn in (("read", None), ("read + decode", decode), ("read + bare decode", bare)):
+            def make(d=data, fn=fn):
+                examples = d.source.examples("train", shuffle_seed=0)
+                return examples if fn is None else examples.map(
+                    lambda image, label, id_: (fn(image), label), num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=False)
             rates = []
             for _ in range(3):
                 start, seen = time.perf_counter(), 0
                 for batch in make().batch(256).prefetch(2):
                     seen += int(batch[1].shape[0])
                 rates.append(seen / (time.perf_counter() - start))
-            print(f"  {name:<9}{stage:<15}{np.median(rates):>10,.0f}  ({min(rates):,.0f}-{max(rates):,.0f})",
-                  flush=True)
+            medians[name, stage] = float(np.median(rates))
+            print(f"  {name:<9}{stage:<20}{np.median(rates):>10,.0f}  ({min(rates):,.0f}-{max(rates):,.0f})"
+                  + ("" if fn is not decode or known is None else f"  (index: {known})"), flush=True)
+    return medians
 
 
 # ---------------------------------------------------------------------------
@@ -375,7 +385,9 @@ def main(argv=None):
         _print_targets(results)
     for name, extra in (("stages", stages), ("mixing", mixing)):
         if not args.only or name in args.only:
-            extra(args, dataset)
+            medians = extra(args, dataset)
+            if name == "stages" and "ours" in results:
+                _print_bound(medians, results["ours"][1])
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
@@ -397,6 +409,20 @@ def _print_table(results):
             fractions = (f"{cold / top[0]:.0%}", f"{warm / top[1]:.0%}")
         print(f"{labels[name]:<24}{cold:>12,.0f}{warm:>12,.0f}{ratios[0]:>16}{ratios[1]:>16}"
               f"{fractions[0]:>17}{fractions[1]:>17}")
+
+
+def _print_bound(medians, ours_warm):
+    """About the most TFRecord streaming warm / in-memory warm can be on these cores, from the stages' rates.
+
+    A streamed epoch reads and decodes every image on the cores that also augment it; in-memory warm is the
+    augmentation (and a gather) alone. If the two costs add, streaming warm is about
+    1 / (1 / read_and_decode + 1 / ours_warm), a fraction R / (R + ours_warm) of ours. An estimate: the stages
+    and the warm epochs run at different moments, so another process's load moves it.
+    """
+    for stage in ("read + bare decode", "read + decode"):
+        rate = medians["TFRecord", stage]
+        print(f"estimate (costs add), TFRecord streaming warm / in-memory warm with {stage:<19}"
+              f"{rate / (rate + ours_warm):6.2f}x  (R = {rate:,.0f}, in-memory warm {ours_warm:,.0f} images/s)")
 
 
 def _print_targets(results):

@@ -16,7 +16,7 @@ from PIL import Image
 from trainer import export
 from trainer import predict
 from trainer.data import pipeline
-from trainer.data.preprocess import Preprocessing, header_shape
+from trainer.data.preprocess import ImageSurvey, KnownImages, Preprocessing, header_shape
 from trainer.data.sources import FileSource
 from trainer.errors import UserError
 from trainer.evaluation import evaluator
@@ -189,3 +189,57 @@ def test_header_shape_of_every_format_short_input_and_a_top_down_bmp(tmp_path):
         assert header_shape(tf.constant(short)).numpy().tolist() == [0, 0], short
     with pytest.raises(tf.errors.InvalidArgumentError, match="Incomplete bmp content"):
         Preprocessing(SIZE).decode(tf.constant(b"BM"))  # Too short for its header: decode's own message.
+
+
+def _survey(images):
+    survey = ImageSurvey()
+    for encoded in images:
+        survey.add(encoded)
+    return survey.known(len(images))
+
+
+def _ops(decode):
+    """The op types of `decode` traced on a scalar string (its conditionals' branches too)."""
+    graph = tf.function(decode, input_signature=[tf.TensorSpec([], tf.string)]).get_concrete_function().graph
+    definition = graph.as_graph_def()
+    return {node.op for node in definition.node} | {
+        node.op for function in definition.library.function for node in function.node_def}
+
+
+@pytest.mark.parametrize("preprocess", [Preprocessing(SIZE), Preprocessing(SIZE, "nearest", crop="center")],
+                         ids=["bilinear", "nearest-center"])
+def test_what_is_known_of_the_images_leaves_their_pixels_as_they_are(tmp_path, preprocess):
+    """The decode a TFRecord index allows (no pixel check, no WebP branch, no resize) gives the same tensors."""
+    images = [open(p, "rb").read() for p in _images(str(tmp_path))]
+    native = [tf.io.encode_png(np.random.default_rng(i).integers(0, 256, (SIZE, SIZE, 3), np.uint8)).numpy()
+              for i in range(3)] + [tf.io.encode_jpeg(np.full((SIZE, SIZE, 1), 9, np.uint8)).numpy()]
+    for group in (images, images[:6], native):
+        known = _survey(group)
+        for encoded in group:
+            np.testing.assert_array_equal(preprocess.decode(tf.constant(encoded), known=known).numpy(),
+                                          preprocess.decode(tf.constant(encoded)).numpy())
+    assert _survey(images) == KnownImages(64 * 48, None, True)
+    assert _survey(images[:6]) == KnownImages(64 * 48, None, False)
+    assert _survey(native) == KnownImages(SIZE * SIZE, (SIZE, SIZE), False)
+    assert KnownImages.from_json(_survey(native).to_json()) == _survey(native)
+    known = _survey(native)
+    full, bare = _ops(preprocess.decode), _ops(lambda e: preprocess.decode(e, known=known))
+    assert {"ExtractJpegShape", "Assert"} <= full and full & {"If", "StatelessIf"}, full
+    assert not bare & {"ExtractJpegShape", "If", "StatelessIf", "Assert", "ResizeBilinear", "MatMul"}, bare
+    # All at the network's size, by the index: another size is then an error (skipped, as a corrupt image).
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        preprocess.decode(tf.constant(images[0]), known=known)
+
+
+def test_the_pixel_check_stays_unless_every_image_is_within_the_limit(tmp_path):
+    images = [open(p, "rb").read() for p in _images(str(tmp_path))][:6]
+    known = _survey(images)  # The largest: the 64 x 48 BMP.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="declares 48 x 64 pixels, more than"):
+        Preprocessing(SIZE, max_pixels=64 * 48 - 1).decode(tf.constant(images[4]), known=known)
+    assert "ExtractJpegShape" not in _ops(lambda e: Preprocessing(SIZE, max_pixels=64 * 48).decode(e, known=known))
+    corrupt = images[0][:20] + b"\0" * 20  # A JPEG whose header cannot be read: nothing is assumed.
+    assert _survey(images + [corrupt]) is None
+    assert _survey(images[:2] + images) is not None and ImageSurvey().known(0) is None
+    survey = ImageSurvey()
+    survey.add(images[0])
+    assert survey.known(2) is None  # Fewer images than the split holds.

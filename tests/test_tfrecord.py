@@ -1,11 +1,14 @@
 """TFRecord shards: the converter (trainer.data.convert) and the source that reads them (sources.tfrecord)."""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import gin
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -14,7 +17,7 @@ from trainer.data import sources
 from trainer.data.sources import tfrecord
 from trainer.data.sources.tiny_imagenet import TinyImageNet
 from trainer.data import pipeline
-from trainer.data.preprocess import Preprocessing
+from trainer.data.preprocess import KnownImages, Preprocessing
 from trainer.errors import UserError, data_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,6 +66,43 @@ def test_round_trip(synthetic_dir, converted):
     assert shards.describe()["source"]["kind"] == "tiny_imagenet"
     assert shards.describe()["kind"] == "tfrecord" and shards.describe()["location"] == converted
     assert shards.fingerprint() == tfrecord.TFRecord(converted).fingerprint()
+
+
+def _hashes(images):
+    return sorted(hashlib.sha1(image.tobytes()).hexdigest() for image in images)
+
+
+@pytest.mark.parametrize("size", [64, 32])  # The images' own size (a bare decode), and another (resized).
+def test_the_index_lets_the_decode_leave_work_out_with_identical_pixels(synthetic_dir, converted, tmp_path,
+                                                                        monkeypatch, size):
+    shards = tfrecord.TFRecord(converted)
+    assert shards.known_images("train") == shards.known_images("val") == KnownImages(64 * 64, (64, 64), False)
+    old = str(tmp_path / "old")  # As the converter wrote it before it read the headers: nothing is assumed.
+    shutil.copytree(converted, old)
+    index = json.loads(open(os.path.join(old, tfrecord.INDEX_FILE)).read())
+    for entry in index["splits"].values():
+        entry.pop("images", None)
+    with open(os.path.join(old, tfrecord.INDEX_FILE), "w") as f:
+        json.dump(index, f)
+    assert tfrecord.TFRecord(old).known_images("train") is None
+    prep, source = Preprocessing(size, crop="center"), TinyImageNet(synthetic_dir)
+    expected = {split: {i.decode(): image for image, i in source.examples(split).map(
+        lambda image, _, i: (prep.decode(image), i)).as_numpy_iterator()} for split in ("train", "val")}
+    seen, decode = [], Preprocessing.decode  # The `known` of every decode the pipeline builds.
+    monkeypatch.setattr(Preprocessing, "decode", lambda self, e, known=None: seen.append(known) or decode(
+        self, e, known))
+    for directory, known in ((converted, shards.known_images("train")), (old, None)):
+        data = pipeline.Data(tfrecord.TFRecord(directory), prep, batch_size=200, in_memory=False, shuffle_buffer=200)
+        seen.clear()
+        [(evaluated, _)] = list(data.eval("val").take(1))  # In the source's order.
+        assert seen == [known]
+        np.testing.assert_array_equal(evaluated.numpy()[:50], prep.prepare(np.stack(list(expected["val"].values()))))
+        streamed, _ = next(iter(data.train()))  # The buffer mixes epochs: each image one of the training set's.
+        assert set(_hashes(streamed.numpy())) <= set(_hashes(prep.prepare(np.stack(list(
+            expected["train"].values()))).numpy()))
+        images, _, ids = pipeline.Data(tfrecord.TFRecord(directory), prep, batch_size=200, in_memory=True).load_train()
+        np.testing.assert_array_equal(images.numpy(), np.stack([expected["train"][i] for i in ids]))
+        assert seen[-1] == known
 
 
 def _read(directory, name):
@@ -121,6 +161,9 @@ def test_interrupted_conversion_resumes(synthetic_dir, tmp_path, monkeypatch):
     assert sorted(os.listdir(out)) == sorted([convert.PLAN_FILE, tfrecord.INDEX_FILE] + [
         s["file"] for e in index["splits"].values() for s in e["shards"]])  # No temporary file left.
     assert _by_id(tfrecord.TFRecord(out).examples("train")) == _by_id(TinyImageNet(synthetic_dir).examples("train"))
+    # Pass 1 of train was kept (its buckets were complete), so its headers were not read: nothing is assumed.
+    assert "images" not in index["splits"]["train"] and tfrecord.TFRecord(out).known_images("train") is None
+    assert index["splits"]["val"]["images"] == {"max_pixels": 64 * 64, "size": [64, 64], "webp": False}
     assert convert.convert(synthetic_dir, out, shards=4)[1] == "done"
 
 

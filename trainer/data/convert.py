@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from trainer import cli
 from trainer.data import sources
+from trainer.data.preprocess import ImageSurvey
 from trainer.data.sources import INCOMPLETE_MARKER, tfrecord
 from trainer.data.sources.image_folder import ImageFolder
 from trainer.data.sources.tiny_imagenet import TinyImageNet
@@ -129,11 +130,12 @@ def _example(image, label, id_, class_ids):
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def _records(source, split):
-    """Serialized tf.train.Examples of a split, in the source's order."""
+def _records(source, split, survey):
+    """Serialized tf.train.Examples of a split, in the source's order; `survey` reads each image's header."""
     class_ids = list(source.class_ids)
     try:
         for image, label, id_ in source.examples(split).prefetch(64).as_numpy_iterator():
+            survey.add(image)
             yield _example(image, int(label), id_, class_ids)
     except tf.errors.OpError as err:
         raise UserError(f"Cannot read the {split} images of {source.location}: {err.message.splitlines()[0]}. "
@@ -162,7 +164,7 @@ def _bounds(count, shards):
 
 
 def _write_split(source, split, plan, out):
-    """Writes the split's missing shards and returns their index entries."""
+    """Writes the split's missing shards; returns its index entry (its images' `KnownImages` when all were read)."""
     count, shards = plan["count"], plan["shards"]
     names = [tfrecord.shard_name(split, i, shards) for i in range(shards)]
     bounds = _bounds(count, shards)
@@ -170,17 +172,19 @@ def _write_split(source, split, plan, out):
     todo = [i for i, name in enumerate(names) if not tf.io.gfile.exists(sources.join(out, name))]
     if len(todo) < shards:
         logging.info("%s: %d of %d shards already written, kept.", split, shards - len(todo), shards)
-    if not todo:
-        return entries
-    if split != "train":  # In the source's order: shard i is a contiguous run of it.
-        records = _records(source, split)
+    # The headers of the images read: all of them (unless every shard, or every bucket of a resumed training split,
+    # is kept) let the index say what the reader may leave out (trainer.data.preprocess.KnownImages).
+    survey = ImageSurvey()
+    if todo and split != "train":  # In the source's order: shard i is a contiguous run of it.
+        records = _records(source, split, survey)
         for i in range(shards):
             chunk = list(itertools.islice(records, bounds[i + 1] - bounds[i]))
             if i in todo:
                 _save(out, names[i], chunk, entries[i]["count"])
-        return entries
-    _write_train(source, plan, out, names, bounds, todo)
-    return entries
+    elif todo:
+        _write_train(source, plan, out, names, bounds, todo, survey)
+    known = survey.known(count)
+    return {"count": count, "shards": entries, **({"images": known.to_json()} if known else {})}
 
 
 def _save(out, name, records, expected):
@@ -191,7 +195,7 @@ def _save(out, name, records, expected):
     logging.info("Wrote %s (%d images).", sources.join(out, name), written)
 
 
-def _write_train(source, plan, out, names, bounds, todo):
+def _write_train(source, plan, out, names, bounds, todo, survey):
     """A seeded permutation in two passes, so memory holds one shard, not the split.
 
     Pass 1 writes the examples bound for each missing shard to a bucket file, in the source's order; pass 2
@@ -205,7 +209,7 @@ def _write_train(source, plan, out, names, bounds, todo):
     if not all(tf.io.gfile.exists(buckets[i]) for i in todo):
         writers = {i: tf.io.TFRecordWriter(buckets[i] + _TMP) for i in todo}
         seen = 0
-        for k, record in enumerate(_records(source, "train")):
+        for k, record in enumerate(_records(source, "train", survey)):
             if k < count and shard_of[k] in writers:
                 writers[shard_of[k]].write(record)
             seen += 1
@@ -308,8 +312,7 @@ def convert(data_dir, out, shards=None, kind=None):
         f.write("a conversion is being written\n")
     if state == "new":
         _write_json(sources.join(out, PLAN_FILE), plan)
-    splits = {split: {"count": p["count"], "shards": _write_split(source, split, p, out)}
-              for split, p in plan["splits"].items()}
+    splits = {split: _write_split(source, split, p, out) for split, p in plan["splits"].items()}
     index = {"format_version": tfrecord.FORMAT_VERSION, "kind": "tfrecord", "source": source.describe(),
              "class_ids": list(source.class_ids), "class_names": list(source.class_names), "splits": splits}
     _write_json(index_path, index)

@@ -300,7 +300,8 @@ def _decoded(s, split, input_context=None, shuffle_seed=None, deterministic=True
 
     With `repeat`, endless epochs, each in the order the source draws anew (with `shuffle_seed`).
     """
-    decode = s.preprocess.decode
+    # What the source knows of every image (a TFRecord index: their sizes) leaves work out of the decode.
+    decode = functools.partial(s.preprocess.decode, known=s.source.known_images(split))
     ds = s.source.examples(split, shuffle_seed=shuffle_seed, input_context=input_context)
     if repeat:
         ds = ds.repeat()

@@ -22,6 +22,7 @@ square, as Keras' `image_dataset_from_directory` does.
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 
 from trainer.errors import UserError
@@ -77,18 +78,34 @@ class Preprocessing:
     def antialias(self):
         return self.resize != "nearest"
 
-    def decode(self, encoded):
-        """Encoded image bytes (a scalar tf.string) -> uint8 [S, S, 3]; an error for more than `max_pixels`."""
-        height, width = tf.unstack(header_shape(encoded))
-        too_large = tf.debugging.Assert(height * width <= self.max_pixels, [tf.strings.join([
-            "The image declares ", tf.strings.as_string(height), " x ", tf.strings.as_string(width),
-            f" pixels, more than trainer.data.max_pixels = {self.max_pixels}: refused before decoding"])])
-        with tf.control_dependencies([too_large]):  # decode_image cannot give 3 channels of an RGBA WebP.
-            image = tf.cond(is_webp(encoded),
-                            lambda: tf.io.decode_image(encoded, channels=0, expand_animations=False)[..., :3],
-                            lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
-        image = tf.ensure_shape(image, [None, None, 3])
+    def decode(self, encoded, known=None):
+        """Encoded image bytes (a scalar tf.string) -> uint8 [S, S, 3]; an error for more than `max_pixels`.
+
+        `known`: None, or a `KnownImages` that holds for every image this decode will see (a TFRecord
+        index says it, from the converter's reading of every header). It leaves out, at graph-building time,
+        only work that cannot change such an image's pixels: the pixel-limit check when no header declares more
+        than `max_pixels`, the WebP branch when none is WebP, and the crop and resize when every image already
+        has the network's size (then a bare decode, and an image of any other size is an error, as a corrupt
+        one is). An untaken branch still costs in tf.data's lowered control flow (BUILD_NOTES.md).
+        """
+        check = known is None or known.max_pixels > self.max_pixels
+        webp = known is None or known.webp
+        native = known is not None and known.size == (self.image_size, self.image_size)
+        checks = []
+        if check:
+            height, width = tf.unstack(header_shape(encoded))
+            checks.append(tf.debugging.Assert(height * width <= self.max_pixels, [tf.strings.join([
+                "The image declares ", tf.strings.as_string(height), " x ", tf.strings.as_string(width),
+                f" pixels, more than trainer.data.max_pixels = {self.max_pixels}: refused before decoding"])]))
+        with tf.control_dependencies(checks):
+            rgb = lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False)
+            # decode_image cannot give 3 channels of an RGBA WebP.
+            image = tf.cond(is_webp(encoded), lambda: tf.io.decode_image(
+                encoded, channels=0, expand_animations=False)[..., :3], rgb) if webp else rgb()
         size = self.image_size
+        if native:
+            return tf.ensure_shape(image, [size, size, 3])
+        image = tf.ensure_shape(image, [None, None, 3])
         if self.crop == "center":
             height, width = tf.shape(image)[0], tf.shape(image)[1]
             side = tf.minimum(height, width)
@@ -132,6 +149,68 @@ class Preprocessing:
                    None if value.get("mean") is None else tuple(value["mean"]),
                    None if value.get("std") is None else tuple(value["std"]), value.get("crop", "stretch"),
                    int(value.get("max_pixels", MAX_PIXELS)))
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownImages:
+    """What holds for every image of a split, known before reading any (`Preprocessing.decode`'s `known`).
+
+    Attributes:
+      max_pixels: the most pixels (height x width) any image's header declares.
+      size: (height, width) when every image's header declares that size, else None.
+      webp: whether any image is WebP.
+    """
+
+    max_pixels: int
+    size: tuple | None
+    webp: bool
+
+    def to_json(self):
+        return {"max_pixels": self.max_pixels, "size": None if self.size is None else list(self.size),
+                "webp": self.webp}
+
+    @classmethod
+    def from_json(cls, value):
+        size = value["size"]
+        return cls(int(value["max_pixels"]), None if size is None else (int(size[0]), int(size[1])),
+                   bool(value["webp"]))
+
+
+class ImageSurvey:
+    """Reads the header of every image `add`ed (as `decode` does); `known(count)` says what holds for all of them."""
+
+    BATCH = 256  # Headers read by one call (one at a time: 0.35 ms an image, mostly the call).
+
+    def __init__(self):
+        self.count, self.max_pixels, self.sizes, self.webp, self.unreadable = 0, 0, set(), False, False
+        self._pending = []
+
+    def add(self, encoded):
+        """One image's encoded bytes (a header that cannot be read makes `known` None: nothing is assumed)."""
+        self.count += 1
+        self._pending.append(encoded)
+        if len(self._pending) >= self.BATCH:
+            self._read()
+
+    def _read(self):
+        try:
+            shapes, webp = (v.numpy() for v in _headers(tf.constant(self._pending, tf.string)))
+        except tf.errors.OpError:  # An unreadable header (a corrupt JPEG) fails the whole batch.
+            self.unreadable = True
+        else:
+            self.max_pixels = max(self.max_pixels, int(np.max(np.prod(shapes, axis=1))))
+            if len(self.sizes) < 2:  # One size, or several (then which ones does not matter).
+                self.sizes.update(map(tuple, np.unique(shapes, axis=0)[:2].tolist()))
+            self.webp = self.webp or bool(np.any(webp))
+        self._pending = []
+
+    def known(self, count):
+        """A `KnownImages` of the images added, or None: some header unreadable, or not `count` images added."""
+        if self._pending:
+            self._read()
+        if self.unreadable or self.count != count or not count:
+            return None
+        return KnownImages(self.max_pixels, next(iter(self.sizes)) if len(self.sizes) == 1 else None, self.webp)
 
 
 def _header_weights():
@@ -179,3 +258,10 @@ def is_webp(encoded):
     head = tf.strings.join([tf.strings.substr(encoded, 0, 12), "\0" * 12])
     return tf.logical_and(tf.equal(tf.strings.substr(head, 0, 4), b"RIFF"),
                           tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"))
+
+
+@tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+def _headers(encoded):
+    """(height, width) int64 [N, 2] and is WebP bool [N] of N images' bytes."""
+    return tf.map_fn(lambda e: (header_shape(e), is_webp(e)), encoded,
+                     fn_output_signature=(tf.TensorSpec([2], tf.int64), tf.TensorSpec([], tf.bool)))

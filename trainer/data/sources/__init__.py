@@ -74,6 +74,10 @@ class Source:
         """
         raise NotImplementedError
 
+    def known_images(self, split):
+        """A `trainer.data.preprocess.KnownImages` true of every image of `split`, or None (nothing known)."""
+        return None
+
     def listing(self, split):
         """(ids, labels) of every example of `split`, in the order of `examples(split)` (a pass over the data)."""
         ids, labels = [], []

@@ -25,6 +25,7 @@ import sys
 import tensorflow as tf
 
 from trainer.data import sources
+from trainer.data.preprocess import KnownImages
 from trainer.data.sources import INCOMPLETE_MARKER, DatasetNotFoundError
 from trainer.errors import DATA_ERROR_MARK, UserError
 from trainer.registry import configurable
@@ -42,8 +43,12 @@ FEATURES = {
 # index.json:
 # {"format_version": 1, "kind": "tfrecord", "source": <the source's describe()>,
 #  "class_ids": [...], "class_names": [...],
-#  "splits": {"train": {"count": N, "shards": [{"file": "train-00000-of-00002.tfrecord", "count": n}, ...]},
+#  "splits": {"train": {"count": N, "shards": [{"file": "train-00000-of-00002.tfrecord", "count": n}, ...],
+#                       "images": {"max_pixels": P, "size": [h, w] or null, "webp": false}},
 #             "val": {...}, "test": {...}}}
+# "images" (since this converter read every header; absent in older indexes, and then nothing is assumed): the most
+# pixels any image declares, the size all declare (null when they differ) and whether any is WebP
+# (trainer.data.preprocess.KnownImages: what the decode may leave out).
 ON_CORRUPT = ("skip", "stop")
 CORRUPT_PREFIX = "Corrupt TFRecord shard "
 AUTOTUNE = sources.AUTOTUNE
@@ -86,7 +91,9 @@ def parse_index(text, path):
             if sum(counts) != int(entry["count"]):
                 raise ValueError(f"the shards of {split!r} hold {sum(counts)} records, its count says "
                                  f"{entry['count']}")
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+            if "images" in entry:
+                KnownImages.from_json(entry["images"])
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
         raise DatasetNotFoundError(f"{path} is damaged ({err}): convert the dataset again "
                                    f"(`python -m trainer.data.convert --data_dir=SRC --out=...`).") from None
     return index
@@ -160,6 +167,11 @@ class TFRecord(sources.Source):
     def count(self, split):
         self.check_split(split)
         return int(self.index["splits"][split]["count"])
+
+    def known_images(self, split):
+        self.check_split(split)
+        known = self.index["splits"][split].get("images")
+        return None if known is None else KnownImages.from_json(known)
 
     def examples(self, split, shuffle_seed=None, input_context=None):
         """(encoded bytes, label int32, example id) of a split, its shards read in parallel (see `Source`).
