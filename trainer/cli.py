@@ -170,7 +170,6 @@ def no_arguments(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
 
 
-
 # The console scripts of setup.py: `tiny-x` runs `python -m trainer.x` itself (runpy, as `python -m` does), so
 # both take the same path, `--help` included, which answers before TensorFlow loads (`fast_help`). A wrapper
 # that imported `trainer.x` and called its `run()` would load TensorFlow first: 4 s before the help.
