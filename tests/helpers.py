@@ -37,6 +37,11 @@ def main_command(base_gin, model_dir, *bindings):
             *[b if b.startswith("--") else f"--gin_bindings={b}" for b in bindings]]
 
 
+def one_line(error):
+    """A UserError's message as `cli.run` prints it (without gin's "In call to configurable" lines)."""
+    return str(error).split("\n  In call to configurable")[0]
+
+
 def train_in_process(base_gin, model_dir, *bindings, **kwargs):
     """Parses `base_gin` plus `bindings` and runs `trainer.train.train()` in this process."""
     from trainer import config, train  # pylint: disable=import-outside-toplevel

@@ -24,11 +24,6 @@ def run_main(*args, cwd=REPO, timeout=600):
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def _first_paragraph(error):
-    """A UserError's message as the command line prints it (without gin's "In call to configurable" lines)."""
-    return str(error).split("\n  In call to configurable")[0]
-
-
 def test_gin_files_resolve_from_another_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = config.resolve_gin_file("gin/phase64.gin")
@@ -76,7 +71,7 @@ def test_phase64_without_dataset_is_one_paragraph_naming_the_download(tmp_path):
     with pytest.raises(UserError) as err:
         helpers.train_in_process(os.path.join(REPO, "gin", "phase64.gin"), tmp_path / "run",
                                  f"DATA_DIR='{tmp_path}/none/tiny-imagenet-200'")
-    message = _first_paragraph(err.value)
+    message = helpers.one_line(err.value)
     assert "python -m trainer.data.download" in message and "\n\n" not in message.strip(), message
     assert not os.path.exists(tmp_path / "run"), "a failed start must not create the model directory"
 
@@ -151,7 +146,7 @@ def test_bad_values_are_one_line_before_anything_is_written(tmp_path, binding, m
 def test_batch_larger_than_the_training_set_names_the_largest(train_base_gin, tmp_path):
     with pytest.raises(UserError) as err:
         helpers.train_in_process(train_base_gin, tmp_path / "r", "BATCH_SIZE = 400")
-    assert _first_paragraph(err.value) == (
+    assert helpers.one_line(err.value) == (
         "BATCH_SIZE 400 is larger than the training set (300 images): use at most 300.")
 
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from helpers import REPO, STEPS_PER_EPOCH, csv_rows, env, latest, leftovers, main_command, run, \
+from helpers import REPO, STEPS_PER_EPOCH, csv_rows, env, latest, leftovers, main_command, one_line, run, \
     train_in_process, val_points, weights
 
 
@@ -29,11 +29,6 @@ def one_epoch(train_base_gin, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("one_epoch") / "run"
     train_in_process(train_base_gin, model_dir)
     return model_dir
-
-
-def one_line(error):
-    """The message as `cli.run` prints it (without gin's call-site suffix)."""
-    return str(error).split("\n  In call to configurable")[0]
 
 
 def copy_run(model_dir, tmp_path):

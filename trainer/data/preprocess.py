@@ -90,7 +90,7 @@ class Preprocessing:
         """
         check = known is None or known.max_pixels > self.max_pixels
         webp = known is None or known.webp
-        native = known is not None and known.size == (self.image_size, self.image_size)
+        all_native = known is not None and known.size == (self.image_size, self.image_size)
         checks = []
         if check:
             height, width = tf.unstack(header_shape(encoded))
@@ -103,7 +103,7 @@ class Preprocessing:
             image = tf.cond(is_webp(encoded), lambda: tf.io.decode_image(
                 encoded, channels=0, expand_animations=False)[..., :3], rgb) if webp else rgb()
         size = self.image_size
-        if native:
+        if all_native:
             return tf.ensure_shape(image, [size, size, 3])
         image = tf.ensure_shape(image, [None, None, 3])
         if self.crop == "center":
