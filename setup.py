@@ -34,7 +34,7 @@ setup(
         "matplotlib>=3.5",  # The evaluation's figures (confusion matrix, Grad-CAM, reliability diagram).
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.8", "pillow>=10.0", "hypothesis>=6.100", "ruff>=0.6"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "pillow>=10.0", "hypothesis>=6.100", "ruff>=0.6"],
         "bench": ["pillow>=10.0"],
     },
     entry_points={"console_scripts": [

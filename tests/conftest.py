@@ -11,23 +11,6 @@ from trainer.data import synthetic
 
 cli.register_configurables()  # Every gin configurable, before any test parses a gin file.
 
-# The files that take a minute or more on 2 cores (measured, BUILD_NOTES "Test suite"), longest first. The README's
-# `-n 2 --dist loadfile` hands whole files to the two workers in collection order: these start first and the short
-# files fill in at the end. In xdist's own order (most tests first) the kill tests came last and one worker sat idle
-# for 80 s.
-LONGEST_FIRST = ["test_precise_bn.py", "test_train.py", "test_reliability.py", "test_kills.py", "test_sweep.py",
-                 "test_strategy.py", "test_sources_end_to_end.py", "test_model_declarations.py"]
-
-
-def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False  # xdist (3.8 on) keeps the collection order of the files.
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: the rest keep their order.
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
