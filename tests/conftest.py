@@ -1,5 +1,6 @@
 """Shared fixtures: small synthetic datasets in Tiny ImageNet's layout, a clean gin config per test."""
 
+import gc
 import os
 
 import gin
@@ -10,6 +11,9 @@ from trainer import cli
 from trainer.data import synthetic
 
 cli.register_configurables()  # Every gin configurable, before any test parses a gin file.
+# A full garbage collection walks every object of TensorFlow and Keras (about 0.3 s, after each of 582 tests: 184 s
+# of the suite's 1,317, measured): objects that survive one are moved out of the collector's sight (`gc.freeze`).
+gc.freeze()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,11 +31,17 @@ def synthetic_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def clean_state():
-    """Every test starts and ends with an empty gin configuration, and ends with a fresh Keras session."""
+    """Every test starts and ends with an empty gin configuration, and ends with a fresh Keras session.
+
+    The test's cyclic garbage is collected, then what is still alive is frozen, so the next test's collection
+    walks only the objects made since.
+    """
     gin.clear_config()
     yield
     gin.clear_config()
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
