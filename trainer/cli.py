@@ -12,6 +12,7 @@ one `error: ...` paragraph and exits 1; a run stopped by a signal after its
 checkpoint (`Interrupted`) exits 128 + the signal's number, as shells expect.
 """
 
+import gc
 import importlib
 import logging
 import os
@@ -48,9 +49,15 @@ def define_gin_flags(default_files=None, model_dir=True):
 
 
 def register_configurables():
-    """Imports every module that defines gin configurables (this imports TensorFlow)."""
+    """Imports every module that defines gin configurables (this imports TensorFlow).
+
+    Then moves every object alive so far out of the garbage collector's walks (`gc.freeze`): TensorFlow's and
+    Keras's modules hold millions of them, and each full collection of a run would walk them again
+    (BUILD_NOTES.md, "Start-up").
+    """
     for module in CONFIGURABLE_MODULES:
         importlib.import_module(module)
+    gc.freeze()
 
 
 def parse_gin_flags(defaults=(), model_dir=None):
