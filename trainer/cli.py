@@ -12,6 +12,7 @@ one `error: ...` paragraph and exits 1; a run stopped by a signal after its
 checkpoint (`Interrupted`) exits 128 + the signal's number, as shells expect.
 """
 
+import functools
 import gc
 import importlib
 import logging
@@ -49,13 +50,18 @@ def define_gin_flags(default_files=None, model_dir=True):
 
 
 def register_configurables():
-    """Imports every module that defines gin configurables (this imports TensorFlow).
-
-    Then moves every object alive so far out of the garbage collector's walks (`gc.freeze`): the imports leave
-    about 355,000 that each full collection of a run would walk again (BUILD_NOTES.md, "Start-up").
-    """
+    """Imports every module that defines gin configurables (this imports TensorFlow); the first time, then
+    freezes what the imports made (`_freeze_imports`)."""
     for module in CONFIGURABLE_MODULES:
         importlib.import_module(module)
+    _freeze_imports()
+
+
+@functools.cache
+def _freeze_imports():
+    """Moves every object alive now out of the garbage collector's walks (`gc.freeze`), once a process: the
+    imports leave about 355,000 that each full collection of a run would walk again (BUILD_NOTES.md,
+    "Start-up"). Not again later: garbage not yet collected would be kept for good."""
     gc.freeze()
 
 
