@@ -88,3 +88,20 @@ def test_the_console_shows_time_and_message_and_no_font_cache_line(tmp_path, ver
     else:  # --verbosity asks for absl's full prefix: level, date, time, thread, file:line.
         assert len(lines) == 2 and re.fullmatch(r"I\d{4} [\d:.]+ +\d+ <string>:\d+\] hello world", lines[0]), \
             result.stderr
+
+
+def test_the_imports_are_frozen_once_a_process():
+    """A later `register_configurables` (export, predict, compare call it again) must not freeze garbage that was
+    not collected yet: frozen, it would never be."""
+    import gc  # pylint: disable=import-outside-toplevel
+
+    from trainer import cli  # pylint: disable=import-outside-toplevel
+
+    cli.register_configurables()  # conftest made the first call.
+    cycles = [[] for _ in range(100)]
+    for cycle in cycles:
+        cycle.append(cycle)
+    del cycles, cycle
+    frozen = gc.get_freeze_count()
+    cli.register_configurables()
+    assert gc.get_freeze_count() == frozen
