@@ -166,3 +166,12 @@ def test_the_readmes_report_glob_matches_the_val_evaluation_only():
     [pattern] = re.findall(r"^cat runs/quickstart/eval/(\S+)/report\.md", readme, re.M)
     folders = ["best-414", "best-414-train", "best-414-flip", "ckpt-460", "best-1000"]
     assert [f for f in folders if fnmatch.fnmatchcase(f, pattern)] == ["best-414", "best-1000"]
+
+
+def test_without_tensorflow_installed_the_error_is_pythons_own():
+    """The quiet-import hook steps aside when TensorFlow is not installed (it raised an AttributeError from inside
+    trainer/__init__.py). `-S` leaves site-packages, and with it TensorFlow, off the path."""
+    probe = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {REPO!r})\nimport trainer\n"
+                            "try:\n    import tensorflow\nexcept ModuleNotFoundError as e:\n    print(e)"],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert probe.returncode == 0 and probe.stdout.strip() == "No module named 'tensorflow'", probe.stderr

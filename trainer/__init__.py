@@ -22,6 +22,8 @@ class _QuietTensorFlowStart(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec("tensorflow")
+        if spec is None:  # Not installed: Python's own "No module named 'tensorflow'".
+            return None
         self._loader = spec.loader
         spec.loader = self
         return spec
