@@ -33,3 +33,22 @@ def test_reliability_diagram_draws_empty_and_under_confident_bins():
             for i, (c, acc) in enumerate([(0, 0.0), (2, 1.0), (30, 0.4), (200, 0.95)])]
     png = figures.reliability_diagram(rows, 0.1, "Reliability")
     assert Image.open(io.BytesIO(png)).size == (500, 600)
+
+
+def test_image_grid_draws_every_pixel_enlarged_by_whole_pixels_and_the_overlay_at_half_opacity():
+    red = np.zeros((2, 8, 8, 3), np.float32)
+    red[..., 0] = 1.0
+    red[1] = 0.0
+    red[1, ..., 2] = 1.0  # The second image is blue.
+    red[0, 0, 0] = (0.0, 1.0, 0.0)  # One green pixel in the first image's top-left corner.
+    overlay = np.zeros((2, 8, 8), np.float32)  # 0 is dark blue in "jet".
+    grid = np.asarray(Image.open(io.BytesIO(figures.image_grid(red, ["a", "b"], "title", overlays=overlay))))[..., :3]
+    scale = round(figures.TILE_PIXELS / 8)
+    green = np.argwhere((grid == (0, 255, 0)).all(-1))
+    assert len(green) == scale * scale  # One image pixel, drawn as one whole block.
+    assert np.ptp(green, axis=0).tolist() == [scale - 1, scale - 1]
+    for colour in [(255, 0, 0), (0, 0, 255)]:
+        assert (grid == colour).all(-1).sum() >= 63 * scale * scale  # The images themselves...
+    from matplotlib import colormaps
+    blended = np.round(255 * (0.5 * np.array([1.0, 0, 0]) + 0.5 * np.array(colormaps["jet"](0.0)[:3])))
+    assert (np.abs(grid.astype(int) - blended).max(-1) <= 1).sum() == 63 * scale * scale  # ... and red under "jet".
