@@ -3,6 +3,7 @@
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from trainer.evaluation import evaluator, figures, metrics
@@ -52,3 +53,13 @@ def test_image_grid_draws_every_pixel_enlarged_by_whole_pixels_and_the_overlay_a
     from matplotlib import colormaps
     blended = np.round(255 * (0.5 * np.array([1.0, 0, 0]) + 0.5 * np.array(colormaps["jet"](0.0)[:3])))
     assert (np.abs(grid.astype(int) - blended).max(-1) <= 1).sum() == 63 * scale * scale  # ... and red under "jet".
+
+
+@pytest.mark.parametrize("side, tile", [(7, 175), (32, 192), (224, 224), (512, 256)])
+def test_image_grid_tiles_stay_near_the_same_size_for_any_image_size(side, tile):
+    red = np.zeros((3, side, side, 3), np.float32)
+    red[..., 0] = 1.0
+    png = figures.image_grid(red, ["a", "b", "c"], "title")
+    grid = np.asarray(Image.open(io.BytesIO(png)))[..., :3]
+    columns = np.flatnonzero((grid == (255, 0, 0)).all(-1).any(0))  # The images' columns of pixels.
+    assert len(columns) == 3 * tile and Image.open(io.BytesIO(png)).size[0] == 3 * tile + 4 * figures.GAP_PIXELS

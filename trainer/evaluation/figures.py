@@ -95,9 +95,10 @@ def image_grid(images, titles, suptitle, overlays=None, cols=6):
             captions.append("Grad-CAM")
     cols = min(cols, len(tiles))
     rows = math.ceil(len(tiles) / cols)
-    height, width = images.shape[1:3]
-    scale = max(1, round(TILE_PIXELS / max(height, width)))  # Small images are enlarged by whole pixels.
-    tile_h, tile_w = height * scale, width * scale
+    side = max(images.shape[1:3])  # Small images are enlarged by whole pixels, large ones keep every stride-th.
+    scale, stride = max(1, round(TILE_PIXELS / side)), max(1, side // TILE_PIXELS)
+    tiles = [np.repeat(np.repeat(tile[::stride, ::stride], scale, axis=0), scale, axis=1) for tile in tiles]
+    tile_h, tile_w = tiles[0].shape[:2]
     caption_h = LINE_PIXELS * max(c.count("\n") + 1 for c in captions) + 4
     cell_h, cell_w = caption_h + tile_h + GAP_PIXELS, tile_w + GAP_PIXELS
     top = 2 * LINE_PIXELS + 8  # The suptitle's band.
@@ -106,7 +107,7 @@ def image_grid(images, titles, suptitle, overlays=None, cols=6):
     for n, (tile, caption) in enumerate(zip(tiles, captions)):
         row, col = divmod(n, cols)
         y, x = top + row * cell_h + caption_h, GAP_PIXELS + col * cell_w
-        canvas[y:y + tile_h, x:x + tile_w] = np.repeat(np.repeat(tile, scale, axis=0), scale, axis=1)
+        canvas[y:y + tile_h, x:x + tile_w] = tile
         fig.text((x + tile_w / 2) / canvas.shape[1], 1 - (y - 2) / canvas.shape[0], caption, fontsize=7,
                  ha="center", va="bottom", linespacing=1.1)
     fig.figimage(canvas, origin="upper")
