@@ -165,3 +165,26 @@ def test_a_bad_layout_stops_the_trainer_in_one_line_before_writing_anything(synt
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and re.fullmatch(message, lines[0]), proc.stderr
     assert not model_dir.exists()  # Refused before the run directory is made.
+
+
+def test_evaluating_a_run_uses_its_pinned_split_even_after_files_were_added(synthetic_dir, tmp_path, monkeypatch):
+    """`trainer.evaluate` hands its own Data to evaluate_model_dir, which pinned the split only when given none:
+    files added after training then moved training images into the evaluated val split."""
+    from trainer import checkpoints
+    from trainer.evaluation import evaluator
+
+    root = helpers.write_image_folder(synthetic_dir, str(tmp_path / "flat"), split_layout=False)
+    model_dir = str(tmp_path / "run")
+    image_folder(root, 0.25, 3).pin(model_dir)  # As the training run left it.
+    first = sorted(os.listdir(root))[0]
+    for i in range(10):  # Added since: they shift the seeded draw.
+        shutil.copy(os.path.join(root, first, sorted(os.listdir(os.path.join(root, first)))[0]),
+                    os.path.join(root, first, f"added_{i}.JPEG"))
+    seen = {}
+    monkeypatch.setattr(checkpoints, "find_checkpoint", lambda *args: "ckpt")
+    monkeypatch.setattr(evaluator, "evaluate_checkpoint",
+                        lambda model, path, data, split, *args, **kwargs: seen.update(val=data.source.listing("val")))
+    data = pipeline.Data(image_folder(root, 0.25, 3), Preprocessing(16), batch_size=10, deterministic=True)
+    evaluator.evaluate_model_dir(model_dir, "best", "val", data=data)
+    saved = json.loads(open(os.path.join(model_dir, "val_split.json"), encoding="utf-8").read())
+    assert sorted(seen["val"][0]) == saved["val"] and len(saved["val"]) == 50

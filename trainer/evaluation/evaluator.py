@@ -274,7 +274,8 @@ def evaluate_model_dir(model_dir, checkpoint="best", split="val", data=None, mod
       model_dir: the run's model directory.
       checkpoint: 'best', 'latest' or a checkpoint path (`checkpoints.find_checkpoint`).
       split: 'val' or 'train'.
-      data: the `pipeline.Data`; None = `trainer.data` as gin configures it.
+      data: the `pipeline.Data`; None = `trainer.data` as gin configures it. Either way its source is pinned to
+        model_dir (the run's own validation split, `Data.pin`).
       model: passed to `evaluate_checkpoint` (None: a fresh network from gin).
       strategy: passed to `evaluate_checkpoint`.
       writer: passed to `evaluate_checkpoint`.
@@ -285,9 +286,8 @@ def evaluate_model_dir(model_dir, checkpoint="best", split="val", data=None, mod
     """
     model_dir = os.path.expanduser(model_dir)
     path = checkpoints.find_checkpoint(model_dir, checkpoint)
-    if data is None:
-        data = pipeline.data()
-        data.pin(model_dir)  # The run's own validation split, if its source draws one (image_folder).
+    data = pipeline.data() if data is None else data
+    data.pin(model_dir)  # The run's own validation split, if its source draws one (image_folder).
     return evaluate_checkpoint(model, path, data, split, eval_dir or os.path.join(model_dir, "eval"), writer=writer,
                                strategy=strategy)
 
