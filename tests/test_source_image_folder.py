@@ -105,7 +105,7 @@ JPEG = tf.io.encode_jpeg(tf.zeros([8, 8, 3], tf.uint8)).numpy()
     ({"train/cat/a.jpg": JPEG, "train/dog/b.jpg": JPEG, "train/c.jpg": JPEG, "val/cat/d.jpg": JPEG}, UserError,
      r"'.*train' holds images directly \(c.jpg\), outside any class folder: move each into train/<class>/."),
     ({"train/cat/a.jpg": JPEG, "train/dog/b.jpg": JPEG, "val/cow/c.jpg": JPEG}, UserError,
-     r"val/ has class folders that train/ does not \(cow\): a class with no training image cannot be learned."),
+     r"'.*data/val' has class folders that train/ does not \(cow\): a class with no training image cannot be learned."),
     ({"train/cat/a.jpg": JPEG, "train/dog/b.jpg": JPEG}, DatasetNotFoundError,
      r"has train/ but no val/ folder. Expected a folder per class"),
     ({"cat/a.jpg": JPEG}, UserError, r"holds one class folder \(cat\): a classifier needs at least two."),

@@ -128,8 +128,9 @@ class ImageFolder(sources.FileSource):
         val_classes = [e for e in sources.listdir(val_root) if tf.io.gfile.isdir(sources.join(val_root, e))]
         unknown = sorted(set(val_classes) - set(self.class_ids))
         if unknown:
-            raise UserError(f"val/ has class folders that train/ does not ({', '.join(unknown[:5])}): a class with "
-                            f"no training image cannot be learned. Add train/<class>/ folders or remove those.")
+            raise UserError(f"'{val_root}' has class folders that train/ does not ({', '.join(unknown[:5])}): a "
+                            "class with no training image cannot be learned. Add train/<class>/ folders or remove "
+                            "those.")
 
     # --- Splits ----------------------------------------------------------------------------------------------------
 
