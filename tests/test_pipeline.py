@@ -184,3 +184,20 @@ def test_the_memory_mode_is_decided_once_by_the_budget(bind, monkeypatch):
         False, "streaming: decoded training set 2.3 MB > budget 128.0 KB (12% of the 1.0 MB available)")
     assert bind(image_size=64, batch_size=10, memory_budget=10**6).memory_mode()[1].endswith(
         "> budget 976.6 KB (trainer.data.memory_budget)")
+
+
+def test_only_the_synthetic_dataset_is_called_synthetic(synthetic_dir, tmp_path):
+    """The quickstart's `synthetic_if_missing` labelled any existing dataset it was pointed at as synthetic."""
+    real = tmp_path / "real"
+    shutil.copytree(synthetic_dir, real)
+    renamed = {f"n9{i:07d}": f"n0{i:07d}" for i in range(5)}  # As if real WordNet ids.
+    for old, new in renamed.items():
+        os.rename(real / "train" / old, real / "train" / new)
+    for name in ("wnids.txt", "words.txt", "val/val_annotations.txt"):
+        text = (real / name).read_text()
+        for old, new in renamed.items():
+            text = text.replace(old, new)
+        (real / name).write_text(text)
+    assert pipeline.data(str(synthetic_dir), 32, 10, synthetic_if_missing=True).synthetic
+    data = pipeline.data(str(real), 32, 10, synthetic_if_missing=True)
+    assert data.source.class_ids == list(renamed.values()) and not data.synthetic

@@ -104,7 +104,7 @@ def banner(data, network, distribution, model_dir, epochs, first_epoch, start):
     """The lines a user reads before the first step: what runs, on what, where, from where."""
     lines = [
         f"Dataset:   {data.source.location} ({data.source.kind}: {data.num_classes} classes, {data.num_train} "
-        f"train / {data.num_val} val images){' - synthetic, written by the quickstart' if data.synthetic else ''}",
+        f"train / {data.num_val} val images){' - synthetic (trainer.data.synthetic)' if data.synthetic else ''}",
         f"Network:   {network['name']} ({network['params']:,} parameters, {network['macs'] / 1e6:,.1f} MMACs "
         f"per image at {data.image_size} px)",
         f"Data:      {data.image_size} px, batch {data.batch_size}, {data.steps_per_epoch} steps an epoch, "

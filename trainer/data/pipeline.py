@@ -235,8 +235,10 @@ def data(data_dir,
     if synthetic_if_missing and not tf.io.gfile.exists(data_dir):
         synthetic.ensure_synthetic(data_dir, **(synthetic_options or {}))
         written = True
-    return Data(source(data_dir), preprocess, batch_size, augment, seed, in_memory, memory_budget, shuffle_buffer,
-                num_parallel_calls, prefetch, deterministic, synthetic=written or synthetic_if_missing)
+    source = source(data_dir)
+    made_up = [synthetic.wnid(i) for i in range(len(source.class_ids))]  # What the synthetic writer names classes.
+    return Data(source, preprocess, batch_size, augment, seed, in_memory, memory_budget, shuffle_buffer,
+                num_parallel_calls, prefetch, deterministic, synthetic=written or source.class_ids == made_up)
 
 
 def make_dataset(settings, split, training, input_context=None, decoded_counter=None, resume_step=0):
