@@ -21,6 +21,7 @@ pipeline then stops on any unusable record instead of skipping it (`strict`).
 import hashlib
 import json
 import sys
+import time
 
 import tensorflow as tf
 
@@ -98,6 +99,13 @@ def parse_index(text, path):
                                    f"(`python -m trainer.data.convert --data_dir=SRC --out=...`).") from None
     return index
 
+
+
+def _clock():
+    """The local time as 'hh:mm:ss', in the graph (tf.print's line then reads like the console's log lines)."""
+    seconds = tf.cast(tf.timestamp(), tf.int64) + time.localtime().tm_gmtoff
+    return tf.strings.join([tf.strings.as_string(part, width=2, fill="0") for part in
+                            (seconds // 3600 % 24, seconds // 60 % 60, seconds % 60)], ":")
 
 class TFRecord(sources.Source):
     """Shards and their index (see the module docstring).
@@ -230,7 +238,8 @@ class TFRecord(sources.Source):
             if stop:
                 checks = [tf.debugging.Assert(tf.logical_not(short), [message])]
             else:
-                warn = lambda: tf.print(tf.strings.join(["WARNING: ", message]), output_stream=sys.stderr)  # noqa: E731
+                warn = lambda: tf.print(tf.strings.join([_clock(), " warning: ", message]),  # noqa: E731
+                                        output_stream=sys.stderr)
                 checks = [tf.cond(short, warn, tf.no_op)]
             with tf.control_dependencies(checks):
                 return read + tf.size(batch, tf.int64), tf.identity(batch)
