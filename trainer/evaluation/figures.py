@@ -8,6 +8,7 @@ import io
 import math
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -88,8 +89,6 @@ def image_grid(images, titles, suptitle, overlays=None, cols=6):
         tiles.append(image)
         captions.append(title)
         if overlays is not None:
-            from matplotlib import colormaps  # pylint: disable=import-outside-toplevel
-
             heat = colormaps["jet"](np.clip(overlays[i], 0.0, 1.0))[..., :3]
             tiles.append(0.5 * image + 0.5 * heat)
             captions.append("Grad-CAM")

@@ -100,12 +100,12 @@ def parse_index(text, path):
     return index
 
 
-
 def _clock():
     """The local time as 'hh:mm:ss', in the graph (tf.print's line then reads like the console's log lines)."""
     seconds = tf.cast(tf.timestamp(), tf.int64) + time.localtime().tm_gmtoff
     return tf.strings.join([tf.strings.as_string(part, width=2, fill="0") for part in
                             (seconds // 3600 % 24, seconds // 60 % 60, seconds % 60)], ":")
+
 
 class TFRecord(sources.Source):
     """Shards and their index (see the module docstring).
