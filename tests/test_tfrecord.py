@@ -17,7 +17,7 @@ from trainer.data import convert
 from trainer.data import sources
 from trainer.data.sources import tfrecord
 from trainer.data.sources.tiny_imagenet import TinyImageNet
-from trainer.data import pipeline
+from trainer.data import pipeline, scan
 from trainer.data.preprocess import KnownImages, Preprocessing
 from trainer.errors import UserError, data_error_line
 
@@ -206,6 +206,12 @@ def test_corrupt_shard(converted, tmp_path, on_corrupt, damage, capfd):
         assert 150 <= len(ids) < 200 and len(set(ids)) == len(ids)
         [line] = [l for l in capfd.readouterr().err.splitlines() if "train-00001-of-00004.tfrecord: read" in l]
         assert re.fullmatch(r"\d\d:\d\d:\d\d warning: Corrupt TFRecord shard .*", line)  # As the console's lines.
+        report = scan.scan(shards, use_cache=False)  # The data check says how many the index promised in vain.
+        assert report["splits"]["train"] == {"images": len(ids), "unreadable": [], "missing": 200 - len(ids)}
+        assert f"{200 - len(ids)} of the 200 train images the dataset counts could not be read" in \
+            " ".join(report["problems"])
+        assert scan.scan_summary(report).startswith(f"train {len(ids)} images (0 unreadable, {200 - len(ids)} more "
+                                                    "counted but not read)")
     else:
         with pytest.raises(tf.errors.OpError) as caught:
             _ids(shards.examples("train"))

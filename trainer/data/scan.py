@@ -67,7 +67,8 @@ def scan(source, use_cache=True, decoded=None):
         decoded again; or a function returning that dict, called only when the scan is not cached.
 
     Returns:
-      A dict: {'data_dir', 'source', 'splits': {split: {'images', 'unreadable': [ids]}}, 'train_per_class':
+      A dict: {'data_dir', 'source', 'splits': {split: {'images', 'unreadable': [ids], 'missing': the images
+      the source counts that could not be read}}, 'train_per_class':
       {class id: n}, 'val_per_class', 'empty_classes', 'tiny_classes', 'val_only_classes', 'imbalance'
       (most / fewest, None with an empty class), 'problems' (one line each), 'cached' (the cache file or None)}.
     """
@@ -83,7 +84,8 @@ def scan(source, use_cache=True, decoded=None):
         ids = source.listing(split)[0]
         good_ids, labels = decoded[split] if split in decoded else decodable(source, split)
         good = set(good_ids)
-        splits[split] = {"images": len(ids), "unreadable": [i for i in ids if i not in good]}
+        splits[split] = {"images": len(ids), "unreadable": [i for i in ids if i not in good],
+                         "missing": max(0, source.count(split) - len(ids))}  # Counted but not read (a cut shard).
         counts = {c: 0 for c in source.class_ids}
         for label in labels:
             if 0 <= label < source.num_classes:
@@ -121,6 +123,9 @@ def _problems(report):
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             problems.append(f"{len(bad)} of the {entry['images']} {split} images cannot be decoded and are skipped: "
                             f"{shown}.")
+        if entry.get("missing"):
+            problems.append(f"{entry['missing']} of the {entry['images'] + entry['missing']} {split} images the "
+                            "dataset counts could not be read (a damaged or cut-off file) and are skipped.")
     if val_only:
         problems.append(f"{len(val_only)} classes have validation images but no training image, so every one of "
                         f"them will be misclassified: {', '.join(val_only[:5])}{' ...' if len(val_only) > 5 else ''}.")
@@ -141,7 +146,8 @@ def _problems(report):
 
 def scan_summary(report):
     """One line: each split's images and unreadable ones, and the training images a class."""
-    parts = [f"{split} {entry['images']} images ({len(entry['unreadable'])} unreadable)"
+    parts = [f"{split} {entry['images']} images ({len(entry['unreadable'])} unreadable"
+             + (f", {entry['missing']} more counted but not read)" if entry.get("missing") else ")")
              for split, entry in report["splits"].items()]
     counts = list(report["train_per_class"].values())
     if counts and parts:
