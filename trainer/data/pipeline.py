@@ -231,14 +231,11 @@ def data(data_dir,
                                None if std is None else tuple(std), crop, max_pixels)
     augment_lib.build_policy(augment)  # A bad policy fails here, before anything runs.
     data_dir = sources_lib.local(data_dir)
-    written = False
     if synthetic_if_missing and not tf.io.gfile.exists(data_dir):
         synthetic.ensure_synthetic(data_dir, **(synthetic_options or {}))
-        written = True
     source = source(data_dir)
-    made_up = [synthetic.wnid(i) for i in range(len(source.class_ids))]  # What the synthetic writer names classes.
     return Data(source, preprocess, batch_size, augment, seed, in_memory, memory_budget, shuffle_buffer,
-                num_parallel_calls, prefetch, deterministic, synthetic=written or source.class_ids == made_up)
+                num_parallel_calls, prefetch, deterministic, synthetic=synthetic.is_synthetic(source.class_ids))
 
 
 def make_dataset(settings, split, training, input_context=None, decoded_counter=None, resume_step=0):

@@ -138,6 +138,11 @@ def wnid(label):
     return f"n9{label:07d}"
 
 
+def is_synthetic(class_ids):
+    """True for a dataset whose classes are those this module writes (n90000000, n90000001, ... in order)."""
+    return list(class_ids) == [wnid(i) for i in range(len(class_ids))]
+
+
 def _object_params(rng, n, copies, size):
     """Centres, radii, angles and aspect ratios [n, copies] of the objects, in pixels."""
     if copies == 1:
