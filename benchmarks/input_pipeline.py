@@ -46,7 +46,8 @@ streaming rows and python decode again, from the OS file cache: no row
 reads a disk). The table gives images/s, ours' ratio to each pipeline and
 each pipeline as a fraction of the ceiling; then the three ratios issue 15
 sets targets for. Then `stages`: the streaming stages alone (read; read +
-decode; read + bare decode) for files and TFRecord, and what the stages' rates
+decode; read + bare decode; for TFRecord read + decode a batch at a time, as its
+pipeline does) for files and TFRecord, and what the stages' rates
 let TFRecord streaming warm / in-memory warm be at most (about). Last,
 `mixing`: mean distinct classes per batch over one epoch, in memory and both
 streamed, against a uniformly random permutation's expectation. The
@@ -222,16 +223,24 @@ def stages(args, dataset):
                        ("TFRecord", _data(args, tfrecord_dir, None, in_memory=False, tfrecord_source=True))):
         known = data.source.known_images("train")
         decode = lambda image, d=data, k=known: d.preprocess.decode(image, known=k)  # noqa: E731
-        for stage, fn in (("read", None), ("read + decode", decode), ("read + bare decode", bare)):
+        batched = lambda images, d=data, k=known: d.preprocess.decode_batch(images, known=k)  # noqa: E731
+        for stage, fn in (("read", None), ("read + decode", decode), ("read + bare decode", bare),
+                          ("read + batch decode", batched)):
+            if fn is batched and (known is None or not known.decoded):
+                continue  # The pipeline decodes a batch at a time only what the converter decoded.
+
             def make(d=data, fn=fn):
                 examples = d.source.examples("train", shuffle_seed=0)
-                return examples if fn is None else examples.map(
+                if fn is batched:
+                    return examples.batch(256).map(lambda images, labels, _: (fn(images), labels),
+                                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+                return (examples if fn is None else examples.map(
                     lambda image, label, id_: (fn(image), label), num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=False)
+                    deterministic=False)).batch(256)
             rates = []
             for _ in range(3):
                 start, seen = time.perf_counter(), 0
-                for batch in make().batch(256).prefetch(2):
+                for batch in make().prefetch(2):
                     seen += int(batch[1].shape[0])
                 rates.append(seen / (time.perf_counter() - start))
             medians[name, stage] = float(np.median(rates))
@@ -420,7 +429,9 @@ def _print_bound(medians, ours_warm):
     1 / (1 / read_and_decode + 1 / ours_warm), a fraction R / (R + ours_warm) of ours. An estimate: the stages
     and the warm epochs run at different moments, so another process's load moves it.
     """
-    for stage in ("read + bare decode", "read + decode"):
+    for stage in ("read + bare decode", "read + decode", "read + batch decode"):
+        if ("TFRecord", stage) not in medians:
+            continue
         rate = medians["TFRecord", stage]
         print(f"estimate (costs add), TFRecord streaming warm / in-memory warm with {stage:<19}"
               f"{rate / (rate + ours_warm):6.2f}x  (R = {rate:,.0f}, in-memory warm {ours_warm:,.0f} images/s)")

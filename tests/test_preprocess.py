@@ -218,9 +218,9 @@ def test_what_is_known_of_the_images_leaves_their_pixels_as_they_are(tmp_path, p
         for encoded in group:
             np.testing.assert_array_equal(preprocess.decode(tf.constant(encoded), known=known).numpy(),
                                           preprocess.decode(tf.constant(encoded)).numpy())
-    assert _survey(images) == KnownImages(64 * 48, None, True)
-    assert _survey(images[:6]) == KnownImages(64 * 48, None, False)
-    assert _survey(native) == KnownImages(SIZE * SIZE, (SIZE, SIZE), False)
+    assert _survey(images) == KnownImages(64 * 48, None, True, decoded=True)
+    assert _survey(images[:6]) == KnownImages(64 * 48, None, False, decoded=True)
+    assert _survey(native) == KnownImages(SIZE * SIZE, (SIZE, SIZE), False, decoded=True)
     assert KnownImages.from_json(_survey(native).to_json()) == _survey(native)
     known = _survey(native)
     full, bare = _ops(preprocess.decode), _ops(lambda e: preprocess.decode(e, known=known))
@@ -243,3 +243,21 @@ def test_the_pixel_check_stays_unless_every_image_is_within_the_limit(tmp_path):
     survey = ImageSurvey()
     survey.add(images[0])
     assert survey.known(2) is None  # Fewer images than the split holds.
+
+
+def test_a_batch_decodes_as_each_image_does_and_the_survey_says_when_it_may(tmp_path):
+    """decode_batch gives decode's tensors; the survey vouches only for images it decoded (small ones, all good)."""
+    images = [open(p, "rb").read() for p in _images(str(tmp_path))]
+    for preprocess in (Preprocessing(SIZE), Preprocessing(SIZE, "nearest", crop="center")):
+        batch = preprocess.decode_batch(tf.constant(images), known=_survey(images)).numpy()
+        for encoded, decoded in zip(images, batch):
+            np.testing.assert_array_equal(decoded, preprocess.decode(tf.constant(encoded)).numpy())
+    jpeg = tf.io.encode_jpeg(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).numpy()
+    cut = jpeg[:len(jpeg) // 2]  # Its header reads (64 x 64); its pixels do not decode.
+    known = _survey(images + [cut])
+    assert known is not None and known.size is None and not known.decoded
+    with pytest.raises(tf.errors.InvalidArgumentError):  # One image fails its whole batch: hence the survey.
+        Preprocessing(SIZE).decode_batch(tf.constant([jpeg, cut]))
+    large = tf.io.encode_png(np.zeros((600, 500, 3), np.uint8)).numpy()  # Above DECODE_PIXELS: not decoded.
+    assert ImageSurvey.DECODE_PIXELS < 600 * 500 and not _survey(images + [large]).decoded
+    assert KnownImages.from_json({"max_pixels": 1, "size": None, "webp": False}).decoded is False  # Older index.

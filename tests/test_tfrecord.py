@@ -77,26 +77,32 @@ def _hashes(images):
 def test_the_index_lets_the_decode_leave_work_out_with_identical_pixels(synthetic_dir, converted, tmp_path,
                                                                         monkeypatch, size):
     shards = tfrecord.TFRecord(converted)
-    assert shards.known_images("train") == shards.known_images("val") == KnownImages(64 * 64, (64, 64), False)
-    old = str(tmp_path / "old")  # As the converter wrote it before it read the headers: nothing is assumed.
-    shutil.copytree(converted, old)
-    index = json.loads(open(os.path.join(old, tfrecord.INDEX_FILE)).read())
-    for entry in index["splits"].values():
-        entry.pop("images", None)
-    with open(os.path.join(old, tfrecord.INDEX_FILE), "w") as f:
-        json.dump(index, f)
+    assert shards.known_images("train") == shards.known_images("val") == KnownImages(64 * 64, (64, 64), False,
+                                                                                     decoded=True)
+    old, headers = str(tmp_path / "old"), str(tmp_path / "headers")  # As earlier converters wrote them.
+    for directory, drop in ((old, "images"), (headers, "decoded")):  # No survey; headers read, none decoded.
+        shutil.copytree(converted, directory)
+        index = json.loads(open(os.path.join(directory, tfrecord.INDEX_FILE)).read())
+        for entry in index["splits"].values():
+            entry.pop(drop) if drop == "images" else entry["images"].pop(drop)
+        with open(os.path.join(directory, tfrecord.INDEX_FILE), "w") as f:
+            json.dump(index, f)
     assert tfrecord.TFRecord(old).known_images("train") is None
+    assert tfrecord.TFRecord(headers).known_images("train") == KnownImages(64 * 64, (64, 64), False)
     prep, source = Preprocessing(size, crop="center"), TinyImageNet(synthetic_dir)
     expected = {split: {i.decode(): image for image, i in source.examples(split).map(
         lambda image, _, i: (prep.decode(image), i)).as_numpy_iterator()} for split in ("train", "val")}
-    seen, decode = [], Preprocessing.decode  # The `known` of every decode the pipeline builds.
-    monkeypatch.setattr(Preprocessing, "decode", lambda self, e, known=None: seen.append(known) or decode(
-        self, e, known))
-    for directory, known in ((converted, shards.known_images("train")), (old, None)):
+    seen, decode, decode_batch = [], Preprocessing.decode, Preprocessing.decode_batch  # The `known` of every
+    monkeypatch.setattr(Preprocessing, "decode", lambda self, e, known=None: seen.append(known) or decode(  # decode
+        self, e, known))  # the pipeline builds, and whether it decodes a batch at a time.
+    monkeypatch.setattr(Preprocessing, "decode_batch", lambda self, e, known=None: seen.append("batch") or
+                        decode_batch(self, e, known))
+    for directory, known in ((converted, shards.known_images("train")), (headers, KnownImages(64 * 64, (64, 64),
+                                                                                              False)), (old, None)):
         data = pipeline.Data(tfrecord.TFRecord(directory), prep, batch_size=200, in_memory=False, shuffle_buffer=200)
         seen.clear()
         [(evaluated, _)] = list(data.eval("val").take(1))  # In the source's order.
-        assert seen == [known]
+        assert seen == (["batch", known] if directory == converted else [known])
         np.testing.assert_array_equal(evaluated.numpy()[:50], prep.prepare(np.stack(list(expected["val"].values()))))
         streamed, _ = next(iter(data.train()))  # The buffer mixes epochs: each image one of the training set's.
         assert set(_hashes(streamed.numpy())) <= set(_hashes(prep.prepare(np.stack(list(
@@ -166,7 +172,7 @@ def test_interrupted_conversion_resumes(synthetic_dir, tmp_path, monkeypatch):
     assert _by_id(tfrecord.TFRecord(out).examples("train")) == _by_id(TinyImageNet(synthetic_dir).examples("train"))
     # Pass 1 of train was kept (its buckets were complete), so its headers were not read: nothing is assumed.
     assert "images" not in index["splits"]["train"] and tfrecord.TFRecord(out).known_images("train") is None
-    assert index["splits"]["val"]["images"] == {"max_pixels": 64 * 64, "size": [64, 64], "webp": False}
+    assert index["splits"]["val"]["images"] == {"max_pixels": 64 * 64, "size": [64, 64], "webp": False, "decoded": True}
     assert convert.convert(synthetic_dir, out, shards=4)[1] == "done"
 
 

@@ -98,10 +98,7 @@ class Preprocessing:
                 "The image declares ", tf.strings.as_string(height), " x ", tf.strings.as_string(width),
                 f" pixels, more than trainer.data.max_pixels = {self.max_pixels}: refused before decoding"])]))
         with tf.control_dependencies(checks):
-            rgb = lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False)
-            # decode_image cannot give 3 channels of an RGBA WebP.
-            image = tf.cond(is_webp(encoded), lambda: tf.io.decode_image(
-                encoded, channels=0, expand_animations=False)[..., :3], rgb) if webp else rgb()
+            image = decode_pixels(encoded, webp)
         size = self.image_size
         if all_native:
             return tf.ensure_shape(image, [size, size, 3])
@@ -117,6 +114,17 @@ class Preprocessing:
 
         native = tf.reduce_all(tf.equal(tf.shape(image)[:2], size))
         return tf.ensure_shape(tf.cond(native, lambda: image, resized), [size, size, 3])
+
+    def decode_batch(self, encoded, known=None):
+        """`decode` of each of N encoded images (tf.string [N]) -> uint8 [N, S, S, 3], in one call.
+
+        For images known to decode (`known.decoded`): one failure fails the batch. A tf.data map's call per
+        image costs about as much as decoding a 64 px JPEG; one call per batch halves a small image's decode
+        (BUILD_NOTES.md, "Decoding a batch at a time").
+        """
+        size = self.image_size
+        return tf.map_fn(lambda e: self.decode(e, known), encoded,
+                         fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))
 
     def scale(self, images):
         """uint8 pixels -> float32 in [0, 1]."""
@@ -159,30 +167,39 @@ class KnownImages:
       max_pixels: the most pixels (height x width) any image's header declares.
       size: (height, width) when every image's header declares that size, else None.
       webp: whether any image is WebP.
+      decoded: every image was decoded once already (by the converter's survey): a pipeline may decode them a
+        batch at a time (`Preprocessing.decode_batch`), since none can fail alone.
     """
 
     max_pixels: int
     size: tuple | None
     webp: bool
+    decoded: bool = False
 
     def to_json(self):
         return {"max_pixels": self.max_pixels, "size": None if self.size is None else list(self.size),
-                "webp": self.webp}
+                "webp": self.webp, "decoded": self.decoded}
 
     @classmethod
     def from_json(cls, value):
         size = value["size"]
         return cls(int(value["max_pixels"]), None if size is None else (int(size[0]), int(size[1])),
-                   bool(value["webp"]))
+                   bool(value["webp"]), bool(value.get("decoded", False)))
 
 
 class ImageSurvey:
-    """Reads the header of every image `add`ed (as `decode` does); `known(count)` says what holds for all of them."""
+    """Reads the header of every image `add`ed (as `decode` does); `known(count)` says what holds for all of them.
+
+    While every image is small (at most DECODE_PIXELS), it also decodes them, so that `known` can say they all
+    decode: only for small images does a call per image cost as much as their decode (`decode_batch`).
+    """
 
     BATCH = 256  # Headers read by one call (one at a time: 0.35 ms an image, mostly the call).
+    DECODE_PIXELS = 512 * 512
 
     def __init__(self):
         self.count, self.max_pixels, self.sizes, self.webp, self.unreadable = 0, 0, set(), False, False
+        self.decoded = True
         self._pending = []
 
     def add(self, encoded):
@@ -202,6 +219,7 @@ class ImageSurvey:
             if len(self.sizes) < 2:  # One size, or several (then which ones does not matter).
                 self.sizes.update(map(tuple, np.unique(shapes, axis=0)[:2].tolist()))
             self.webp = self.webp or bool(np.any(webp))
+            self.decoded = self.decoded and self.max_pixels <= self.DECODE_PIXELS and _decodes(self._pending)
         self._pending = []
 
     def known(self, count):
@@ -210,7 +228,8 @@ class ImageSurvey:
             self._read()
         if self.unreadable or self.count != count or not count:
             return None
-        return KnownImages(self.max_pixels, next(iter(self.sizes)) if len(self.sizes) == 1 else None, self.webp)
+        return KnownImages(self.max_pixels, next(iter(self.sizes)) if len(self.sizes) == 1 else None, self.webp,
+                           self.decoded)
 
 
 def _header_weights():
@@ -253,6 +272,14 @@ def header_shape(encoded):
                    lambda: tf.gather(candidates, kind))
 
 
+def decode_pixels(encoded, webp=True):
+    """uint8 [H, W, 3] of an image in any format decode_image reads; `webp=False`: the bytes are known not WebP."""
+    rgb = lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False)  # noqa: E731
+    # decode_image cannot give 3 channels of an RGBA WebP.
+    return tf.cond(is_webp(encoded), lambda: tf.io.decode_image(
+        encoded, channels=0, expand_animations=False)[..., :3], rgb) if webp else rgb()
+
+
 def is_webp(encoded):
     """True for WebP bytes (RIFF....WEBP), of any length."""
     head = tf.strings.join([tf.strings.substr(encoded, 0, 12), "\0" * 12])
@@ -265,3 +292,18 @@ def _headers(encoded):
     """(height, width) int64 [N, 2] and is WebP bool [N] of N images' bytes."""
     return tf.map_fn(lambda e: (header_shape(e), is_webp(e)), encoded,
                      fn_output_signature=(tf.TensorSpec([2], tf.int64), tf.TensorSpec([], tf.bool)))
+
+
+@tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+def _decode_all(encoded):
+    """Decodes N images' bytes (an error if one does not decode); the pixels' count, unused."""
+    return tf.map_fn(lambda e: tf.size(decode_pixels(e)), encoded, fn_output_signature=tf.int32)
+
+
+def _decodes(encoded):
+    """Whether every one of these encoded images decodes."""
+    try:
+        _decode_all(tf.constant(encoded, tf.string))
+    except tf.errors.OpError:
+        return False
+    return True
