@@ -230,6 +230,9 @@ def test_corrupt_shard(converted, tmp_path, on_corrupt, damage, capfd):
             for _ in data.train().take(40):
                 pass
         assert data_error_line(caught.value).startswith(f"Corrupt TFRecord shard {bad}: read ")
+        scan.scan(tfrecord.TFRecord(copy, on_corrupt="skip"))  # Cached, as a 'skip' run leaves it ...
+        with pytest.raises(tf.errors.OpError):  # ... which a 'stop' run does not take for its own: it reads.
+            scan.scan(shards)
     assert data_error_line(tf.errors.DataLossError(None, None, "other")) is None
 
 

@@ -53,7 +53,8 @@ def _read_cache(path, key):
 def _cache_file(source):
     import hashlib  # pylint: disable=import-outside-toplevel
 
-    key = f"{SCAN_VERSION}-{source.fingerprint()}"
+    # A strict source (a TFRecord 'stop' run) must read for itself what a lenient one skipped past and cached.
+    key = f"{SCAN_VERSION}-{source.fingerprint()}{'-strict' if source.strict else ''}"
     return key, os.path.join(scan_cache_dir(), f"scan-{hashlib.sha1(key.encode()).hexdigest()}.json")
 
 

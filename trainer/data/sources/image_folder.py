@@ -73,8 +73,11 @@ class ImageFolder(sources.FileSource):
         if self.split_layout:
             self._check_val_classes()
         if self._ignored:
-            logging.warning("Ignored %d files that are not %s images under %s, e.g. %s.", len(self._ignored),
-                            "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES), self.location,
+            count = len(self._ignored)
+            logging.warning("Ignored %d %s %s %s under %s, e.g. %s.", count,
+                            "file that is not a" if count == 1 else "files that are not",
+                            "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES), "image" if count == 1 else "images",
+                            self.location,
                             ", ".join(sources.relative(p, self.location) for p in self._ignored[:3]))
 
     # --- Classes ---------------------------------------------------------------------------------------------------
