@@ -32,7 +32,7 @@ def _measure(data_dir, image_size):
     data = pipeline.data(data_dir, image_size=image_size, batch_size=64, in_memory=True)
     data.num_train  # Listed before the baseline.
     start = _rss()
-    for _ in pipeline._decoded(data, "val", 64).take(2):  # TensorFlow's tf.data runtime, started once a process.
+    for _ in pipeline._decoded(data, "val").take(2):  # TensorFlow's tf.data runtime, started once a process.
         pass
     before = _rss()
     images, _, _ = data.load_train()

@@ -107,9 +107,15 @@ def test_the_index_lets_the_decode_leave_work_out_with_identical_pixels(syntheti
         streamed, _ = next(iter(data.train()))  # The buffer mixes epochs: each image one of the training set's.
         assert set(_hashes(streamed.numpy())) <= set(_hashes(prep.prepare(np.stack(list(
             expected["train"].values()))).numpy()))
+        seen.clear()
         images, _, ids = pipeline.Data(tfrecord.TFRecord(directory), prep, batch_size=200, in_memory=True).load_train()
         np.testing.assert_array_equal(images.numpy(), np.stack([expected["train"][i] for i in ids]))
-        assert seen[-1] == known
+        assert seen == (["batch", known] if directory == converted else [known])
+    # An image over trainer.data.max_pixels would fail its whole batch: with a lower limit, one at a time.
+    seen.clear()
+    low = Preprocessing(size, crop="center", max_pixels=64 * 64 - 1)
+    list(pipeline.Data(tfrecord.TFRecord(converted), low, batch_size=200, in_memory=False).eval("val"))
+    assert seen == [shards.known_images("val")]
 
 
 def _read(directory, name):

@@ -17,10 +17,8 @@ Training data comes one of two ways, chosen by `memory_mode`:
               training set fits `memory_budget`.
   streaming   each epoch reads and decodes every image again: the order of
               files (or TFRecord shards) is drawn anew each epoch, then a
-              shuffle buffer of `shuffle_buffer` images mixes them (decoded
-              ones; or encoded bytes when the source vouches that every
-              image decodes: they are then decoded a batch at a time, see
-              `_decoded`). For datasets larger than memory.
+              shuffle buffer of `shuffle_buffer` decoded images mixes them.
+              For datasets larger than memory.
 
 Batches are then augmented by vectorised ops (`trainer.data.augment`) and
 standardised; labels are one-hot.
@@ -55,6 +53,7 @@ DECODE_PEAK_FACTOR = 4.0
 # The default memory budget: the decoded set's peak may take half the memory available when the run starts.
 DEFAULT_BUDGET_FRACTION = 0.5 / DECODE_PEAK_FACTOR
 LOAD_CHUNK_BYTES = 32 << 20  # Decoded images handed over at a time while loading into memory (a few in flight).
+DECODE_BATCH = 128  # Images decoded by one call when none can fail alone (`_decoded`).
 
 
 @dataclasses.dataclass
@@ -203,7 +202,7 @@ def data(data_dir,
         else stream it; True or False forces either.
       memory_budget: bytes the decoded training images may take; None: an eighth of the
         memory available when the run starts (their decode peaks at up to DECODE_PEAK_FACTOR times that).
-      shuffle_buffer: streaming only: images mixed by the shuffle buffer
+      shuffle_buffer: streaming only: decoded images mixed by the shuffle buffer
         (the file or shard order is drawn anew every epoch before it).
       num_parallel_calls: parallelism of decode and augmentation.
       prefetch: batches to prefetch.
@@ -271,11 +270,14 @@ def make_dataset(settings, split, training, input_context=None, decoded_counter=
             decoded_counter.assign_add(int(labels.shape[0]))
         ds = _permuted(images, labels, seed, batch_size)  # Batched already: one gather a batch.
     else:
-        ds = _decoded(s, split, batch_size, input_context, shuffle_seed=seed if training else None,
-                      deterministic=s.deterministic or not training)
+        ds = _decoded(s, split, input_context, shuffle_seed=seed if training else None,
+                      deterministic=s.deterministic or not training, repeat=training)
         if decoded_counter is not None:
             ds = ds.map(functools.partial(_count, decoded_counter))
-        if not training:
+        if training:  # After the repeat: the buffer fills once a run, not at every epoch's start.
+            ds = ds.shuffle(s.shuffle_buffer, seed=seed)
+            ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=s.num_parallel_calls)
+        else:
             ds = ds.cache()
     finish = functools.partial(_finish, num_classes=s.num_classes, preprocess=s.preprocess)
     if training:
@@ -285,42 +287,38 @@ def make_dataset(settings, split, training, input_context=None, decoded_counter=
                                                   num_parallel_calls=s.num_parallel_calls,
                                                   deterministic=s.deterministic)
     else:
-        ds = ds.map(lambda *batch: finish(_pad(batch, batch_size)), num_parallel_calls=s.num_parallel_calls)
+        ds = ds.batch(batch_size).map(lambda *batch: finish(_pad(batch, batch_size)),
+                                      num_parallel_calls=s.num_parallel_calls)
     options = tf.data.Options()
     options.deterministic = s.deterministic or not training
     options.experimental_optimization.map_parallelization = True
     return ds.with_options(options).prefetch(s.prefetch)
 
 
-def _decoded(s, split, batch_size, input_context=None, shuffle_seed=None, deterministic=True, with_ids=False):
-    """Batches of (uint8 images [B, S, S, 3], labels) of a split (and example ids `with_ids`); corrupt images skipped.
+def _decoded(s, split, input_context=None, shuffle_seed=None, deterministic=True, with_ids=False, repeat=False):
+    """(uint8 image [S, S, 3], label) of a split (and the example id `with_ids`); corrupt images skipped.
 
-    With `shuffle_seed` (training): endless epochs, each in the order the source draws anew, then mixed by a
-    shuffle buffer, in whole batches. Without: one pass in the source's order, the last batch partial.
-    Images the source vouches for (`KnownImages.decoded`: the converter decoded every one) are decoded a batch
-    at a time, after the shuffle, which then holds their encoded bytes; others one at a time before it, so
-    that a corrupt one is skipped alone.
+    With `repeat`, endless epochs, each in the order the source draws anew (with `shuffle_seed`). Images one
+    at a time, so that a corrupt one is skipped alone; DECODE_BATCH at a time when the source vouches that
+    every one decodes (`KnownImages.decoded`: TFRecord shards whose converter decoded them).
     """
     # What the source knows of every image (a TFRecord index: their sizes) leaves work out of the decode.
     known = s.source.known_images(split)
-    by_batch = known is not None and known.decoded
-    training = shuffle_seed is not None
     ds = s.source.examples(split, shuffle_seed=shuffle_seed, input_context=input_context)
-    if training:
+    if repeat:
         ds = ds.repeat()
-    if not by_batch:
-        ds = ds.map(lambda image, *rest: (s.preprocess.decode(image, known), *rest),
+    pick = (lambda *example: example) if with_ids else (lambda image, label, _: (image, label))
+    if known is not None and known.decoded and known.max_pixels <= s.preprocess.max_pixels:
+        # Every image decodes (the converter decoded each) and none is over the limit: nothing can fail alone,
+        # so DECODE_BATCH at a time (a tf.data call an image costs about as much as a 64 px JPEG's decode).
+        ds = ds.batch(DECODE_BATCH).map(lambda images, labels, ids: pick(
+            s.preprocess.decode_batch(images, known), labels, ids), num_parallel_calls=s.num_parallel_calls,
+            deterministic=deterministic).unbatch()
+    else:
+        ds = ds.map(lambda image, label, id_: pick(s.preprocess.decode(image, known), label, id_),
                     num_parallel_calls=s.num_parallel_calls, deterministic=deterministic)
-        # A corrupt image is skipped, never ends the epoch (unless the source is strict: see `Source.strict`).
-        ds = ds if s.source.strict else ds.ignore_errors(log_warning=True)
-    if training:  # After the repeat: the buffer fills once a run, not at every epoch's start.
-        ds = ds.shuffle(s.shuffle_buffer, seed=shuffle_seed)
-    ds = ds.batch(batch_size, drop_remainder=training)
-    if by_batch:
-        ds = ds.map(lambda images, *rest: (s.preprocess.decode_batch(images, known), *rest),
-                    num_parallel_calls=s.num_parallel_calls, deterministic=deterministic)
-        ds = ds if s.source.strict else ds.ignore_errors(log_warning=True)
-    return ds if with_ids else ds.map(lambda images, labels, _: (images, labels))
+    # A corrupt image is skipped, never ends the epoch (unless the source is strict: see `Source.strict`).
+    return ds if s.source.strict else ds.ignore_errors(log_warning=True)
 
 
 def _aligned_uint8(shape, align=64):
@@ -341,8 +339,8 @@ def _load(s, input_context):
     ids, count = [], 0
     # In the source's order, so that the seeded permutations are the same whatever the decode threads did.
     chunk = max(1, LOAD_CHUNK_BYTES // (size * size * 3))
-    for image_batch, label_batch, id_batch in _decoded(s, "train", chunk, input_context, deterministic=True,
-                                                       with_ids=True).prefetch(1):
+    for image_batch, label_batch, id_batch in _decoded(s, "train", input_context, deterministic=True,
+                                                       with_ids=True).batch(chunk).prefetch(1):
         n = int(label_batch.shape[0])
         images[count:count + n] = image_batch.numpy()
         labels[count:count + n] = label_batch.numpy()
@@ -372,9 +370,9 @@ def _permuted(images, labels, seed, batch_size):
     return order.batch(batch_size, drop_remainder=True).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
 
 
-def _count(counter, images, labels):
-    counter.assign_add(tf.size(labels, tf.int64))
-    return images, labels
+def _count(counter, image, label):
+    counter.assign_add(1)
+    return image, label
 
 
 def _pad(batch, batch_size):

@@ -412,8 +412,7 @@ def check_memory(network_plan, data, replicas, num_pipelines=1):
 
     The estimate is the network's (activations, weights, gradients, optimizer
     state) plus the decoded training images when they are held in memory, or
-    the shuffle buffer's images when they are streamed (counted decoded: more than it holds when it holds
-    encoded bytes, see `pipeline._decoded`). Warns when close.
+    the shuffle buffer's images when they are streamed. Warns when close.
 
     Raises:
       UserError: naming the estimate, what is available and a batch size that fits.
