@@ -6,6 +6,7 @@ import os
 import gin
 import keras
 import pytest
+from tensorflow.python.framework import config as tf_config  # disable_op_determinism: not in the public API.
 
 from trainer import cli
 from trainer.data import synthetic
@@ -58,6 +59,7 @@ def clean_state():
     yield
     gin.clear_config()
     keras.backend.clear_session()
+    tf_config.disable_op_determinism()  # A run with trainer.train.deterministic_ops leaves it on for the process.
     gc.freeze()
 
 

@@ -12,6 +12,7 @@ import gin
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # disable_op_determinism: not in the public API.
 
 from trainer.data import convert
 from trainer.data import sources
@@ -197,9 +198,8 @@ def test_changed_plan_starts_clean(synthetic_dir, tmp_path):
         convert.convert(synthetic_dir, out, shards=3)
 
 
-@pytest.mark.parametrize("on_corrupt", ["skip", "stop"])
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
-def test_corrupt_shard(converted, tmp_path, on_corrupt, damage, capfd):
+def _damaged_copy(converted, tmp_path, damage):
+    """A copy of `converted` whose second training shard has a flipped byte or is cut in half; (copy, that shard)."""
     copy = str(tmp_path / "copy")
     tf.io.gfile.makedirs(copy)
     for name in os.listdir(converted):
@@ -212,6 +212,13 @@ def test_corrupt_shard(converted, tmp_path, on_corrupt, damage, capfd):
         data = data[:len(data) // 2]
     with open(bad, "wb") as f:
         f.write(bytes(data))
+    return copy, bad
+
+
+@pytest.mark.parametrize("on_corrupt", ["skip", "stop"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_shard(converted, tmp_path, on_corrupt, damage, capfd):
+    copy, bad = _damaged_copy(converted, tmp_path, damage)
     shards = tfrecord.TFRecord(copy, on_corrupt=on_corrupt)
     if on_corrupt == "skip":
         ids = _ids(shards.examples("train", shuffle_seed=1))
@@ -240,6 +247,20 @@ def test_corrupt_shard(converted, tmp_path, on_corrupt, damage, capfd):
         with pytest.raises(tf.errors.OpError):  # ... which a 'stop' run does not take for its own: it reads.
             scan.scan(shards)
     assert data_error_line(tf.errors.DataLossError(None, None, "other")) is None
+
+
+def test_a_skipped_shard_is_named_under_op_determinism(converted, tmp_path, capfd):
+    """trainer.train.deterministic_ops turns op determinism on, under which tf.timestamp fails: the skip's line
+    took its time from it and ended the run ("Timestamp cannot be called when determinism is enabled")."""
+    copy, bad = _damaged_copy(converted, tmp_path, "truncate")
+    tf.config.experimental.enable_op_determinism()
+    try:
+        ids = _ids(tfrecord.TFRecord(copy).examples("train", shuffle_seed=1))
+    finally:
+        tf_config.disable_op_determinism()
+    assert 150 <= len(ids) < 200
+    [line] = [l for l in capfd.readouterr().err.splitlines() if f"{bad}: read" in l]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d warning: Corrupt TFRecord shard .*", line)
 
 
 def test_bad_data_dir(converted, synthetic_dir, tmp_path):

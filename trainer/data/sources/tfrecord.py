@@ -101,10 +101,11 @@ def parse_index(text, path):
 
 
 def _clock():
-    """The local time as 'hh:mm:ss', in the graph (tf.print's line then reads like the console's log lines)."""
-    seconds = tf.cast(tf.timestamp(), tf.int64) + time.localtime().tm_gmtoff
-    return tf.strings.join([tf.strings.as_string(part, width=2, fill="0") for part in
-                            (seconds // 3600 % 24, seconds // 60 % 60, seconds % 60)], ":")
+    """The local time as 'hh:mm:ss', in the graph (tf.print's line then reads like the console's log lines).
+
+    From Python, not tf.timestamp: that fails under op determinism (`trainer.train.deterministic_ops`).
+    """
+    return tf.ensure_shape(tf.py_function(lambda: time.strftime("%H:%M:%S"), [], tf.string), [])
 
 
 class TFRecord(sources.Source):
