@@ -189,3 +189,24 @@ def test_evaluating_a_run_uses_its_pinned_split_even_after_files_were_added(synt
     evaluator.evaluate_model_dir(model_dir, "best", "val", data=data)
     saved = json.loads(open(os.path.join(model_dir, "val_split.json"), encoding="utf-8").read())
     assert sorted(seen["val"][0]) == saved["val"] and len(saved["val"]) == 50
+
+
+def test_the_data_check_decodes_as_training_does_rgba_webp_included(folders, tmp_path):
+    """The scan counted an RGBA WebP as undecodable (`decode_image` cannot give it 3 channels), though training
+    decodes it: the data check then said it was skipped."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from trainer.data import scan
+
+    root = tmp_path / "photos"
+    shutil.copytree(folders, root)
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 4), 200, np.uint8), "RGBA").save(buffer, "WEBP", lossless=True)
+    first = sorted(os.listdir(root / "val"))[0]
+    (root / "val" / first / "rgba.webp").write_bytes(buffer.getvalue())
+    report = scan.scan(ImageFolder(str(root)), use_cache=False)
+    assert report["splits"]["val"]["unreadable"] == [] and report["splits"]["val"]["images"] == 51
+    assert report["val_per_class"][first] == 11

@@ -14,7 +14,9 @@ import os
 
 import tensorflow as tf
 
-SCAN_VERSION = 2
+from trainer.data.preprocess import decode_pixels
+
+SCAN_VERSION = 3  # 3: an RGBA WebP decodes (as in training); 2 counted it unreadable.
 TINY_CLASS_FRACTION = 0.1  # A class with fewer training images than this fraction of the median is "tiny".
 IMBALANCE_RATIO = 2.0  # Most / fewest training images a class above which the split is called imbalanced.
 
@@ -27,10 +29,9 @@ def scan_cache_dir():
 
 def decodable(source, split):
     """(ids, labels) of the examples of `split` that the training decoder can decode, in no particular order."""
-    ds = source.examples(split).map(
-        lambda image, label, id_: (id_, label, tf.shape(tf.io.decode_image(image, channels=3,
-                                                                          expand_animations=False))),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors(log_warning=False)
+    ds = source.examples(split).map(lambda image, label, id_: (id_, label, tf.shape(decode_pixels(image))),
+                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    ds = ds.ignore_errors(log_warning=False)
     ids, labels = [], []
     for id_, label, _ in ds.as_numpy_iterator():
         ids.append(id_.decode("utf-8", "surrogateescape"))
