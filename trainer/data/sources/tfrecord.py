@@ -45,11 +45,12 @@ FEATURES = {
 # {"format_version": 1, "kind": "tfrecord", "source": <the source's describe()>,
 #  "class_ids": [...], "class_names": [...],
 #  "splits": {"train": {"count": N, "shards": [{"file": "train-00000-of-00002.tfrecord", "count": n}, ...],
-#                       "images": {"max_pixels": P, "size": [h, w] or null, "webp": false}},
+#                       "images": {"max_pixels": P, "size": [h, w] or null, "webp": false, "decoded": true}},
 #             "val": {...}, "test": {...}}}
 # "images" (since this converter read every header; absent in older indexes, and then nothing is assumed): the most
-# pixels any image declares, the size all declare (null when they differ) and whether any is WebP
-# (trainer.data.preprocess.KnownImages: what the decode may leave out).
+# pixels any image declares, the size all declare (null when they differ), whether any is WebP and whether the
+# converter decoded every one ("decoded"; absent in older indexes: false) (trainer.data.preprocess.KnownImages:
+# what the decode may leave out, and whether it may decode a batch at a time).
 ON_CORRUPT = ("skip", "stop")
 CORRUPT_PREFIX = "Corrupt TFRecord shard "
 AUTOTUNE = sources.AUTOTUNE
