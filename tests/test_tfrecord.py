@@ -226,6 +226,9 @@ def test_corrupt_shard(converted, tmp_path, on_corrupt, damage, capfd):
         [line] = [l for l in capfd.readouterr().err.splitlines() if "train-00001-of-00004.tfrecord: read" in l]
         assert re.fullmatch(r"\d\d:\d\d:\d\d warning: Corrupt TFRecord shard .*", line)  # As the console's lines.
         report = scan.scan(shards, use_cache=False)  # The data check says how many the index promised in vain.
+        again = _ids(shards.examples("train", shuffle_seed=2))  # A split is read again (in-memory load, epochs) ...
+        assert len(again) == len(ids)
+        assert "Corrupt TFRecord shard" not in capfd.readouterr().err  # ... and the damage was named once.
         assert report["splits"]["train"] == {"images": len(ids), "unreadable": [], "missing": 200 - len(ids)}
         assert f"{200 - len(ids)} of the 200 train images the dataset counts could not be read" in \
             " ".join(report["problems"])

@@ -101,12 +101,21 @@ def parse_index(text, path):
     return index
 
 
-def _clock():
-    """The local time as 'hh:mm:ss', in the graph (tf.print's line then reads like the console's log lines).
+_WARNED = set()  # The corrupt-shard lines this process printed.
 
-    From Python, not tf.timestamp: that fails under op determinism (`trainer.train.deterministic_ops`).
+
+def _warn_once(message):
+    """Prints a corrupt shard's line to stderr as the console's lines read ('hh:mm:ss warning: ...'), once a process.
+
+    A split is read more than once in a run (the data check, the in-memory load, each streamed epoch): the same
+    damage is named the first time only. From Python: tf.print would print it each time, and tf.timestamp
+    fails under op determinism (`trainer.train.deterministic_ops`).
     """
-    return tf.ensure_shape(tf.py_function(lambda: time.strftime("%H:%M:%S"), [], tf.string), [])
+    text = message.numpy().decode("utf-8", "surrogateescape")
+    if text not in _WARNED:
+        _WARNED.add(text)
+        print(f"{time.strftime('%H:%M:%S')} warning: {text}", file=sys.stderr, flush=True)
+    return True
 
 
 class TFRecord(sources.Source):
@@ -240,9 +249,8 @@ class TFRecord(sources.Source):
             if stop:
                 checks = [tf.debugging.Assert(tf.logical_not(short), [message])]
             else:
-                warn = lambda: tf.print(tf.strings.join([_clock(), " warning: ", message]),  # noqa: E731
-                                        output_stream=sys.stderr)
-                checks = [tf.cond(short, warn, tf.no_op)]
+                checks = [tf.cond(short, lambda: tf.py_function(_warn_once, [message], tf.bool),
+                                  lambda: tf.constant(True))]
             with tf.control_dependencies(checks):
                 return read + tf.size(batch, tf.int64), tf.identity(batch)
 
