@@ -67,7 +67,9 @@ def test_seed_makes_training_order_and_augmentation_repeatable(bind):
 
 
 def test_streaming_reads_every_image_once_an_epoch(bind):
-    data = bind(image_size=16, batch_size=10, in_memory=False, shuffle_buffer=1)
+    # In order: a parallel decode finishing out of order (deterministic=False) can swap two images across an
+    # epoch's boundary (seen once in CI: [80, 80, 79, 81, 80]).
+    data = bind(image_size=16, batch_size=10, in_memory=False, shuffle_buffer=1, deterministic=True)
     assert data.memory_mode() == (False, "streaming: forced by trainer.data.in_memory = False (decoded training "
                                          "set 150.0 KB)")
     labels = np.concatenate([y.numpy() for _, y in data.train().take(40)])
