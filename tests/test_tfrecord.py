@@ -266,6 +266,21 @@ def test_a_skipped_shard_is_named_under_op_determinism(converted, tmp_path, capf
     assert re.fullmatch(r"\d\d:\d\d:\d\d warning: Corrupt TFRecord shard .*", line)
 
 
+@pytest.mark.parametrize("kind", ["tfrecord", "files"])
+def test_a_streamed_run_asked_for_order_draws_the_same_images_again(converted, synthetic_dir, kind):
+    """trainer.data.deterministic = True: the same seed streams the same images in the same order. The sources'
+    parallel reads (files, shards interleaved) finished out of order whenever a seed was given."""
+    def images():
+        source = tfrecord.TFRecord(converted) if kind == "tfrecord" else TinyImageNet(synthetic_dir)
+        data = pipeline.Data(source, Preprocessing(16), batch_size=10, seed=3, in_memory=False, shuffle_buffer=1,
+                             deterministic=True)
+        return np.concatenate([x.numpy() for x, _ in data.train().take(40)])  # Two epochs.
+
+    first = images()
+    for _ in range(3):
+        np.testing.assert_array_equal(images(), first)
+
+
 def test_bad_data_dir(converted, synthetic_dir, tmp_path):
     with pytest.raises(sources.DatasetNotFoundError, match="does not exist"):
         tfrecord.tfrecord(str(tmp_path / "nothing"))

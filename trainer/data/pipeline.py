@@ -206,7 +206,8 @@ def data(data_dir,
         (the file or shard order is drawn anew every epoch before it).
       num_parallel_calls: parallelism of decode and augmentation.
       prefetch: batches to prefetch.
-      deterministic: keep element order under parallel maps (slower).
+      deterministic: keep element order under parallel maps and reads (slower): with the same seed, a run
+        draws the same images in the same order, streamed too.
       synthetic_if_missing: write the synthetic dataset to `data_dir` when it
         does not exist yet (the quickstart).
       synthetic_options: keyword arguments for `synthetic.write_synthetic`.

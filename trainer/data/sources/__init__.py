@@ -45,6 +45,17 @@ class DatasetNotFoundError(UserError):
     """The dataset directory is missing, incomplete or not in the layout its source reads."""
 
 
+def read_order(shuffle_seed):
+    """The `deterministic` argument of a source's parallel reads.
+
+    Without a seed (evaluation, the data check, the in-memory load): True, in order. With one (training): None,
+    so the dataset's `tf.data.Options.deterministic` decides, which the training pipeline sets from
+    `trainer.data.deterministic` (out of order by default, for speed; in order when asked, so that a streamed
+    run draws the same images in the same order again).
+    """
+    return True if shuffle_seed is None else None
+
+
 class Source:
     """The interface (see the module docstring). Subclasses set the attributes and implement `examples`."""
 
@@ -69,7 +80,8 @@ class Source:
         Args:
           split: one of `splits`.
           shuffle_seed: None: a fixed order. An integer: the order of files (or
-            shards) is drawn anew at each iteration of the dataset, e.g. each epoch of a `.repeat()`.
+            shards) is drawn anew at each iteration of the dataset, e.g. each epoch of a `.repeat()`; parallel
+            reads may then finish out of order if the dataset's options allow it (see `read_order`).
           input_context: a `tf.distribute.InputContext`: this input pipeline's share (disjoint shares).
         """
         raise NotImplementedError
@@ -136,7 +148,7 @@ class FileSource(Source):
         if shuffle_seed is not None:  # The file order is the epoch's order: a full permutation, new each epoch.
             ds = ds.shuffle(max(len(paths), 1), seed=shuffle_seed, reshuffle_each_iteration=True)
         return ds.map(lambda path, label, id_: (tf.io.read_file(path), label, id_), num_parallel_calls=AUTOTUNE,
-                      deterministic=shuffle_seed is None)
+                      deterministic=read_order(shuffle_seed))
 
     def fingerprint(self):
         import hashlib  # pylint: disable=import-outside-toplevel

@@ -216,10 +216,11 @@ class TFRecord(sources.Source):
         if shuffle_seed is not None:
             files = files.shuffle(max(len(paths), 1), seed=shuffle_seed, reshuffle_each_iteration=True)
         share = (pipelines, pipeline_id) if record_share else (1, 0)
+        order = sources.read_order(shuffle_seed)
         batches = files.interleave(lambda path, count: self._read_shard(path, count, *share),
                                    cycle_length=max(1, min(cycle, MAX_CYCLE_LENGTH)), num_parallel_calls=AUTOTUNE,
-                                   deterministic=shuffle_seed is None)
-        return batches.map(_parse, num_parallel_calls=AUTOTUNE, deterministic=shuffle_seed is None).unbatch()
+                                   deterministic=order)
+        return batches.map(_parse, num_parallel_calls=AUTOTUNE, deterministic=order).unbatch()
 
     def _read_shard(self, path, count, num_shares, share):
         """Batches of BLOCK records of one shard (this pipeline's share of them), checked against the index.
