@@ -232,11 +232,15 @@ def stages(args, dataset):
             def make(d=data, fn=fn):
                 examples = d.source.examples("train", shuffle_seed=0)
                 if fn is batched:
-                    return examples.batch(256).map(lambda images, labels, _: (fn(images), labels),
-                                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-                return (examples if fn is None else examples.map(
-                    lambda image, label, id_: (fn(image), label), num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=False)).batch(256)
+                    ds = examples.batch(256).map(lambda images, labels, _: (fn(images), labels),
+                                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+                else:
+                    ds = (examples if fn is None else examples.map(
+                        lambda image, label, id_: (fn(image), label), num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=False)).batch(256)
+                options = tf.data.Options()
+                options.deterministic = False  # The reads out of order, as training's are by default.
+                return ds.with_options(options)
             rates = []
             for _ in range(3):
                 start, seen = time.perf_counter(), 0
