@@ -1,7 +1,11 @@
 """Shared fixtures: small synthetic datasets in Tiny ImageNet's layout, a clean gin config per test."""
 
+import contextlib
+import fcntl
 import gc
+import hashlib
 import os
+import shutil
 
 import gin
 import keras
@@ -40,10 +44,33 @@ def _cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def synthetic_dir(tmp_path_factory):
+def made_once(tmp_path_factory, worker_id):
+    """`made_once(name, make)`: `make(path)` runs once for the whole session, in whichever xdist worker asks first
+    (the other waits for it); both get `path`. For what tests only read, or copy before they change it."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent  # The session's directory, above each worker's own.
+
+    def get(name, make):
+        path, done = shared / name, shared / f"{name}.done"
+        with open(shared / f"{name}.lock", "a", encoding="utf-8") as lock, contextlib.ExitStack() as unlock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            unlock.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+            if not done.exists():
+                shutil.rmtree(path, ignore_errors=True)  # What a failed attempt left.
+                make(path)
+                done.touch()
+        return path
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(made_once):
     """5 classes x 40 training images (64 px), 10 val images a class, 12 test images."""
-    out = tmp_path_factory.mktemp("synthetic") / "tiny-imagenet-200"
-    return synthetic.write_synthetic(str(out), num_classes=5, per_class=40, val_per_class=10, test_images=12)
+    return str(made_once("synthetic", lambda path: synthetic.write_synthetic(
+        str(path / "tiny-imagenet-200"), num_classes=5, per_class=40, val_per_class=10, test_images=12))
+               / "tiny-imagenet-200")
 
 
 @pytest.fixture(autouse=True)
@@ -64,20 +91,47 @@ def clean_state():
 
 
 @pytest.fixture(scope="session")
-def train_synthetic_dir(tmp_path_factory):
+def train_synthetic_dir(made_once):
     """For the trainer's tests: 5 classes x 60 training images (64 px), 20 val images a class."""
-    out = tmp_path_factory.mktemp("train_synthetic") / "tiny-imagenet-200"
-    return synthetic.write_synthetic(str(out), num_classes=5, per_class=60, val_per_class=20, test_images=5)
+    return str(made_once("train_synthetic", lambda path: synthetic.write_synthetic(
+        str(path / "tiny-imagenet-200"), num_classes=5, per_class=60, val_per_class=20, test_images=5))
+               / "tiny-imagenet-200")
 
 
 @pytest.fixture(scope="session")
-def train_base_gin(tmp_path_factory, train_synthetic_dir):
+def train_base_gin(made_once, train_synthetic_dir):
     """A runnable gin file for the trainer's tests: the small network on `train_synthetic_dir`.
 
     32 px, batch 20 (15 steps an epoch), 1 epoch, no augmentation, deterministic
     data order and seeded weights; MODEL_DIR comes from --model_dir.
     """
-    path = tmp_path_factory.mktemp("train_gin") / "base.gin"
+    return str(made_once("train_gin", lambda path: _write_base_gin(path, train_synthetic_dir)) / "base.gin")
+
+
+@pytest.fixture(scope="session")
+def finished_run(made_once, train_base_gin):
+    """`finished_run(*bindings)`: the model directory of a finished run of `train_base_gin` with `bindings`
+    (in-process), trained once for the session whichever test file asks first. Read it; copy it to change it."""
+    import helpers  # pylint: disable=import-outside-toplevel
+
+    def get(*bindings):
+        name = "finished_run_" + hashlib.sha1("\n".join(bindings).encode()).hexdigest()[:12]
+
+        def train(path):
+            try:
+                helpers.train_in_process(train_base_gin, path / "run", *bindings)
+            finally:
+                gin.clear_config()
+                keras.backend.clear_session()
+
+        return made_once(name, train) / "run"
+
+    return get
+
+
+def _write_base_gin(directory, train_synthetic_dir):
+    path = directory / "base.gin"
+    directory.mkdir()
     path.write_text(f"""
 include 'gin/common.gin'
 include 'gin/models/small.gin'
@@ -96,4 +150,3 @@ trainer.train.log_every_steps = 1
 trainer.train.export = False
 trainer.train.evaluate_best = False
 """)
-    return str(path)

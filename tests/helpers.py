@@ -17,6 +17,8 @@ from tensorboard.backend.event_processing import event_accumulator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 15  # 300 training images (conftest's train_synthetic_dir), batch 20.
+AUGMENT = ("AUGMENT = \"flip(0.5) | zoom(0.5, 1.5, fill='nearest') | channel_shuffle(1.0)"
+           " | coarse_dropout(p=0.2, size_percent=0.02)\"")  # A binding: a few ops of each kind, seeded.
 
 
 def decode_file(path, image_size, resize="bilinear"):

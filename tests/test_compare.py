@@ -5,11 +5,10 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
-import gin
-import keras
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
@@ -17,7 +16,6 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from trainer import compare, config, summaries
-from trainer import train as train_lib
 from trainer.errors import UserError
 
 pytestmark = pytest.mark.slow  # Trains or starts TensorFlow in subprocesses: CI runs these.
@@ -27,15 +25,11 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, train_base_gin):
+def runs(tmp_path_factory, finished_run):
     """Two tiny runs of the small network: 'a' (batch 20, 2 epochs) and 'b' (batch 30, 1 epoch)."""
     root = tmp_path_factory.mktemp("runs")
-    for name, bindings in (("a", ["EPOCHS = 2"]), ("b", ["BATCH_SIZE = 30"])):
-        gin.clear_config()
-        config.parse_gin([train_base_gin], bindings, model_dir=str(root / name))
-        train_lib.train()
-        keras.backend.clear_session()
-    gin.clear_config()
+    shutil.copytree(finished_run("EPOCHS = 2"), root / "a")
+    shutil.copytree(finished_run("BATCH_SIZE = 30"), root / "b")
     bogus = root / "bogus"
     bogus.mkdir()
     (bogus / "notes.txt").write_text("not a run")
@@ -160,10 +154,15 @@ def test_figures_sorting_and_run_json(tmp_path):
     assert markdown[1].startswith("|:---|:---|---:|") and "| y | net_y |" in markdown[2]
 
 
-def _events(log_dir):
-    """(tag, plugin name, plugin content, string tensor) of the summaries in the event files directly in `log_dir`."""
+def _event_files(log_dir):
+    return set(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
+
+
+def _events(log_dir, exclude=()):
+    """(tag, plugin name, plugin content, string tensor) of the summaries in the event files directly in `log_dir`
+    (but those in `exclude`)."""
     found = []
-    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+    for path in _event_files(log_dir) - set(exclude):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 found.append((value.tag, value.metadata.plugin_data.plugin_name, value.metadata.plugin_data.content,
@@ -186,8 +185,9 @@ def test_hparams_name_the_run_and_the_val_scalars(runs):
         "BATCH_SIZE": 20, "EPOCHS": 2, "IMAGE_SIZE": 32, "AUGMENT": "None", "network": "small",
         "optimizer": "adam", "schedule": "constant", "learning_rate": 0.001}
     assert "MODEL_DIR" not in values
+    trainers = _event_files(run)  # The trainer's own session, written where the run was trained (conftest).
     summaries.hparams(run, values)
-    events = {tag: (plugin, content) for tag, plugin, content, _ in _events(run)}
+    events = {tag: (plugin, content) for tag, plugin, content, _ in _events(run, exclude=trainers)}
     assert events[hparams_metadata.SESSION_START_INFO_TAG][0] == "hparams"
     start = hparams_metadata.parse_session_start_info_plugin_data(events[hparams_metadata.SESSION_START_INFO_TAG][1])
     # Integers as text (TensorBoard shows a float64 20 as 20.000); the run's name relative to the working directory.

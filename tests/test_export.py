@@ -35,9 +35,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 IMAGE_SIZE = 32
 BEST_STEP, LATEST_STEP = 40, 50
-_MEMO = {}
-
-
 def make_trained_run(root, data_dir):
     """A model directory as the trainer leaves it, with the small network trained on `data_dir` (5 classes).
 
@@ -47,8 +44,6 @@ def make_trained_run(root, data_dir):
     Returns:
       The model directory.
     """
-    if "run" in _MEMO:
-        return _MEMO["run"]
     run = os.path.join(str(root), "run")
     gin.clear_config()
     config.parse_gin([], [f"""
@@ -90,24 +85,25 @@ AUGMENT = None
     history.assign(json.dumps(rows + [{"epoch": 5, "step": LATEST_STEP, "global_step": LATEST_STEP,
                                        "val_top1": 0.3}]))
     tf.train.CheckpointManager(checkpoint, os.path.join(run, "checkpoints"), 3).save(checkpoint_number=LATEST_STEP)
-    _MEMO["run"] = run
     return run
 
 
-def exported_run(root, data_dir):
-    """`make_trained_run`, exported (best checkpoint) to <run>/export. Returns the run's model directory."""
-    run = make_trained_run(root, data_dir)
-    if "exported" not in _MEMO:
-        export.export_checkpoint(run)
+def exported_run(made_once, data_dir, copy_to):
+    """A copy in `copy_to` of `make_trained_run`'s run exported (best checkpoint) to <run>/export, made once for
+    the session (test_export and test_predict). Returns the copy's model directory."""
+
+    def make(root):
+        export.export_checkpoint(make_trained_run(root, data_dir))
         gin.clear_config()
-        _MEMO["exported"] = run
-    return run
+
+    shutil.copytree(made_once("exported_run", make) / "run", copy_to / "run")
+    return str(copy_to / "run")
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, synthetic_dir):
+@pytest.fixture(scope="module")
+def trained_run(made_once, tmp_path_factory, synthetic_dir):
     """The model directory of `make_trained_run`, exported to <run>/export."""
-    return exported_run(tmp_path_factory.mktemp("export_run"), synthetic_dir)
+    return exported_run(made_once, synthetic_dir, tmp_path_factory.mktemp("export_run"))
 
 
 def tiny_model(num_classes=3, size=8):

@@ -4,7 +4,8 @@
 checkpoint write (a `*_temp*` directory exists), right after an epoch's checkpoint (before its CSV row, val point
 and best/ are written), inside the best/ save, an atomic write of settings.json or metrics.csv, the export and the
 evaluation. The same command is then rerun; after the last rerun the run must be whole: one CSV row and one val
-point per epoch, the right best/, no half-written leftovers.
+point per epoch, the right best/, no half-written leftovers. The uninterrupted run they are compared with is also
+the one whose TensorBoard events, metrics.csv, kept checkpoints and export are checked.
 """
 
 import glob
@@ -17,15 +18,17 @@ import subprocess
 import threading
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import REPO, STEPS_PER_EPOCH, csv_rows, env, latest, leftovers, main_command, run, val_points, \
-    weights
+from helpers import AUGMENT, REPO, STEPS_PER_EPOCH, checkpoint_step, csv_rows, env, event_files, latest, leftovers, \
+    main_command, read_events, run, scalars, val_points, weights
 
 RUN = ("EPOCHS = 3", "trainer.train.steps_per_execution = 1", "trainer.train.checkpoint_every_steps = 4",
-       "trainer.train.export = True", "trainer.train.evaluate_best = True", "trainer.train.deterministic_ops = True")
+       "trainer.train.export = True", "trainer.train.evaluate_best = True", "trainer.train.deterministic_ops = True",
+       AUGMENT)
 
 
 # --- Killing a run at a point of its timeline --------------------------------------------------------------------
@@ -157,6 +160,32 @@ def reference_run(train_base_gin, tmp_path_factory):
     assert returncode == 0, log[-3000:]
     assert_whole(model_dir)
     return model_dir
+
+
+@pytest.mark.slow
+def test_tensorboard_csv_and_export_of_a_run(reference_run):
+    [train_events] = event_files(reference_run, "train")
+    [val_events] = event_files(reference_run, "val")
+    train_acc, val_acc = read_events(train_events), read_events(val_events)
+    assert {"loss", "top1", "top5", "learning_rate", "images_per_second", "epoch_time",
+            "config/operative_gin", "network/plan", "augmented_inputs"} <= set(train_acc.Tags()["tensors"])
+    assert {"loss", "top1", "top5"} <= set(val_acc.Tags()["tensors"])
+    assert train_acc.SummaryMetadata("augmented_inputs").plugin_data.plugin_name == "images"
+    assert train_acc.SummaryMetadata("network/plan").plugin_data.plugin_name == "text"
+    config_text = tf.make_ndarray(train_acc.Tensors("config/operative_gin")[0].tensor_proto).item().decode()
+    assert "train.checkpoint_every_steps = 4" in config_text  # (Gin writes the shortest unambiguous name.)
+    assert [s for s, _ in scalars(val_events, "top1")] == [15, 30, 45]
+    assert [s for s, _ in scalars(train_events, "epoch_time")] == [15, 30, 45]
+    rows = csv_rows(reference_run)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and float(rows[-1]["val_top1"]) > 0.4
+    indexes = glob.glob(str(reference_run / "checkpoints" / "*.index"))
+    kept = sorted(checkpoint_step(p[:-len(".index")]) for p in indexes)
+    assert kept == [40, 44, 45]  # Every 4 steps and at epoch ends; the last 3 kept.
+    best_epoch = int(np.argmax([float(r["val_top1"]) for r in rows]))
+    assert checkpoint_step(tf.train.latest_checkpoint(str(reference_run / "best"))) == 15 * (best_epoch + 1)
+    model = keras.models.load_model(reference_run / "export" / "model.keras")
+    assert model.output_shape == (None, 5)
+    assert os.path.exists(reference_run / "export" / "saved_model" / "saved_model.pb")
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from test_export import exported_run  # Shares test_export's run (made once per session).
+from test_export import exported_run  # test_export's run, made once for the session.
 
 from trainer import predict
 from trainer.data.sources.tiny_imagenet import TinyImageNet
@@ -29,13 +29,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 
 
-@pytest.fixture(scope="session")
-def run_dir(tmp_path_factory, synthetic_dir):
+@pytest.fixture(scope="module")
+def run_dir(made_once, tmp_path_factory, synthetic_dir):
     """A run's model directory holding export/ (test_export's trained small network)."""
-    return exported_run(tmp_path_factory.mktemp("export_run"), synthetic_dir)
+    return exported_run(made_once, synthetic_dir, tmp_path_factory.mktemp("export_run"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def predictor(run_dir):
     return predict.Predictor(predict.find_export(run_dir))
 

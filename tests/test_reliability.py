@@ -24,11 +24,9 @@ from helpers import REPO, STEPS_PER_EPOCH, csv_rows, env, latest, leftovers, mai
 # --- Resuming with other settings; a finished phase; the other network's error ----------------------------------
 
 @pytest.fixture(scope="module")
-def one_epoch(train_base_gin, tmp_path_factory):
+def one_epoch(finished_run):
     """A finished 1-epoch run (its files are read, never changed: tests copy it)."""
-    model_dir = tmp_path_factory.mktemp("one_epoch") / "run"
-    train_in_process(train_base_gin, model_dir)
-    return model_dir
+    return finished_run()
 
 
 def copy_run(model_dir, tmp_path):
@@ -529,11 +527,9 @@ def test_a_schedule_change_is_named(train_base_gin, one_epoch, tmp_path):
 # --- Issue 17: a damaged run never starts over; a damaged checkpoint is skipped, best/ rebuilt ---------------------
 
 @pytest.fixture(scope="module")
-def two_epochs(train_base_gin, tmp_path_factory):
+def two_epochs(finished_run):
     """A finished 2-epoch run, ckpt-15 and ckpt-30 (read, never changed: tests copy it)."""
-    model_dir = tmp_path_factory.mktemp("two_epochs") / "run"
-    train_in_process(train_base_gin, model_dir, "EPOCHS = 2")
-    return model_dir
+    return finished_run("EPOCHS = 2")
 
 
 @pytest.mark.slow

@@ -23,11 +23,8 @@ import tensorflow as tf
 from trainer import checkpoints, config, optim, steps, summaries
 from trainer.errors import UserError
 
-from helpers import (STEPS_PER_EPOCH, checkpoint_step, event_files, latest_step, main_command, read_events,
-                     run_until, scalars, train_in_process)
-
-AUGMENT = ("AUGMENT = \"flip(0.5) | zoom(0.5, 1.5, fill='nearest') | channel_shuffle(1.0)"
-           " | coarse_dropout(p=0.2, size_percent=0.02)\"")
+from helpers import (AUGMENT, STEPS_PER_EPOCH, checkpoint_step, event_files, latest_step, main_command, run_until,
+                     scalars, train_in_process)
 
 
 # --- Optimizer, loss, metrics ----------------------------------------------------
@@ -252,75 +249,29 @@ def test_mixed_precision_and_xla_switches(train_base_gin, tmp_path):
 
 # --- Whole runs of `python -m trainer.main` ------------------------------------------
 
-KILL_BINDINGS = ("EPOCHS = 3", "trainer.train.steps_per_execution = 1", "trainer.train.checkpoint_every_steps = 4",
-                 AUGMENT)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_run(train_base_gin, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    returncode, log = run_until(main_command(train_base_gin, model_dir, *KILL_BINDINGS, "trainer.train.export = True"))
-    assert returncode == 0, log[-3000:]
-    return model_dir
-
-
 @pytest.mark.slow
-def test_tensorboard_csv_and_export_of_a_run(uninterrupted_run):
-    [train_events] = event_files(uninterrupted_run, "train")
-    [val_events] = event_files(uninterrupted_run, "val")
-    train_acc, val_acc = read_events(train_events), read_events(val_events)
-    assert {"loss", "top1", "top5", "learning_rate", "images_per_second", "epoch_time",
-            "config/operative_gin", "network/plan", "augmented_inputs"} <= set(train_acc.Tags()["tensors"])
-    assert {"loss", "top1", "top5"} <= set(val_acc.Tags()["tensors"])
-    assert train_acc.SummaryMetadata("augmented_inputs").plugin_data.plugin_name == "images"
-    assert train_acc.SummaryMetadata("network/plan").plugin_data.plugin_name == "text"
-    config_text = tf.make_ndarray(train_acc.Tensors("config/operative_gin")[0].tensor_proto).item().decode()
-    assert "train.checkpoint_every_steps = 4" in config_text  # (Gin writes the shortest unambiguous name.)
-    assert [s for s, _ in scalars(val_events, "top1")] == [15, 30, 45]
-    assert [s for s, _ in scalars(train_events, "epoch_time")] == [15, 30, 45]
-    with open(uninterrupted_run / "metrics.csv", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and float(rows[-1]["val_top1"]) > 0.4
-    indexes = glob.glob(str(uninterrupted_run / "checkpoints" / "*.index"))
-    kept = sorted(checkpoint_step(p[:-len(".index")]) for p in indexes)
-    assert kept == [40, 44, 45]  # Every 4 steps and at epoch ends; the last 3 kept.
-    best_epoch = int(np.argmax([float(r["val_top1"]) for r in rows]))
-    assert checkpoint_step(tf.train.latest_checkpoint(str(uninterrupted_run / "best"))) == 15 * (best_epoch + 1)
-    model = keras.models.load_model(uninterrupted_run / "export" / "model.keras")
-    assert model.output_shape == (None, 5)
-    assert os.path.exists(uninterrupted_run / "export" / "saved_model" / "saved_model.pb")
-
-
-@pytest.mark.slow
-def test_sigterm_then_sigkill_then_rerun_resumes_to_the_same_step(train_base_gin, uninterrupted_run, tmp_path):
+def test_sigterm_then_rerun_resumes_to_the_same_step(train_base_gin, tmp_path):
+    """SIGTERM mid-epoch checkpoints and stops; the same command resumes there. (SIGKILL: test_kills.py.)"""
     model_dir = tmp_path / "run"
-    command = main_command(train_base_gin, model_dir, *KILL_BINDINGS)
+    command = main_command(train_base_gin, model_dir, "EPOCHS = 2", "trainer.train.steps_per_execution = 1",
+                           "trainer.train.checkpoint_every_steps = 4", AUGMENT)
 
     # SIGTERM mid-epoch 1: the run checkpoints where it is and stops with one error line.
-    returncode, log = run_until(command, r"epoch 1/3 step 6/15 ", signal.SIGTERM)
+    returncode, log = run_until(command, r"epoch 1/2 step 6/15 ", signal.SIGTERM)
     assert returncode == 128 + signal.SIGTERM, log[-3000:]  # The shell's convention for a signal.
     stopped = int(re.search(r"stopped: SIGTERM at step (\d+) \(epoch 1\), after a checkpoint", log).group(1))
     assert 6 <= stopped < STEPS_PER_EPOCH and "Traceback" not in log
     assert latest_step(model_dir) == stopped and not os.path.exists(model_dir / "LOCK")
 
-    # SIGKILL mid-epoch 2: nothing runs on the way out; the lock stays behind.
-    returncode, log = run_until(command, r"epoch 2/3 step 6/15 ", signal.SIGKILL)
-    assert returncode == -signal.SIGKILL, log[-3000:]
-    assert f"at step {stopped} (epoch 1)" in log
-    killed = latest_step(model_dir)
-    assert STEPS_PER_EPOCH < killed < 2 * STEPS_PER_EPOCH  # A mid-epoch checkpoint (every 4 steps).
-    assert os.path.exists(model_dir / "LOCK")
-
-    # The same command again: takes over the stale lock, resumes, ends where an uninterrupted run ends.
+    # The same command again: resumes at that step and ends where an uninterrupted run ends.
     before = set(event_files(model_dir, "train"))
     returncode, log = run_until(command)
     assert returncode == 0, log[-3000:]
-    assert "Taking over the stale lock" in log and f"resumes {model_dir}" in log
-    assert f"at step {killed} (epoch 2)" in log
-    assert latest_step(model_dir) == latest_step(uninterrupted_run) == 3 * STEPS_PER_EPOCH
+    assert f"resumes {model_dir}" in log and f"at step {stopped} (epoch 1)" in log
+    assert latest_step(model_dir) == 2 * STEPS_PER_EPOCH and not os.path.exists(model_dir / "LOCK")
     [rerun_events] = set(event_files(model_dir, "train")) - before
     steps = [s for s, _ in scalars(rerun_events, "loss")]
-    assert steps == list(range(killed + 1, 3 * STEPS_PER_EPOCH + 1))  # Continues; does not restart at 0.
+    assert steps == list(range(stopped + 1, 2 * STEPS_PER_EPOCH + 1))  # Continues; does not restart at 0.
 
 
 # --- Schedules and early stopping in a run ---------------------------------------------
