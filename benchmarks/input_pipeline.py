@@ -2,6 +2,7 @@
 
     python benchmarks/input_pipeline.py [--data_dir /tmp/tiny-imagenet-bench-10k] [--num_images 10000]
                                         [--tfrecord_shards 8] [--only ours --only stream_tfrecord ...]
+                                        [--drop_caches]
 
 Each pipeline decodes the JPEGs of a synthetic dataset in the Tiny ImageNet
 layout (written once, then reused), resizes to --image_size, augments with
@@ -43,10 +44,13 @@ warm-up of every `trainer.data` path on a tiny dataset (so that the first
 pipeline does not pay the process's start-up alone), warm the mean of
 the next --warm_epochs (ours, the ceiling and keras read memory; the
 streaming rows and python decode again, from the OS file cache: no row
-reads a disk). The table gives images/s, ours' ratio to each pipeline and
-each pipeline as a fraction of the ceiling; then the three ratios issue 15
-sets targets for. Then `stages`: the streaming stages alone (read; read +
-decode; read + bare decode; for TFRecord read + decode a batch at a time, as its
+reads a disk). With --drop_caches (Linux, root) the page cache is emptied
+before each cold epoch, so the cold epochs read every file from the disk,
+as every epoch of a dataset larger than the machine's memory does. The
+table gives images/s, ours' ratio to each pipeline and each pipeline as
+a fraction of the ceiling; then the three ratios issue 15 sets targets
+for. Then `stages`: the streaming stages alone (read; read + decode;
+read + bare decode; for TFRecord read + decode a batch at a time, as its
 pipeline does) for files and TFRecord, and what the stages' rates
 let TFRecord streaming warm / in-memory warm be at most (about). Last,
 `mixing`: mean distinct classes per batch over one epoch, in memory and both
@@ -88,6 +92,9 @@ def _parse_args(argv):
     parser.add_argument("--warm_epochs", type=int, default=2, help="epochs averaged for the warm figure")
     parser.add_argument("--cold_repeats", type=int, default=3,
                         help="cold first epochs per pipeline, each on a new pipeline; the table gives their median")
+    parser.add_argument("--drop_caches", action="store_true",
+                        help="empty the page cache (Linux, root) before each cold epoch: cold reads go to the disk, "
+                             "as every epoch's do for a dataset larger than memory")
     parser.add_argument("--tfrecord_shards", type=int, default=8,
                         help="training shards of the TFRecord copy (written once to <data_dir>-tfrecord-<shards>)")
     parser.add_argument("--only", choices=[*RUNS, *EXTRAS], action="append",
@@ -115,24 +122,38 @@ def _ensure_tfrecord(data_dir, shards):
     return out
 
 
-def _time_epochs(make_batches, images_per_epoch, batch_size, warm_epochs, cold_repeats=1):
-    """Images/s of a cold first epoch (building the dataset included) and of the next `warm_epochs` epochs.
+def _drop_page_cache():
+    """Empties the kernel's page cache (Linux, as root), so that the next read of every file goes to the disk."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as f:
+            f.write("3\n")
+    except OSError as e:
+        sys.exit(f"--drop_caches needs Linux and root: cannot write /proc/sys/vm/drop_caches ({e.strerror})")
+
+
+def _time_epochs(make_batches, images_per_epoch, args):
+    """Images/s of a cold first epoch (building the dataset included) and of the next `args.warm_epochs` epochs.
 
     `make_batches` builds a new pipeline at each call (nothing cached from the previous one). The cold
-    figure is the median of `cold_repeats` such first epochs (a few seconds each, so another process's burst
-    of work on a shared machine moves a single one a lot); the warm one continues the last pipeline.
+    figure is the median of `args.cold_repeats` such first epochs (a few seconds each, so another process's burst
+    of work on a shared machine moves a single one a lot); the warm one continues the last pipeline. With
+    `args.drop_caches` the page cache is emptied before each cold epoch (untimed): its reads go to the disk.
     """
+    batch_size = args.batch_size
     colds = []
-    for _ in range(cold_repeats):
-        start = time.perf_counter()
+    for _ in range(args.cold_repeats):
         iterator = None  # Frees the previous pipeline (and its decoded images) first.
+        if args.drop_caches:
+            _drop_page_cache()
+        start = time.perf_counter()
         iterator = iter(make_batches())
         seen = 0
         for _ in range(images_per_epoch // batch_size):
             seen += len(next(iterator)[0])
         colds.append(seen / (time.perf_counter() - start))
     start, seen = time.perf_counter(), 0
-    for _ in range(warm_epochs * (images_per_epoch // batch_size)):
+    for _ in range(args.warm_epochs * (images_per_epoch // batch_size)):
         seen += len(next(iterator)[0])
     return float(np.median(colds)), seen / (time.perf_counter() - start), colds
 
@@ -161,7 +182,7 @@ def _timed(args, dataset, data_dir, augment, in_memory=True, tfrecord_source=Fal
     """`_time_epochs` of `_data(...).train()`, a new `Data` (so a new decode into memory) for each cold epoch."""
     make = lambda: _data(args, data_dir, augment, in_memory, tfrecord_source).train()  # noqa: E731
     count = len(dataset.files("train")[0])
-    return _time_epochs(make, count, args.batch_size, args.warm_epochs, args.cold_repeats)
+    return _time_epochs(make, count, args)
 
 
 def _ours(args, dataset, augment):
@@ -336,7 +357,7 @@ def python_baseline(args, dataset):
     def make():
         return _python_batches(files, np.asarray(labels), dataset.num_classes, args.image_size, args.batch_size)
 
-    return _time_epochs(make, len(files), args.batch_size, args.warm_epochs, args.cold_repeats)
+    return _time_epochs(make, len(files), args)
 
 
 # ---------------------------------------------------------------------------
@@ -349,7 +370,7 @@ def keras_baseline(args, dataset):
     def make():
         return _keras_dataset(keras, args, dataset)
 
-    return _time_epochs(make, len(dataset.files("train")[0]), args.batch_size, args.warm_epochs, args.cold_repeats)
+    return _time_epochs(make, len(dataset.files("train")[0]), args)
 
 
 def _keras_dataset(keras, args, dataset):

@@ -329,11 +329,11 @@ def test_same_command_twice_gives_bit_identical_weights(train_base_gin, tmp_path
     bindings = ("trainer.train.deterministic_ops = True", AUGMENT)
     weights = []
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        if name == "c":  # Another SEED; in this process, as a third process would show nothing more.
-            train_in_process(train_base_gin, tmp_path / name, *bindings, f"SEED = {seed}")
-        else:
+        if name == "a":  # A new process; "b" in this one, which has run other tests before: two processes.
             returncode, log = run_until(main_command(train_base_gin, tmp_path / name, *bindings, f"SEED = {seed}"))
             assert returncode == 0, log[-3000:]
+        else:
+            train_in_process(train_base_gin, tmp_path / name, *bindings, f"SEED = {seed}")
         reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / name / "checkpoints")))
         weights.append({k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
                         if k.startswith("weights/")})
