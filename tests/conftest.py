@@ -17,13 +17,13 @@ from trainer.data import synthetic
 
 cli.register_configurables()  # Every gin configurable, before any test parses a gin file (then `gc.freeze()`).
 
-# The files whose tests take longest together (seconds summed over a file, `--durations=0`, 2026-12-06: 219, 215,
-# 125, 113, 85, 85, 76, 57 of 1,385), handed out first. `--dist loadfile` gives a worker a whole file at a time;
+# The files whose tests take longest together (seconds summed over a file, `--durations=0`, 2026-12-07: 217, 209,
+# 129, 124, 103, 88, 68, 55 of 1,363), handed out first. `--dist loadfile` gives a worker a whole file at a time;
 # xdist would otherwise order files by their number of tests, so that test_kills.py (2 tests, 113 s) and
 # test_precise_bn.py (9 tests, 215 s) came last and one worker ran them while the other had finished: 748 s in
 # all, where replaying the measured durations in this order gives 701 s (BUILD_NOTES.md).
-LONGEST_FIRST = ("test_train.py", "test_precise_bn.py", "test_reliability.py", "test_kills.py", "test_sweep.py",
-                 "test_strategy.py", "test_sources_end_to_end.py", "test_predict.py")
+LONGEST_FIRST = ("test_precise_bn.py", "test_train.py", "test_kills.py", "test_reliability.py", "test_strategy.py",
+                 "test_sweep.py", "test_sources_end_to_end.py", "test_predict.py")
 
 
 def pytest_configure(config):
