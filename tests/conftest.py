@@ -44,12 +44,12 @@ def _cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def made_once(tmp_path_factory, worker_id):
+def made_once(tmp_path_factory):
     """`made_once(name, make)`: `make(path)` runs once for the whole session, in whichever xdist worker asks first
     (the other waits for it); both get `path`. For what tests only read, or copy before they change it."""
     shared = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
-        shared = shared.parent  # The session's directory, above each worker's own.
+    if os.environ.get("PYTEST_XDIST_WORKER") and shared.name.startswith("popen-"):
+        shared = shared.parent  # The session's own directory, above each local worker's (popen-gw0, popen-gw1).
 
     def get(name, make):
         path, done = shared / name, shared / f"{name}.done"

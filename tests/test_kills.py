@@ -196,13 +196,21 @@ def test_sigkill_anywhere_then_rerun_loses_and_doubles_nothing(train_base_gin, r
     model_dir = tmp_path / "run"
     command = main_command(train_base_gin, model_dir, *RUN)
     triggers = seeded_kill_points(seed)
-    planned, fired = list(triggers), []
+    planned, fired, start = list(triggers), [], None
     for _ in range(len(planned) + 1):
         returncode, log, trigger = run_with_kills(command, model_dir, triggers)
+        # The rerun takes over the killed run's lock and starts where the kill left it (unless a point that held
+        # at once killed it before its banner).
+        if start and "Start:" in log:
+            assert "Taking over the stale lock" in log and start in log, (fired[-1], start, log[-3000:])
         if trigger is None:
             break
         assert returncode == -signal.SIGKILL, (trigger, log[-3000:])
         fired.append(trigger)
+        kept = latest(model_dir)
+        kept = checkpoint_step(kept) if kept else None
+        start = ("Start:     fresh weights" if kept is None else f"at step {kept} (epoch " if kept < 3 * STEPS_PER_EPOCH
+                 else f", step {kept}): nothing to train")
         if os.path.exists(model_dir / "metrics.csv"):  # Never a duplicated or half row, even right after a kill.
             epochs = [r["epoch"] for r in csv_rows(model_dir)]
             assert epochs == [str(e) for e in range(1, len(epochs) + 1)], (trigger, epochs)

@@ -1,8 +1,8 @@
 """The trainer (trainer/train.py) on the small network and the synthetic dataset.
 
 In-process where only the numbers matter; `python -m trainer.main` in a
-subprocess where process behaviour does (SIGTERM, SIGKILL, a stale lock).
-Multi-replica strategies are in test_strategy.py.
+subprocess where process behaviour does (SIGTERM, a second process).
+SIGKILL is in test_kills.py, multi-replica strategies in test_strategy.py.
 """
 
 import csv
