@@ -27,11 +27,11 @@ def layouts(train_synthetic_dir, tmp_path_factory):
     return {"tiny_imagenet": train_synthetic_dir, "image_folder": folders, "tfrecord": shards}
 
 
-def _train(base_gin, model_dir, extra_gin=(), bindings=()):
+def _train(base_gin, model_dir, extra_gin=(), bindings=(), **kwargs):
     gin.clear_config()
     config.parse_gin([base_gin, *extra_gin], [*BINDINGS, *bindings], model_dir=str(model_dir))
     try:
-        return train_lib.train()
+        return train_lib.train(**kwargs)
     finally:
         gin.clear_config()
         keras.backend.clear_session()
@@ -39,8 +39,8 @@ def _train(base_gin, model_dir, extra_gin=(), bindings=()):
 
 @pytest.fixture(scope="module")
 def runs(train_base_gin, layouts, tmp_path_factory):
-    """One 3-epoch run a way of feeding the data (exported and evaluated for the two other sources);
-    {name: (model_dir, best row, log)}."""
+    """One 3-epoch run a way of feeding the data (exported and evaluated for the two other sources; the small
+    budget's, which only shows the choice, stops after its first step); {name: (model_dir, best row, log)}."""
     import logging
 
     root = tmp_path_factory.mktemp("source_runs")
@@ -52,6 +52,7 @@ def runs(train_base_gin, layouts, tmp_path_factory):
         "streamed": ((), ("trainer.data.in_memory = False", "trainer.data.shuffle_buffer = 100")),
         "small_budget": ((), ("trainer.data.memory_budget = 100000",)),
     }
+    stop = {"small_budget": {"stop_after_steps": 1}}
     results = {}
     logger = logging.getLogger("absl")
     for name, (extra_gin, bindings) in ways.items():
@@ -62,7 +63,7 @@ def runs(train_base_gin, layouts, tmp_path_factory):
         level = logger.level
         logger.setLevel("INFO")
         try:
-            best = _train(train_base_gin, root / name, extra_gin, bindings)
+            best = _train(train_base_gin, root / name, extra_gin, bindings, **stop.get(name, {}))
         finally:
             logger.removeHandler(handler)
             logger.setLevel(level)
@@ -76,7 +77,7 @@ def test_every_source_counts_the_same_images_and_learns_as_well(runs):
               for name, (model_dir, _, _) in runs.items()}
     for name, splits in counts.items():
         assert {s: v["images"] for s, v in splits.items()} == {"train": 300, "val": 100, "test": 5}, name
-    top1 = {name: best["val_top1"] for name, (_, best, _) in runs.items()}
+    top1 = {name: best["val_top1"] for name, (_, best, _) in runs.items() if name != "small_budget"}
     assert min(top1.values()) >= 0.35, top1  # Chance: 0.2 (3 short epochs: measured 0.45 to 0.51).
     for name, value in top1.items():
         assert abs(value - top1["tiny_imagenet"]) <= 0.15, top1
