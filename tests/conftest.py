@@ -17,13 +17,13 @@ from trainer.data import synthetic
 
 cli.register_configurables()  # Every gin configurable, before any test parses a gin file (then `gc.freeze()`).
 
-# The files whose tests take longest together (seconds summed over a file, `--durations=0`, 2026-12-07: 217, 209,
-# 129, 124, 103, 88, 68, 55 of 1,363), handed out first. `--dist loadfile` gives a worker a whole file at a time;
+# The files whose tests take longest together (seconds summed over a file, `--durations=0`, 2026-12-07: 209, 129,
+# 124, 103, 88, 68, 55 of 1,363), handed out first. `--dist loadfile` gives a worker a whole file at a time;
 # xdist would otherwise order files by their number of tests, so that test_kills.py (2 tests, 113 s) and
-# test_precise_bn.py (9 tests, 215 s) came last and one worker ran them while the other had finished: 748 s in
-# all, where replaying the measured durations in this order gives 701 s (BUILD_NOTES.md).
-LONGEST_FIRST = ("test_precise_bn.py", "test_train.py", "test_kills.py", "test_reliability.py", "test_strategy.py",
-                 "test_sweep.py", "test_sources_end_to_end.py", "test_predict.py")
+# test_precise_bn.py (9 tests, then 215 s) came last and one worker ran them while the other had finished: 748 s
+# in all, where replaying the measured durations in this order gives 701 s (BUILD_NOTES.md).
+LONGEST_FIRST = ("test_train.py", "test_kills.py", "test_reliability.py", "test_strategy.py", "test_sweep.py",
+                 "test_sources_end_to_end.py", "test_predict.py")
 
 
 def pytest_configure(config):
@@ -68,9 +68,7 @@ def made_once(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_dir(made_once):
     """5 classes x 40 training images (64 px), 10 val images a class, 12 test images."""
-    return str(made_once("synthetic", lambda path: synthetic.write_synthetic(
-        str(path / "tiny-imagenet-200"), num_classes=5, per_class=40, val_per_class=10, test_images=12))
-               / "tiny-imagenet-200")
+    return _synthetic(made_once, "synthetic", num_classes=5, per_class=40, val_per_class=10, test_images=12)
 
 
 @pytest.fixture(autouse=True)
@@ -93,9 +91,7 @@ def clean_state():
 @pytest.fixture(scope="session")
 def train_synthetic_dir(made_once):
     """For the trainer's tests: 5 classes x 60 training images (64 px), 20 val images a class."""
-    return str(made_once("train_synthetic", lambda path: synthetic.write_synthetic(
-        str(path / "tiny-imagenet-200"), num_classes=5, per_class=60, val_per_class=20, test_images=5))
-               / "tiny-imagenet-200")
+    return _synthetic(made_once, "train_synthetic", num_classes=5, per_class=60, val_per_class=20, test_images=5)
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +123,12 @@ def finished_run(made_once, train_base_gin):
         return made_once(name, train) / "run"
 
     return get
+
+
+def _synthetic(made_once, name, **sizes):
+    """A synthetic dataset in Tiny ImageNet's layout (`synthetic.write_synthetic`), written once for the session."""
+    return str(made_once(name, lambda path: synthetic.write_synthetic(str(path / "tiny-imagenet-200"), **sizes))
+               / "tiny-imagenet-200")
 
 
 def _write_base_gin(directory, train_synthetic_dir):

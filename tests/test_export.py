@@ -35,6 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
 IMAGE_SIZE = 32
 BEST_STEP, LATEST_STEP = 40, 50
+
+
 def make_trained_run(root, data_dir):
     """A model directory as the trainer leaves it, with the small network trained on `data_dir` (5 classes).
 
