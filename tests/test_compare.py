@@ -1,7 +1,6 @@
 """trainer.compare (the table of runs) and the TensorBoard comparison summaries (HParams, custom scalar layout)."""
 
 import csv
-import glob
 import json
 import os
 import re
@@ -9,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import helpers
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
@@ -154,15 +154,11 @@ def test_figures_sorting_and_run_json(tmp_path):
     assert markdown[1].startswith("|:---|:---|---:|") and "| y | net_y |" in markdown[2]
 
 
-def _event_files(log_dir):
-    return set(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
-
-
 def _events(log_dir, exclude=()):
     """(tag, plugin name, plugin content, string tensor) of the summaries in the event files directly in `log_dir`
     (but those in `exclude`)."""
     found = []
-    for path in _event_files(log_dir) - set(exclude):
+    for path in set(helpers.event_files(log_dir, "")) - set(exclude):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 found.append((value.tag, value.metadata.plugin_data.plugin_name, value.metadata.plugin_data.content,
@@ -185,7 +181,7 @@ def test_hparams_name_the_run_and_the_val_scalars(runs):
         "BATCH_SIZE": 20, "EPOCHS": 2, "IMAGE_SIZE": 32, "AUGMENT": "None", "network": "small",
         "optimizer": "adam", "schedule": "constant", "learning_rate": 0.001}
     assert "MODEL_DIR" not in values
-    trainers = _event_files(run)  # The trainer's own session, written where the run was trained (conftest).
+    trainers = helpers.event_files(run, "")  # The trainer's own session, written where the run was trained (conftest).
     summaries.hparams(run, values)
     events = {tag: (plugin, content) for tag, plugin, content, _ in _events(run, exclude=trainers)}
     assert events[hparams_metadata.SESSION_START_INFO_TAG][0] == "hparams"
