@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
-from helpers import REPO, STEPS_PER_EPOCH, env, main_command
+from helpers import REPO, STEPS_PER_EPOCH, csv_rows, env, main_command
 from trainer import config, steps
 from trainer import strategy as strategy_lib
 from trainer.errors import UserError
@@ -79,28 +79,24 @@ def test_tpu_without_a_tpu_is_a_user_error(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_two_mirrored_cpu_replicas_match_one_device(train_base_gin, tmp_path):
+def test_two_mirrored_cpu_replicas_match_one_device(train_base_gin, finished_run, tmp_path):
     """Same global batch, same initial weights, synchronized BatchNorm: the same losses."""
-    logs = {}
-    for name, extra in (("one", []), ("two", ["--gin_file=gin/strategy/mirrored_cpu.gin"])):
-        result = subprocess.run(
-            main_command(train_base_gin, tmp_path / name, *extra,
-                         "--gin_bindings=trainer.train.steps_per_execution = 1"),
-            cwd=REPO, env=env(), capture_output=True, text=True, timeout=600, check=False)
-        assert result.returncode == 0, result.stderr[-3000:]
-        logs[name] = result.stderr
-    assert "Strategy:  mirrored (tf.distribute.MirroredStrategy), 2 replicas" in logs["two"]
-    assert "Strategy:  default (one device, no tf.distribute strategy), 1 replica\n" in logs["one"]
-    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    one_step = "trainer.train.steps_per_execution = 1"
+    result = subprocess.run(main_command(train_base_gin, tmp_path / "two", "--gin_file=gin/strategy/mirrored_cpu.gin",
+                                         one_step),
+                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Strategy:  mirrored (tf.distribute.MirroredStrategy), 2 replicas" in result.stderr
+    one_dir = finished_run(one_step)  # The same run on one device, trained in-process (the default strategy).
+    one, two = train_losses(one_dir), train_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == list(range(1, STEPS_PER_EPOCH + 1))
     for step in (1, 2, 3):  # Float rounding only (per-replica BatchNorm statistics differ by ~1e-2).
         assert two[step] == pytest.approx(one[step], abs=1e-5), (step, one[step], two[step])
     for step in one:  # Adam amplifies the rounding a little over the epoch.
         assert two[step] == pytest.approx(one[step], abs=2e-3), (step, one[step], two[step])
-    val_one = [float(v) for v in re.search(r"val loss ([\d.]+) top1 ([\d.]+)", logs["one"]).groups()]
-    val_two = [float(v) for v in re.search(r"val loss ([\d.]+) top1 ([\d.]+)", logs["two"]).groups()]
-    assert val_two[0] == pytest.approx(val_one[0], abs=2e-3)
-    assert val_two[1] == pytest.approx(val_one[1], abs=0.011)  # At most one of 100 images flips.
+    [val_one], [val_two] = csv_rows(one_dir), csv_rows(tmp_path / "two")
+    assert float(val_two["val_loss"]) == pytest.approx(float(val_one["val_loss"]), abs=2e-3)
+    assert float(val_two["val_top1"]) == pytest.approx(float(val_one["val_top1"]), abs=0.011)  # At most 1 of 100.
 
 
 def test_xla_with_synchronized_batch_norm_over_replicas_is_refused():
