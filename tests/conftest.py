@@ -18,7 +18,8 @@ from trainer.data import synthetic
 cli.register_configurables()  # Every gin configurable, before any test parses a gin file (then `gc.freeze()`).
 
 # The files whose tests take longest together, longest first (seconds summed over a file, `--durations=0`,
-# 2026-12-07, two runs: 192, 134, 109, 77, 68, 66, 51, 40, 34, 34, 32, 29, 26, 21, 20 of 1,047 in the first),
+# 2026-12-07, two runs: 192, 134, 109, 77, 68, 66, 51, 40, 34, 34, 32, 29, 26, 21, 20 of 1,047 in the first;
+# test_source_plugin.py, newer, 21 alone),
 # handed out first; the rest, a few seconds each, after them as collected. `--dist loadfile` gives a worker a whole
 # file at a time; xdist would otherwise order files by their number of tests, so that test_kills.py (2 tests,
 # 113 s) and test_precise_bn.py (9 tests, then 215 s) came last and one worker ran them while the other had
@@ -26,7 +27,7 @@ cli.register_configurables()  # Every gin configurable, before any test parses a
 LONGEST_FIRST = ("test_train.py", "test_kills.py", "test_reliability.py", "test_strategy.py",
                  "test_sources_end_to_end.py", "test_sweep.py", "test_predict.py", "test_main.py", "test_recipes.py",
                  "test_tfrecord.py", "test_precise_bn.py", "test_evaluate.py", "test_model_declarations.py",
-                 "test_synthetic.py", "test_export.py")
+                 "test_synthetic.py", "test_source_plugin.py", "test_export.py")
 
 
 def pytest_configure(config):

@@ -180,7 +180,8 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path):
     report = evaluator.evaluate_checkpoint(model, path, data, "val", str(tmp_path / "eval"))
     assert report["checkpoint_name"] == "best-1"
     assert report["data"] == {"data_dir": str(tmp_path / "data"), "source": {"kind": "listed",
-                                                                            "location": str(tmp_path / "data")},
+                                                                            "location": str(tmp_path / "data"),
+                                                                            "module": Listed.__module__},
                               "num_files": 7, "num_scored": 6, "num_skipped": 1, "skipped_files": ["img_3.JPEG"]}
     out = tmp_path / "eval" / "best-1"
     with open(out / "predictions.csv", encoding="utf-8") as f:

@@ -38,7 +38,8 @@ def test_train_resume_evaluate_export_and_predict_on_ram(train_base_gin, tmp_pat
     rows = _read(f"{model_dir}/metrics.csv").splitlines()
     assert len(rows) == 3 and rows[1].split(",")[0] == "1" and rows[2].split(",")[0] == "2"  # Once each.
     data = json.loads(_read(f"{model_dir}/data.json"))
-    assert data["source"] == {"kind": "tiny_imagenet", "location": data_dir}
+    assert data["source"] == {"kind": "tiny_imagenet", "location": data_dir,
+                              "module": "trainer.data.sources.tiny_imagenet"}
     assert data["preprocessing"]["image_size"] == 32
     for name in ("operative_config.gin", "settings.json", "data_report.json", "export/saved_model/saved_model.pb",
                  "export/export.json", f"eval/best-{best['step']}/report.json"):

@@ -32,7 +32,8 @@ def test_split_layout_holds_the_same_images_as_tiny_imagenet(folders, synthetic_
     by_name = {os.path.basename(i): label for i, label in zip(*source.listing("val"))}
     assert by_name == {os.path.basename(i): label for i, label in zip(*tiny.listing("val"))}
     assert source.listing("test")[1] == [-1] * tiny.count("test")
-    assert source.describe() == {"kind": "image_folder", "location": folders, "layout": "train/ and val/"}
+    assert source.describe() == {"kind": "image_folder", "location": folders, "layout": "train/ and val/",
+                                 "module": "trainer.data.sources.image_folder"}
 
 
 def test_names_file_nested_folders_any_extension_and_other_files(folders, tmp_path, caplog):

@@ -6,9 +6,10 @@ against the path as given (absolute, relative to the working directory, or
 copy of `gin/` installed inside the package by setup.py.
 
 Before gin sees anything, the files and bindings are read here with gin's
-public parser (`gin.config_parser`), includes expanded, and every statement
-checked: an unknown configurable or parameter, a macro used but never
-defined and a macro defined but never used each become one `UserError`
+public parser (`gin.config_parser`), includes expanded, a file's `import
+module` lines imported (so that what they register is known), and every
+statement checked: an unknown configurable or parameter, a macro used but
+never defined and a macro defined but never used each become one `UserError`
 naming the file, the line and the nearest known name. Gin then parses the
 expanded text (`gin.parse_config`). The UPPER_CASE macros users edit are
 checked for type and range (`MACROS`) before anything runs.
@@ -18,6 +19,7 @@ was checked with.
 """
 
 import difflib
+import importlib
 import os
 import re
 
@@ -165,6 +167,8 @@ class _Expanded:
             where = f"{source}, line {statement.location.line_num}"
             if isinstance(statement, config_parser.IncludeStatement):
                 include_lines[statement.location.line_num] = statement.filename
+            elif isinstance(statement, config_parser.ImportStatement):
+                _import(statement.module, where)
             elif isinstance(statement, config_parser.BindingStatement):
                 if not statement.arg_name and "." not in statement.selector and not statement.scope:
                     self.defined[statement.selector] = where
@@ -181,6 +185,18 @@ class _Expanded:
                 self.text.append("\n")
             else:
                 self.text.append(line if line.endswith("\n") else line + "\n")
+
+
+def _import(module, where):
+    """Imports a gin file's `import module` now, so that the configurables it registers are checked like the
+    project's own (a data source of your own: docs/datasets.md). Gin imports it again, a no-op."""
+    if module.startswith("__gin__"):
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise UserError(f"Invalid gin configuration: {where}: cannot import {module} ({err}). Put the directory "
+                        "holding it on PYTHONPATH, or install its package.") from None
 
 
 def _syntax_message(err):

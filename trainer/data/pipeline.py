@@ -185,7 +185,7 @@ def data(data_dir,
       batch_size: the global batch size (split over replicas).
       source: a reference to a `trainer.sources.*` factory, called with `data_dir`:
         `@trainer.sources.tiny_imagenet` (the default), `.image_folder` or `.tfrecord`
-        (gin/data/<kind>.gin binds it).
+        (gin/data/<kind>.gin binds it), or a source of your own (docs/datasets.md).
       augment: a policy string for `trainer.data.augment` (training only), or None.
       seed: seeds the data order and the augmentation (mixed with the input
         pipeline's id and the step a resumed run starts from).

@@ -23,7 +23,11 @@ Decoding is never a source's job: every source hands over encoded bytes and
 A source is a gin configurable under `trainer.sources`, chosen by one
 binding (`trainer.data.source = @trainer.sources.image_folder`, in
 `gin/data/<kind>.gin`) and called with DATA_DIR. A new layout is one module
-here, one gin file and its tests.
+(here, or in a package of your own), one gin file and its tests: a module
+outside this package is named by an `import` line at the top of its gin file
+(`import my_sources` before `trainer.data.source = @trainer.sources.my_kind`),
+and the run's settings record it, so evaluate, export and predict find it
+again (docs/datasets.md, "A layout of your own").
 """
 
 import os
@@ -103,8 +107,9 @@ class Source:
         raise NotImplementedError
 
     def describe(self):
-        """What the run's settings record of the source (JSON)."""
-        return {"kind": self.kind, "location": self.location}
+        """What the run's settings record of the source (JSON): its kind, location and the module defining it
+        (imported by `open_source` if it is not yet: a source of your own)."""
+        return {"kind": self.kind, "location": self.location, "module": type(self).__module__}
 
     def pin(self, model_dir):
         """Fixes, in the model directory, whatever a resumed run of it must see again (nothing by default)."""
@@ -176,11 +181,20 @@ def open_source(description):
     Raises:
       UserError: an unknown kind; the source's own errors (e.g. DatasetNotFoundError).
     """
+    import importlib  # pylint: disable=import-outside-toplevel
     import inspect  # pylint: disable=import-outside-toplevel
 
     from trainer import registry  # pylint: disable=import-outside-toplevel
 
-    factory = registry.CONFIGURABLES.get(f"trainer.sources.{description.get('kind')}")
+    selector = f"trainer.sources.{description.get('kind')}"
+    if selector not in registry.CONFIGURABLES and description.get("module"):  # A source of your own.
+        try:
+            importlib.import_module(description["module"])
+        except ImportError as err:
+            raise UserError(f"The data source {description.get('kind')!r} is defined in {description['module']}, "
+                            f"which cannot be imported ({err}): put the directory holding it on PYTHONPATH, or "
+                            "install its package.") from None
+    factory = registry.CONFIGURABLES.get(selector)
     if factory is None:
         known = sorted(s.rsplit(".", 1)[1] for s in registry.CONFIGURABLES if s.startswith("trainer.sources."))
         raise UserError(f"Unknown data source {description.get('kind')!r}: expected one of {', '.join(known)}.")
