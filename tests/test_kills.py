@@ -118,13 +118,13 @@ def run_with_kills(command, model_dir, triggers, timeout=300):
 
 
 def seeded_kill_points(seed):
-    """8 kill points over a 3-epoch run (45 steps): always right after ckpt-15, inside the export and inside the
-    evaluation; a checkpoint save, a best/ save, a metrics.csv write and two mid-epoch steps at seeded places."""
+    """7 kill points over a 3-epoch run (45 steps): always right after ckpt-15, inside the export and inside the
+    evaluation; a checkpoint save, a best/ save, a metrics.csv write and a mid-epoch step at seeded places."""
     rng = random.Random(seed)
     points = [Trigger("state", STEPS_PER_EPOCH), Trigger("ckpt_temp", rng.randint(1, 40)),
               Trigger("best_temp", rng.choice([15, 30, 45])), Trigger("tmp", rng.choice([15, 30])),
               Trigger("export", 45), Trigger("eval", 45)]
-    points += [Trigger("step", s) for s in rng.sample([s for s in range(2, 45) if s % 15], 2)]
+    points.append(Trigger("step", rng.choice([s for s in range(2, 45) if s % 15])))
     order = ("step", "state", "ckpt_temp", "best_temp", "tmp", "export", "eval")  # At one step, as they happen.
     return sorted(points, key=lambda t: (t.after, order.index(t.kind)))
 
@@ -218,7 +218,7 @@ def test_sigkill_anywhere_then_rerun_loses_and_doubles_nothing(train_base_gin, r
     assert returncode == 0 and "Traceback" not in log, log[-3000:]
     assert not triggers
     # The two points whose timing is certain always fire; a save too quick to catch may be missed.
-    assert {repr(t) for t in fired} >= {"state@15", "export@45", "eval@45"} and len(fired) >= 5, (planned, fired)
+    assert {repr(t) for t in fired} >= {"state@15", "export@45", "eval@45"} and len(fired) >= 4, (planned, fired)
     assert_whole(model_dir)
     # Resuming mid-epoch re-seeds the data order (seed mixed with the resume step): the weights differ from the
     # reference; the step, the epochs and the structure are the same.

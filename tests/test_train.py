@@ -345,11 +345,11 @@ def test_same_command_twice_gives_bit_identical_weights(train_base_gin, tmp_path
 
 
 @pytest.mark.slow
-def test_a_phase_starts_adam_afresh_unless_told_to_carry_it(train_base_gin, tmp_path):
-    train_in_process(train_base_gin, tmp_path / "p1")
+def test_a_phase_starts_adam_afresh_unless_told_to_carry_it(train_base_gin, finished_run, tmp_path):
+    first = finished_run()  # The base run, 1 epoch (shared: init_from only reads it).
     for name, carry in (("fresh", False), ("carried", True)):
         keras.backend.clear_session()
-        train_in_process(train_base_gin, tmp_path / name, f"trainer.train.init_from = '{tmp_path / 'p1'}'",
+        train_in_process(train_base_gin, tmp_path / name, f"trainer.train.init_from = '{first}'",
                          f"trainer.train.carry_optimizer = {carry}")
         reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path / name / "checkpoints")))
         iterations = int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
