@@ -332,6 +332,7 @@ def test_the_data_scan_reports_unreadable_images_tiny_classes_and_is_cached(trai
            f"{bad_ids[2]} and 1 more." in log
     assert f"1 classes have fewer than 10% of the median 60 training images: {synthetic.wnid(4)} (3)." in log
     assert "The training classes are imbalanced: 3 (" in log
+    assert "(tiny_imagenet: 5 classes, 243 (239 readable) train / 100 val images)" in log  # The banner.
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["splits"]["train"]["unreadable"] == bad_ids  # All of them, not only the first few.
     assert report["train_per_class"][synthetic.wnid(0)] == 56 and report["tiny_classes"] == [synthetic.wnid(4)]

@@ -347,7 +347,7 @@ def test_cli(synthetic_dir, tmp_path):
     out = str(tmp_path / "shards")
     done = _cli(f"--data_dir={synthetic_dir}", f"--out={out}", "--shards=2")
     assert done.returncode == 0, done.stderr
-    assert "Converted" in done.stdout and "train 200 images in 2 shards" in done.stdout
+    assert "Converted" in done.stdout and "train 200 images in 2 shards, val 50 images in 1 shard," in done.stdout
     bad = _cli(f"--data_dir={tmp_path / 'nothing'}", f"--out={tmp_path / 'x'}")
     assert bad.returncode == 1
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]

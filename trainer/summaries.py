@@ -100,10 +100,16 @@ class Progress:
                      val_means["loss"], val_means["top1"], val_means["top5"], val_means["count"])
 
 
-def banner(data, network, distribution, model_dir, epochs, first_epoch, start):
-    """The lines a user reads before the first step: what runs, on what, where, from where."""
+def banner(data, network, distribution, model_dir, epochs, first_epoch, start, readable_train=None):
+    """The lines a user reads before the first step: what runs, on what, where, from where.
+
+    `readable_train`: the training images the data check read, when it ran (fewer than the source counts when a
+    file or shard is damaged).
+    """
+    train = data.num_train if readable_train in (None, data.num_train) else \
+        f"{data.num_train} ({readable_train} readable)"
     lines = [
-        f"Dataset:   {data.source.location} ({data.source.kind}: {data.num_classes} classes, {data.num_train} "
+        f"Dataset:   {data.source.location} ({data.source.kind}: {data.num_classes} classes, {train} "
         f"train / {data.num_val} val images){' - synthetic (trainer.data.synthetic)' if data.synthetic else ''}",
         f"Network:   {network['name']} ({network['params']:,} parameters, {network['macs'] / 1e6:,.1f} MMACs "
         f"per image at {data.image_size} px)",
@@ -317,7 +323,8 @@ def _hparam_value(value):
 
 
 def data_report(data, model_dir, share_decode=True):
-    """Reports the data before training: a summary line, a warning per problem, model_dir/data_report.json.
+    """Reports the data before training: a summary line, a warning per problem, model_dir/data_report.json
+    (the report is returned).
 
     With `share_decode`, a training set held in memory is decoded here, once: the scan and the pipeline share it.
     """
@@ -336,6 +343,7 @@ def data_report(data, model_dir, share_decode=True):
     logging.info("Data check: %s (details: %s%s).", scan.scan_summary(report), path, cached)
     for problem in report["problems"]:
         logging.warning("Data check: %s", problem)
+    return report
 
 
 def network_summary(model, network_plan):

@@ -163,8 +163,9 @@ def train(model_dir,
         network_plan = plan.make_plan(data.image_size)
         if check_memory:  # Before anything is decoded.
             plan.check_memory(network_plan, data, distribution.strategy.num_replicas_in_sync)
+        report = None
         if distribution.chief and scan_data:
-            summaries.data_report(data, model_dir, share_decode=not distribution.multi_worker)
+            report = summaries.data_report(data, model_dir, share_decode=not distribution.multi_worker)
         if seed is not None:
             keras.utils.set_random_seed(seed)
         if deterministic_ops:
@@ -225,8 +226,9 @@ def train(model_dir,
             start = "fresh weights" + (f" (seed {seed})" if seed is not None else "")
         decoded = tf.Variable(0, dtype=tf.int64, trainable=False)  # Counts decoded images.
         val_data = distribution.strategy.distribute_datasets_from_function(lambda ctx: data.eval("val", ctx))
+        readable = report and report["splits"]["train"]["images"] - len(report["splits"]["train"]["unreadable"])
         summaries.banner(data, summaries.network_summary(model, network_plan), distribution, model_dir, epochs,
-                         first_epoch, start)
+                         first_epoch, start, readable_train=readable)
         commit = functools.partial(epoch_log.commit, history=history, checkpoints=checkpoints, writers=writers,
                                    model_dir=model_dir, chief=distribution.chief, metric=select_best_by)
         if done % steps_per_epoch == 0 and 0 < done and not any(r["step"] == done for r in rows):
@@ -448,7 +450,7 @@ def _stop(signals, checkpoints, writers, done, epoch, model_dir):
 
 
 def _report_skipped(num_files, decoded, data_dir):
-    """Logs the training images of the first epoch that could not be decoded (and were skipped)."""
+    """Logs the training images of the first epoch that could not be read or decoded (and were skipped)."""
     if 0 < decoded < num_files:
-        logging.warning("%d of %d training images in %s could not be decoded and were skipped.",
+        logging.warning("%d of %d training images in %s could not be read or decoded and were skipped.",
                         num_files - decoded, num_files, data_dir)

@@ -332,7 +332,8 @@ def main(argv):
     cli.no_arguments(argv)
     f = flags.FLAGS
     index, state = convert(f.data_dir, f.out, f.shards, f.source)
-    splits = ", ".join(f"{s} {e['count']} images in {len(e['shards'])} shards" for s, e in index["splits"].items())
+    splits = ", ".join(f"{s} {e['count']} images in {len(e['shards'])} shard{'s' * (len(e['shards']) != 1)}"
+                       for s, e in index["splits"].items())
     what = {"done": "Already converted", "resume": "Converted (resumed)", "new": "Converted"}[state]
     print(f"{what}: {sources.local(f.out)} ({len(index['class_ids'])} classes; {splits}). Train on it with "
           f"--gin_file=gin/data/tfrecord.gin --gin_bindings=\"DATA_DIR='{sources.local(f.out)}'\".")
