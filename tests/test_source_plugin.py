@@ -12,7 +12,8 @@ import gin
 import pytest
 
 import helpers
-from trainer import config, predict
+from trainer import config, registry
+from trainer.data import sources
 from trainer.data.sources.tiny_imagenet import TinyImageNet
 from trainer.errors import UserError
 
@@ -66,9 +67,10 @@ def test_a_source_of_ones_own_trains_and_is_found_again_from_the_run(plugin_run,
     # The run's settings name the module; its operative config imports it (evaluate and export re-read that).
     assert json.loads((model_dir / "data.json").read_text())["source"]["module"] == "csv_list_source"
     assert "import csv_list_source" in (model_dir / "operative_config.gin").read_text().splitlines()
-    # New processes: evaluate reads the run's operative config, predict only its data.json.
+    # New processes: evaluate reads the run's operative config, predict only its data.json (with --data_dir, which
+    # the layouts the trainer knows would take for class folders: the run's own kind is kept).
     for tool, *flags in (("evaluate", "--checkpoint=latest"),
-                         ("predict", "--split=val", f"--output={model_dir}/val.txt")):
+                         ("predict", "--split=val", f"--output={model_dir}/val.txt", f"--data_dir={csv_dir}")):
         result = subprocess.run([sys.executable, "-m", f"trainer.{tool}", f"--model_dir={model_dir}", *flags],
                                 cwd=helpers.REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -83,18 +85,50 @@ def test_a_source_of_ones_own_trains_and_is_found_again_from_the_run(plugin_run,
     assert right / 100 == pytest.approx(float(rows[-1]["val_top1"]), abs=0.02)  # As the run's own evaluation.
 
 
-def test_a_module_that_cannot_be_imported_is_one_line(plugin_run, tmp_path, monkeypatch):
-    """Without the module's directory on the path: the gin file's import, and a run's recorded module, each say
-    what to do in one line."""
+def test_a_module_that_cannot_be_imported_is_one_line(tmp_path, monkeypatch):
+    """Without the module's directory on the path: the gin file's import, and a run's recorded module (what
+    predict --split reopens), each say what to do in one line; so does a module whose own import fails."""
     monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p) != PLUGIN])
     assert "csv_list_source" not in sys.modules
     with pytest.raises(UserError) as error:
         config.parse_gin([GIN])
     assert helpers.one_line(error.value) == (
-        f"Invalid gin configuration: {GIN}, line 3: cannot import csv_list_source (No module named "
-        "'csv_list_source'). Put the directory holding it on PYTHONPATH, or install its package.")
+        f"Invalid gin configuration: {GIN}, line 3: csv_list_source cannot be imported (No module named "
+        "'csv_list_source'): put the directory holding it on PYTHONPATH, or install its package.")
     gin.clear_config()
+    description = {"kind": "csv_list", "location": str(tmp_path), "module": "csv_list_source"}
     with pytest.raises(UserError, match=r"^The data source 'csv_list' is defined in csv_list_source, which cannot be "
                                         r"imported \(No module named 'csv_list_source'\): put the directory holding "
                                         r"it on PYTHONPATH, or install its package\.$"):
-        predict.open_split_source(str(plugin_run[0]))
+        sources.open_source(description)
+    (tmp_path / "needs_more.py").write_text("import not_installed_anywhere\n")
+    (tmp_path / "registers_nothing.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"^The data source 'csv_list' is defined in needs_more, which imports "
+                                        r"not_installed_anywhere, which is not installed \(No module named "
+                                        r"'not_installed_anywhere'\): install it\.$"):
+        sources.open_source({**description, "module": "needs_more"})
+    with pytest.raises(UserError, match=r"^The data source 'csv_list' is defined in registers_nothing, which was "
+                                        r"imported but registers no trainer\.sources\.csv_list\.$"):
+        sources.open_source({**description, "module": "registers_nothing"})
+
+
+def test_a_source_that_could_not_be_reopened_is_refused_before_training():
+    """A run reopens its source by kind, through the gin factory in the module of the source's class."""
+    class Unregistered(sources.FileSource):
+        kind = "unregistered"
+
+    class Elsewhere(sources.FileSource):
+        kind = "image_folder"
+
+    with pytest.raises(UserError, match=r"^The data source Unregistered has kind 'unregistered', but none is "
+                                        r"registered: a run reopens its source by kind, so name its gin factory "
+                                        rf"trainer\.sources\.unregistered and define it in {__name__}, next to"):
+        sources.check_reopenable(Unregistered())
+    with pytest.raises(UserError, match=r"but that one is defined in trainer\.data\.sources\.image_folder: "):
+        sources.check_reopenable(Elsewhere())
+    sources.check_reopenable(TinyImageNet.__new__(TinyImageNet))  # The shipped ones pass.
+    with pytest.raises(UserError, match=rf"^{__name__} defines trainer\.sources\.image_folder, which "
+                                        r"trainer\.data\.sources\.image_folder already defines: give it another "
+                                        r"name\.$"):
+        registry.configurable("trainer.sources", "image_folder")(lambda data_dir: None)

@@ -85,6 +85,7 @@ def test_every_source_counts_the_same_images_and_learns_as_well(runs):
         assert "Dataset:   " in log and "300 train / 100 val images" in log, name
     assert "(image_folder: 5 classes" in runs["image_folder"][2] and "(tfrecord: 5 classes" in runs["tfrecord"][2]
     assert "Feeding:   in memory: decoded training set 900.0 KB <= budget" in runs["tiny_imagenet"][2]
+    assert "Strategy:  default (one device, no tf.distribute strategy), 1 replica\n" in runs["tiny_imagenet"][2]
 
 
 @pytest.mark.slow

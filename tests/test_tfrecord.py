@@ -196,6 +196,9 @@ def test_changed_plan_starts_clean(synthetic_dir, tmp_path):
                                               "train-00001-of-00002.tfrecord"])  # The stale files are gone.
     with pytest.raises(UserError, match="another dataset or with other options"):
         convert.convert(synthetic_dir, out, shards=3)
+    # The plan names no module (which the sources' descriptions gained later): a plan written before still matches.
+    plan = json.loads((tmp_path / "shards" / convert.PLAN_FILE).read_text())
+    assert set(plan["source"]) == {"kind", "location"} and convert.convert(synthetic_dir, out, shards=2)[1] == "done"
 
 
 def _damaged_copy(converted, tmp_path, damage):

@@ -168,7 +168,7 @@ class _Expanded:
             if isinstance(statement, config_parser.IncludeStatement):
                 include_lines[statement.location.line_num] = statement.filename
             elif isinstance(statement, config_parser.ImportStatement):
-                _import(statement.module, where)
+                _import(statement, where)
             elif isinstance(statement, config_parser.BindingStatement):
                 if not statement.arg_name and "." not in statement.selector and not statement.scope:
                     self.defined[statement.selector] = where
@@ -187,16 +187,20 @@ class _Expanded:
                 self.text.append(line if line.endswith("\n") else line + "\n")
 
 
-def _import(module, where):
+def _import(statement, where):
     """Imports a gin file's `import module` now, so that the configurables it registers are checked like the
     project's own (a data source of your own: docs/datasets.md). Gin imports it again, a no-op."""
+    from trainer.data import sources  # pylint: disable=import-outside-toplevel
+
+    module = statement.module
     if module.startswith("__gin__"):
         return
     try:
         importlib.import_module(module)
     except ImportError as err:
-        raise UserError(f"Invalid gin configuration: {where}: cannot import {module} ({err}). Put the directory "
-                        "holding it on PYTHONPATH, or install its package.") from None
+        also = " (in gin, `from package import name` imports a module: name must be one)" if statement.is_from else ""
+        raise UserError(f"Invalid gin configuration: {where}: {module}{also} "
+                        f"{sources.import_failure(module, err)}") from None
 
 
 def _syntax_message(err):

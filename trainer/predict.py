@@ -341,7 +341,8 @@ def open_split_source(model_dir, data_dir=None):
         description = dict(run_dir.read_data_settings(model_dir).source)
     if data_dir:
         kind = sources.looks_like(data_dir)
-        if description is None or (kind and kind != description["kind"]):
+        # Another layout at --data_dir replaces the run's source, unless that is one looks_like cannot tell.
+        if description is None or (kind and kind != description["kind"] and description["kind"] in sources.LAYOUTS):
             description = {"kind": kind}
         description["location"] = data_dir
     if description is None or not description.get("kind"):

@@ -11,6 +11,8 @@ import inspect
 
 import gin
 
+from trainer.errors import UserError
+
 CONFIGURABLES = {}  # Full selector ('trainer.blocks.conv') -> the undecorated function or class.
 DENIED = {}  # Full selector -> the parameters only the caller sets.
 
@@ -30,6 +32,10 @@ def configurable(module, name=None, denylist=None):
         if fn.__module__ == "__main__":  # `python -m` of a module: its imported copy registers it.
             return fn
         short = name or fn.__name__
+        existing = CONFIGURABLES.get(f"{module}.{short}")
+        if existing is not None and existing.__module__ != fn.__module__:
+            raise UserError(f"{fn.__module__} defines {module}.{short}, which {existing.__module__} already "
+                            "defines: give it another name.")
         CONFIGURABLES[f"{module}.{short}"] = fn
         DENIED[f"{module}.{short}"] = tuple(denylist or ())
         return gin.configurable(short, module=module, denylist=denylist)(fn)

@@ -116,7 +116,9 @@ def make_plan(source, shards=None):
         else:
             n = round(shards * count / train)
         splits[split] = {"count": count, "shards": int(min(max(n, 1), max(count, 1)))}
-    plan = {"plan_version": PLAN_VERSION, "source": source.describe(), "fingerprint": source.fingerprint(),
+    # (Without the module describe() names: a plan written before it did still matches.)
+    described = {k: v for k, v in source.describe().items() if k != "module"}
+    plan = {"plan_version": PLAN_VERSION, "source": described, "fingerprint": source.fingerprint(),
             "seed": SEED, "splits": splits}
     return json.loads(json.dumps(plan))  # As a rerun reads it back from PLAN_FILE.
 

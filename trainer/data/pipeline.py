@@ -236,6 +236,7 @@ def data(data_dir,
     if synthetic_if_missing and not tf.io.gfile.exists(data_dir):
         synthetic.ensure_synthetic(data_dir, **(synthetic_options or {}))
     source = source(data_dir)
+    sources_lib.check_reopenable(source)
     return Data(source, preprocess, batch_size, augment, seed, in_memory, memory_budget, shuffle_buffer,
                 num_parallel_calls, prefetch, deterministic, synthetic=synthetic.is_synthetic(source.class_ids))
 

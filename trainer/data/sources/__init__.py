@@ -187,13 +187,16 @@ def open_source(description):
     from trainer import registry  # pylint: disable=import-outside-toplevel
 
     selector = f"trainer.sources.{description.get('kind')}"
-    if selector not in registry.CONFIGURABLES and description.get("module"):  # A source of your own.
+    module = description.get("module")
+    if selector not in registry.CONFIGURABLES and module:  # A source of your own.
         try:
-            importlib.import_module(description["module"])
+            importlib.import_module(module)
         except ImportError as err:
-            raise UserError(f"The data source {description.get('kind')!r} is defined in {description['module']}, "
-                            f"which cannot be imported ({err}): put the directory holding it on PYTHONPATH, or "
-                            "install its package.") from None
+            raise UserError(f"The data source {description.get('kind')!r} is defined in {module}, which "
+                            f"{import_failure(module, err)}") from None
+        if selector not in registry.CONFIGURABLES:
+            raise UserError(f"The data source {description.get('kind')!r} is defined in {module}, which was imported "
+                            f"but registers no {selector}.")
     factory = registry.CONFIGURABLES.get(selector)
     if factory is None:
         known = sorted(s.rsplit(".", 1)[1] for s in registry.CONFIGURABLES if s.startswith("trainer.sources."))
@@ -201,6 +204,32 @@ def open_source(description):
     params = inspect.signature(factory).parameters
     options = {k: v for k, v in description.items() if k in params and k != "data_dir"}
     return factory(description["location"], **options)
+
+
+def import_failure(module, err):
+    """The end of a sentence saying why `module` could not be imported (`err`), and what to do."""
+    missing = getattr(err, "name", None)
+    if missing and missing != module and not module.startswith(missing + "."):
+        return f"imports {missing}, which is not installed ({err}): install it."
+    return f"cannot be imported ({err}): put the directory holding it on PYTHONPATH, or install its package."
+
+
+def check_reopenable(source):
+    """A run records its source's kind and module (`describe`); evaluate and predict reopen it by them, through
+    the gin factory `trainer.sources.<kind>` in the module of the source's class.
+
+    Raises:
+      UserError: no such factory, or one defined elsewhere.
+    """
+    from trainer import registry  # pylint: disable=import-outside-toplevel
+
+    selector, module = f"trainer.sources.{source.kind}", type(source).__module__
+    factory = registry.CONFIGURABLES.get(selector)
+    if factory is None or factory.__module__ != module:
+        where = "none is registered" if factory is None else f"that one is defined in {factory.__module__}"
+        raise UserError(f"The data source {type(source).__name__} has kind {source.kind!r}, but {where}: a run "
+                        f"reopens its source by kind, so name its gin factory {selector} and define it in {module}, "
+                        "next to the class (docs/datasets.md, 'A layout of your own').")
 
 
 # --- Helpers every source uses: paths through tf.io.gfile, so gs:// (and ram://) work as local paths. ---------
@@ -287,8 +316,11 @@ def read_lines(path, remedy="download the dataset again"):
     return text.split("\n") if "\r" not in text else text.splitlines()
 
 
+LAYOUTS = ("tiny_imagenet", "tfrecord", "image_folder")  # What `looks_like` recognises.
+
+
 def looks_like(data_dir):
-    """The kind of layout `data_dir` holds ('tiny_imagenet', 'tfrecord', 'image_folder'), or None."""
+    """The kind of layout `data_dir` holds (one of LAYOUTS), or None."""
     data_dir = local(data_dir)
     if not tf.io.gfile.isdir(data_dir):
         return None
