@@ -132,3 +132,12 @@ def test_a_source_that_could_not_be_reopened_is_refused_before_training():
                                         r"trainer\.data\.sources\.image_folder already defines: give it another "
                                         r"name\.$"):
         registry.configurable("trainer.sources", "image_folder")(lambda data_dir: None)
+
+
+def test_a_run_recorded_before_sources_named_their_module_reopens_its_source(synthetic_dir):
+    """data.json of a run from before `module` was recorded: the shipped sources open by kind alone."""
+    source = sources.open_source({"kind": "tiny_imagenet", "location": synthetic_dir})
+    assert source.kind == "tiny_imagenet" and source.count("val") == 50
+    with pytest.raises(UserError, match=r"^Unknown data source 'csv_list': expected one of image_folder, tfrecord, "
+                                        r"tiny_imagenet\.$"):
+        sources.open_source({"kind": "csv_list", "location": synthetic_dir})
