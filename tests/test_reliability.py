@@ -322,8 +322,7 @@ def test_the_data_scan_reports_unreadable_images_tiny_classes_and_is_cached(trai
     scanned = []
     decodable = scan_lib.decodable
     monkeypatch.setattr(scan_lib, "decodable", lambda source, split: scanned.append(split) or decodable(source, split))
-    train_in_process(train_base_gin, tmp_path / "run", f"DATA_DIR = '{data_dir}'", "BATCH_SIZE = 10",
-                     stop_after_steps=1)
+    train_in_process(train_base_gin, tmp_path / "run", f"DATA_DIR = '{data_dir}'", "BATCH_SIZE = 10")
     assert scanned == ["val", "test"]  # The training split's one decode pass is the in-memory load's.
     log = caplog.text
     assert re.search(r"Data check: train 243 images \(4 unreadable\), 3 to 60 a class; val 100 images \(0 "
@@ -333,6 +332,12 @@ def test_the_data_scan_reports_unreadable_images_tiny_classes_and_is_cached(trai
     assert f"1 classes have fewer than 10% of the median 60 training images: {synthetic.wnid(4)} (3)." in log
     assert "The training classes are imbalanced: 3 (" in log
     assert "(tiny_imagenet: 5 classes, 243 (239 readable) train / 100 val images)" in log  # The banner.
+    assert "could not be read or decoded" not in log  # The data check said it: not again after the first epoch.
+    caplog.clear()
+    train_in_process(train_base_gin, tmp_path / "unchecked", f"DATA_DIR = '{data_dir}'", "BATCH_SIZE = 10",
+                     "trainer.train.scan_data = False")
+    assert "Data check" not in caplog.text and "243 train / 100 val images" in caplog.text
+    assert f"4 of 243 training images in {data_dir} could not be read or decoded and were skipped." in caplog.text
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["splits"]["train"]["unreadable"] == bad_ids  # All of them, not only the first few.
     assert report["train_per_class"][synthetic.wnid(0)] == 56 and report["tiny_classes"] == [synthetic.wnid(4)]

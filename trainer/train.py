@@ -314,7 +314,7 @@ def train(model_dir,
             if collapsed:
                 logging.warning("%s", steps.collapse_warning(collapsed, bool(recompute_bn)))
             if first_epoch + epoch == first_epoch and not distribution.multi_worker and data.memory_mode()[0]:
-                _report_skipped(data.num_train, int(decoded.numpy()), data.source.location)
+                _report_skipped(data.num_train, int(decoded.numpy()), data.source.location, readable)
             if done < total_steps and _should_stop(signals, done, stop_after_steps):
                 return _stop(signals, checkpoints, writers, done, first_epoch + epoch, model_dir)
             since_best = len(rows) - 1 - rows.index(epoch_log.best_row(rows, select_best_by))
@@ -449,8 +449,9 @@ def _stop(signals, checkpoints, writers, done, epoch, model_dir):
     return None
 
 
-def _report_skipped(num_files, decoded, data_dir):
-    """Logs the training images of the first epoch that could not be read or decoded (and were skipped)."""
-    if 0 < decoded < num_files:
+def _report_skipped(num_files, decoded, data_dir, readable=None):
+    """Logs the training images of the first epoch that could not be read or decoded (and were skipped), unless
+    the data check said so already (`readable`: the training images it could read)."""
+    if 0 < decoded < num_files and decoded != readable:
         logging.warning("%d of %d training images in %s could not be read or decoded and were skipped.",
                         num_files - decoded, num_files, data_dir)
