@@ -18,7 +18,7 @@ import time
 import pytest
 
 from helpers import REPO, STEPS_PER_EPOCH, csv_rows, env, latest, leftovers, main_command, one_line, run, \
-    train_in_process, val_points, weights
+    train_in_process, val_points, weights, write_image_folder
 
 
 # --- Resuming with other settings; a finished phase; the other network's error ----------------------------------
@@ -42,22 +42,30 @@ def copy_run(model_dir, tmp_path):
     ("BATCH_SIZE = 10", "BATCH_SIZE was 20, now 10"),
     ("AUGMENT = 'flip(0.5)'", "AUGMENT was None, now 'flip(0.5)'"),
     ("small/trainer.blocks.conv.filters = 8", None),
+    ("DATA_DIR", "the dataset's classes differ: class 0 was 'n90000000', now 'other-n90000000'"),
 ])
 @pytest.mark.slow
-def test_resuming_with_a_setting_the_checkpoint_cannot_carry_is_refused(train_base_gin, one_epoch, tmp_path,
-                                                                        binding, named):
+def test_resuming_with_a_setting_the_checkpoint_cannot_carry_is_refused(train_base_gin, train_synthetic_dir,
+                                                                        one_epoch, tmp_path, binding, named):
     from trainer.errors import UserError  # pylint: disable=import-outside-toplevel
 
     model_dir = copy_run(one_epoch, tmp_path)
+    bindings = [binding]
+    if named is None:  # A network change: the declared blocks differ.
+        bindings = ["trainer.network.blocks = [{'name': 'stem', 'kind': 'conv', 'filters': 8}, "
+                    "{'name': 'pool', 'kind': 'global_avg_pool'}, {'name': 'head', 'kind': 'classifier', "
+                    "'units': %NUM_CLASSES}]"]
+        named = "trainer.network.blocks was another block list"
+    elif binding == "DATA_DIR":  # Another dataset with as many classes, at another DATA_DIR: other class ids.
+        other = write_image_folder(train_synthetic_dir, str(tmp_path / "other"))
+        for split in ("train", "val"):
+            for name in os.listdir(os.path.join(other, split)):
+                os.rename(os.path.join(other, split, name), os.path.join(other, split, "other-" + name))
+        bindings = [f"DATA_DIR = '{other}'", "trainer.data.source = @trainer.sources.image_folder"]
     before = {p: open(p, "rb").read() for p in glob.glob(str(model_dir / "**" / "*"), recursive=True)
               if os.path.isfile(p)}
-    if named is None:  # A network change: the declared blocks differ.
-        binding = ("trainer.network.blocks = [{'name': 'stem', 'kind': 'conv', 'filters': 8}, "
-                   "{'name': 'pool', 'kind': 'global_avg_pool'}, {'name': 'head', 'kind': 'classifier', "
-                   "'units': %NUM_CLASSES}]")
-        named = "trainer.network.blocks was another block list"
     with pytest.raises(UserError) as err:
-        train_in_process(train_base_gin, model_dir, "EPOCHS = 2", binding)
+        train_in_process(train_base_gin, model_dir, "EPOCHS = 2", *bindings)
     message = one_line(err.value)
     assert message.startswith(f"Cannot resume {model_dir} with other settings ({named}") and "\n" not in message
     assert "Rerun with the old values" in message and "trainer.train.init_from" in message
@@ -67,13 +75,19 @@ def test_resuming_with_a_setting_the_checkpoint_cannot_carry_is_refused(train_ba
 
 
 @pytest.mark.slow
-def test_a_carried_change_is_logged_as_a_diff_and_the_new_config_saved(train_base_gin, one_epoch, tmp_path,
-                                                                        caplog):
+def test_a_carried_change_is_logged_as_a_diff_and_the_new_config_saved(train_base_gin, train_synthetic_dir,
+                                                                        one_epoch, tmp_path, caplog):
+    import shutil  # pylint: disable=import-outside-toplevel
+
     model_dir = copy_run(one_epoch, tmp_path)
+    moved = shutil.copytree(train_synthetic_dir, tmp_path / "moved")  # The same dataset elsewhere: carried.
     caplog.set_level("INFO")
     caplog.set_level("INFO", logger="absl")  # (Another test may have left absl at WARNING.)
-    train_in_process(train_base_gin, model_dir, "EPOCHS = 2", "trainer.optim.constant.learning_rate = 0.0005")
+    train_in_process(train_base_gin, model_dir, "EPOCHS = 2", "trainer.optim.constant.learning_rate = 0.0005",
+                     f"DATA_DIR = '{moved}'")
     log = caplog.text
+    assert f"+DATA_DIR = '{moved}'" in log
+    assert json.loads((model_dir / "data.json").read_text())["source"]["location"] == str(moved)
     assert "The gin configuration changed since the last run of this phase" in log
     assert "-EPOCHS = 1" in log and "+EPOCHS = 2" in log
     assert re.search(r"\+(trainer\.)?optim\.constant\.learning_rate = 0\.0005", log)

@@ -259,7 +259,8 @@ def settings(data, num_classes):
     name, blocks = builder.declared()
     return {"IMAGE_SIZE": data.image_size, "BATCH_SIZE": data.batch_size, "AUGMENT": data.augment,
             "NUM_CLASSES": num_classes, "trainer.network.name": name,
-            "trainer.network.blocks": json.dumps(blocks, sort_keys=True, default=repr)}
+            "trainer.network.blocks": json.dumps(blocks, sort_keys=True, default=repr),
+            "classes": list(data.source.class_ids)}  # Another dataset at DATA_DIR: the head's outputs mean others.
 
 
 # What evaluation, export, predict and compare need of a run's data, written when the run starts: the source, the
@@ -332,12 +333,16 @@ def check_resumable(model_dir, settings):
                         "delete it to resume without the check, or train in a new --model_dir.") from None
     changed = [k for k in settings if k in saved and saved[k] != settings[k]]
     if changed:
-        def show(key, value):
+        def show(key, old, new):
             if key == "trainer.network.blocks":
-                return "another block list"
-            return repr(value)
+                return f"{key} was another block list"
+            if key == "classes":  # The first that differs.
+                i = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+                return (f"the dataset's classes differ: class {i} was {old[i] if i < len(old) else None!r}, now "
+                        f"{new[i] if i < len(new) else None!r}")
+            return f"{key} was {old!r}, now {new!r}"
 
-        what = "; ".join(f"{k} was {show(k, saved[k])}, now {show(k, settings[k])}" for k in changed)
+        what = "; ".join(show(k, saved[k], settings[k]) for k in changed)
         raise UserError(f"Cannot resume {model_dir} with other settings ({what}): its checkpoints were trained "
                         f"with the old ones. Rerun with the old values to resume it, or train in a new --model_dir "
                         f"(start it from these weights with trainer.train.init_from = '{model_dir}').")
