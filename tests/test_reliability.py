@@ -86,7 +86,6 @@ def test_a_carried_change_is_logged_as_a_diff_and_the_new_config_saved(train_bas
     train_in_process(train_base_gin, model_dir, "EPOCHS = 2", "trainer.optim.constant.learning_rate = 0.0005",
                      f"DATA_DIR = '{moved}'")
     log = caplog.text
-    assert f"+DATA_DIR = '{moved}'" in log
     assert json.loads((model_dir / "data.json").read_text())["source"]["location"] == str(moved)
     assert "The gin configuration changed since the last run of this phase" in log
     assert "-EPOCHS = 1" in log and "+EPOCHS = 2" in log
