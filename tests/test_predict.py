@@ -91,6 +91,7 @@ def test_every_kind_of_image_and_a_corrupt_one(image_dir, run_dir, predictor, tm
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(d / "corrupt.jpg") in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+    assert not re.search(r"\[Op:|name:|function_node", errors[0]), errors[0]  # The decode's words, no op suffix.
     lines = result.stdout.splitlines()
     assert sorted(line.split(": ")[0] for line in lines) == sorted(files.values())
     for line in lines:

@@ -127,6 +127,17 @@ def test_progress_is_a_bar_with_eta_on_a_terminal(monkeypatch, capsys):
     assert "compiling" in capsys.readouterr().out
 
 
+def test_three_classes_say_top3_not_top5(caplog):
+    """With fewer than 5 classes the 'top5' metric is top-k, k = classes: the lines say so, as evaluate's do."""
+    means = {"loss": 1.0, "top1": 0.5, "top5": 1.0, "count": 18}
+    with caplog.at_level("INFO"):
+        summaries.Progress(1, 2, steps=2, batch_size=8, log_every_steps=1, top_k=3).finish(means, means, 0.4)
+        summaries.end_summary("/tmp/run", {"epoch": 1, "val_top1": 0.5, "val_top5": 1.0, "step": 2}, None, top_k=3)
+    assert "top1 0.5000 top3 1.0000 (18 images)" in caplog.text
+    assert "Best epoch 1: val top-1 0.5000, top-3 1.0000 (step 2)." in caplog.text
+    assert "top5" not in caplog.text and "top-5" not in caplog.text
+
+
 # --- Phases ---------------------------------------------------------------------
 
 

@@ -409,7 +409,7 @@ def _reason(err):
         message = err.strerror
     else:
         message = str(err)
-    message = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", message)
+    message = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]( name: \S*)?", "", message)
     return " ".join(message.split()) or type(err).__name__
 
 

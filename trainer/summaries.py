@@ -69,9 +69,10 @@ class CsvLog:
 class Progress:
     """The console line of an epoch: `epoch 3/10 step 20/46 ...`, a bar on a terminal, log lines otherwise."""
 
-    def __init__(self, epoch, epochs, steps, batch_size, log_every_steps):
+    def __init__(self, epoch, epochs, steps, batch_size, log_every_steps, top_k=5):
+        """`top_k`: the k of the 'top5' metric (min(5, classes)), as the line names it."""
         self.epoch, self.epochs, self.steps = epoch, epochs, steps
-        self.batch_size, self.log_every = batch_size, log_every_steps
+        self.batch_size, self.log_every, self.top_k = batch_size, log_every_steps, top_k
         self.tty = sys.stdout.isatty()
         self.last_logged = 0
 
@@ -95,9 +96,9 @@ class Progress:
     def finish(self, train_means, val_means, seconds):
         if self.tty:
             sys.stdout.write("\n")
-        logging.info("epoch %d/%d done in %.1fs: train loss %.4f top1 %.4f | val loss %.4f top1 %.4f top5 %.4f "
+        logging.info("epoch %d/%d done in %.1fs: train loss %.4f top1 %.4f | val loss %.4f top1 %.4f top%d %.4f "
                      "(%d images)", self.epoch, self.epochs, seconds, train_means["loss"], train_means["top1"],
-                     val_means["loss"], val_means["top1"], val_means["top5"], val_means["count"])
+                     val_means["loss"], val_means["top1"], self.top_k, val_means["top5"], val_means["count"])
 
 
 def banner(data, network, distribution, model_dir, epochs, first_epoch, start, readable_train=None):
@@ -124,11 +125,11 @@ def banner(data, network, distribution, model_dir, epochs, first_epoch, start, r
         logging.info("%s", line)
 
 
-def end_summary(model_dir, best, exported):
+def end_summary(model_dir, best, exported, top_k=5):
     """The lines a user reads at the end: the best epoch, where the export is, how to look at the run."""
     if best:
-        logging.info("Best epoch %d: val top-1 %.4f, top-5 %.4f (step %d).", best["epoch"], best["val_top1"],
-                     best["val_top5"], best["step"])
+        logging.info("Best epoch %d: val top-1 %.4f, top-%d %.4f (step %d).", best["epoch"], best["val_top1"],
+                     top_k, best["val_top5"], best["step"])
     if exported:
         logging.info("Exported to %s", exported)
     logging.info("TensorBoard: tensorboard --logdir %s", os.path.dirname(os.path.abspath(model_dir)))

@@ -258,7 +258,7 @@ def train(model_dir,
             epoch_end = (epoch + 1) * steps_per_epoch
             epoch_start = time.time()
             progress = summaries.Progress(first_epoch + epoch, first_epoch + epochs - 1, steps_per_epoch,
-                                          data.batch_size, log_every_steps)
+                                          data.batch_size, log_every_steps, top_k=min(5, data.num_classes))
             epoch_totals = np.zeros(4)
             while done < epoch_end:
                 n = steps.steps_this_call(done, epoch_end, steps_per_execution, checkpoint_every_steps,
@@ -344,7 +344,7 @@ def train(model_dir,
             _raise_if_signalled(signals)  # (Raised inside TensorFlow, which may have wrapped or swallowed it.)
             raise
         writers.flush()
-        summaries.end_summary(model_dir, best, exported)
+        summaries.end_summary(model_dir, best, exported, top_k=min(5, data.num_classes))
         return best
 
 

@@ -352,7 +352,9 @@ def _load(s, input_context):
         raise UserError(f"No training image of {s.source.location} could be decoded: every file is corrupt or "
                         "unreadable.")
     images = images[:count]  # A view: no copy.
-    logging.info("Decoded %d training images into memory (%.0f MB).", count, images.nbytes / 2**20)
+    from trainer.models import plan  # pylint: disable=import-outside-toplevel
+
+    logging.info("Decoded %d training images into memory (%s).", count, plan.format_bytes(images.nbytes))
     return tf.experimental.dlpack.from_dlpack(images.__dlpack__()), tf.constant(labels[:count]), ids
 
 
