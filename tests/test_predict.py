@@ -57,7 +57,8 @@ def save(image, path, fmt, **kwargs):
 
 @pytest.fixture
 def image_dir(tmp_path, synthetic_dir):
-    """Every kind of input: JPEG, PNG, greyscale JPEG, CMYK JPEG, 17x23, 300x200 RGBA PNG; a corrupt file."""
+    """Every kind of input: JPEG, PNG, greyscale JPEG, CMYK JPEG, 17x23, 300x200 RGBA PNG; a corrupt file; hidden
+    files and folders."""
     rgb = val_image(synthetic_dir)
     d = tmp_path / "images"
     files = {
@@ -70,6 +71,8 @@ def image_dir(tmp_path, synthetic_dir):
     }
     (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
     (d / "notes.txt").write_text("not an image, not listed")
+    (d / "._a.jpg").write_bytes(b"\0\5\26\7 macOS metadata, hidden: not listed")
+    save(rgb, str(d / ".thumbnails" / "a.jpg"), "JPEG")  # A hidden folder: not searched.
     return d, files
 
 

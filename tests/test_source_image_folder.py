@@ -46,6 +46,12 @@ def test_names_file_nested_folders_any_extension_and_other_files(folders, tmp_pa
     png = tf.io.encode_png(tf.zeros([20, 30, 3], tf.uint8)).numpy()
     (nested / "extra.PNG").write_bytes(png)
     (root / "train" / first / "notes.txt").write_text("not an image")
+    # Hidden files and folders are left out without a word: a Finder's .DS_Store, macOS's '._' metadata twin of a
+    # photo (named like a JPEG, not one), a notebook's checkpoints.
+    (root / "train" / first / ".DS_Store").write_bytes(b"\0\1Bud1")
+    (root / "train" / first / "._extra.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    (root / "train" / first / ".ipynb_checkpoints").mkdir()
+    (root / "train" / first / ".ipynb_checkpoints" / "copy.png").write_bytes(png)
     caplog.set_level("WARNING", logger="absl")
     source = ImageFolder(str(root))
     assert source.class_names[0] == f"name of {first}"  # classes.txt before words.txt.
@@ -54,7 +60,8 @@ def test_names_file_nested_folders_any_extension_and_other_files(folders, tmp_pa
     assert ImageFolder(str(root)).class_names[0] == first  # No names file: the folder names.
     assert source.count("train") == 201 and f"train/{first}/deeper/still/extra.PNG" in source.listing("train")[0]
     assert "Ignored 1 file that is not a jpg/jpeg/png/gif/bmp/webp image under" in caplog.text
-    assert "notes.txt" in caplog.text
+    assert "notes.txt" in caplog.text and "DS_Store" not in caplog.text
+    assert not any("/." in path for path in source.listing("train")[0])
     data = pipeline.Data(source, Preprocessing(16), batch_size=201, deterministic=True)
     [(images, labels)] = list(data.eval("train"))
     assert images.shape == (201, 16, 16, 3) and labels.numpy().sum() == 201

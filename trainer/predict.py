@@ -6,10 +6,10 @@ itself when it holds `saved_model/`): it loads the SavedModel written by
 the network, reads gin files or opens the dataset.
 
 Images are files or directories (directories searched recursively for
-.jpg, .jpeg, .png, .gif, .bmp and .webp, any case; symlinked directories are
-not followed). A file named explicitly is tried whatever its suffix; TIFF and
-HEIC are not decodable by TensorFlow (`tf.io.decode_image`) and get an error
-line. Each image's top-k classes are printed, one line per image:
+.jpg, .jpeg, .png, .gif, .bmp and .webp, any case; symlinked directories,
+and hidden files and folders, named '.*', are left out). A file named
+explicitly is tried whatever its suffix; TIFF and HEIC are not decodable by
+TensorFlow (`tf.io.decode_image`) and get an error line. Each image's top-k classes are printed, one line per image:
 
     images/cat.jpg: tabby 0.8123, "tiger cat" 0.1002, ...
 
@@ -201,8 +201,12 @@ def list_images(paths):
         if tf.io.gfile.isdir(path):
             # Locally, symlinked directories are not followed (out of `path`, or round in a cycle like `up -> ..`).
             walk = tf.io.gfile.walk(path) if "://" in path else os.walk(path, followlinks=False)
-            found = sorted(os.path.join(root, name) for root, _, names in walk for name in names
-                           if name.lower().endswith(IMAGE_SUFFIXES))
+            found = []
+            for root, dirs, names in walk:  # Hidden files and folders left out (.DS_Store, macOS's ._x.jpg).
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                found += [os.path.join(root, n) for n in names if not n.startswith(".")
+                          and n.lower().endswith(IMAGE_SUFFIXES)]
+            found.sort()
             if not found:
                 problems.append((path, f"no {', '.join(IMAGE_SUFFIXES)} images in this directory"))
             images += found

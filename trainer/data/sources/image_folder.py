@@ -12,7 +12,9 @@ subfolders of any depth, counted under their top class folder. Labels are
 the class folders in sorted order; their names are the folder names, or
 come from an optional `classes.txt` or `words.txt` at the top
 (`folder<TAB>name`, one a line; words.txt keeps the first of comma-separated
-names, as Tiny ImageNet's does). Other files are ignored, and counted.
+names, as Tiny ImageNet's does). Other files are ignored, and counted; hidden
+ones (a name starting with '.': `.DS_Store`, macOS's `._photo.jpg`, folders
+such as `.ipynb_checkpoints/`) are left out without a word.
 """
 
 import json
@@ -34,10 +36,13 @@ _LAYOUT = ("Expected a folder per class: DATA_DIR/train/<class>/ and DATA_DIR/va
 
 
 def _walk(folder):
-    """(image paths, other files) under `folder`, sorted, at any depth."""
+    """(image paths, other files) under `folder`, sorted, at any depth; hidden files and folders left out."""
     images, others = [], []
-    for root, _, names in sources.walk(folder):
+    for root, dirs, names in sources.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints/, .git/: not walked.
         for name in names:
+            if name.startswith("."):  # .DS_Store, and macOS's '._photo.jpg' (metadata, not an image).
+                continue
             path = sources.join(root, name.rstrip("/"))
             (images if name.lower().endswith(IMAGE_SUFFIXES) else others).append(path)
     return sorted(images), sorted(others)
