@@ -237,3 +237,19 @@ def test_settings_that_differ_are_columns(tmp_path):
     assert compare.format_table(rows).splitlines()[2].split()[-2:] == ["flip(0.5)", "0.9"]
     # One run alone: nothing differs, no column.
     assert compare.compare([str(tmp_path / "p")], compute_plan=False)[0]["settings"] == {}
+
+
+def test_a_binding_to_a_macro_is_left_to_the_macros_column(tmp_path):
+    """Two sources, each binding its own setting to a macro: the macros and the source are columns, not the
+    `%MACRO` bindings that repeat them; a binding to another macro, or only in one run, stays."""
+    for name, source, extra in (("p", "@tfrecord", "ON_CORRUPT = 'skip'\ntfrecord.on_corrupt = %ON_CORRUPT\n"),
+                                ("q", "@image_folder", "image_folder.val_fraction = %VAL_FRACTION\n")):
+        run = _fake_run(tmp_path, name, [0.5], [10.0])
+        (run / "operative_config.gin").write_text(
+            f"VAL_FRACTION = 0.1\nA = 1\nB = 2\ndata.source = {source}\n{extra}"
+            f"train.seed = %{'A' if name == 'p' else 'B'}\n")
+    rows = compare.compare([str(tmp_path)], sort="run", compute_plan=False, warn=pytest.fail)
+    assert [r["settings"] for r in rows] == [
+        {"ON_CORRUPT": "skip", "data.source": "@tfrecord", "image_folder.val_fraction": "-", "train.seed": "%A"},
+        {"ON_CORRUPT": "-", "data.source": "@image_folder", "image_folder.val_fraction": "%VAL_FRACTION",
+         "train.seed": "%B"}]
