@@ -81,6 +81,12 @@ def test_streaming_reads_every_image_once_an_epoch(bind):
     labels = np.concatenate([y.numpy() for _, y in data.train(decoded_counter=counter).take(40)])
     assert all(abs(n - 80) <= 20 for n in np.bincount(labels.argmax(-1)))
     assert 400 <= int(counter.numpy()) <= 600  # Decoded: the batches, plus the buffer and what is read ahead.
+    # A buffer larger than the training set (200 images) holds the training set: the first batch waits for one
+    # epoch's decode, not for 50 epochs' (the default 10,000).
+    data = bind(image_size=16, batch_size=10, in_memory=False)
+    counter = tf.Variable(0, dtype=tf.int64)
+    next(iter(data.train(decoded_counter=counter)))
+    assert 200 <= int(counter.numpy()) <= 400
 
 
 def test_corrupt_images_are_skipped_and_counted(bind, synthetic_dir, tmp_path):

@@ -17,7 +17,8 @@ Training data comes one of two ways, chosen by `memory_mode`:
               training set fits `memory_budget`.
   streaming   each epoch reads and decodes every image again: the order of
               files (or TFRecord shards) is drawn anew each epoch, then a
-              shuffle buffer of `shuffle_buffer` decoded images mixes them.
+              shuffle buffer of `shuffle_buffer` decoded images (at most the
+              training set) mixes them.
               For datasets larger than memory.
 
 Batches are then augmented by vectorised ops (`trainer.data.augment`) and
@@ -202,8 +203,8 @@ def data(data_dir,
         else stream it; True or False forces either.
       memory_budget: bytes the decoded training images may take; None: an eighth of the
         memory available when the run starts (their decode peaks at up to DECODE_PEAK_FACTOR times that).
-      shuffle_buffer: streaming only: decoded images mixed by the shuffle buffer
-        (the file or shard order is drawn anew every epoch before it).
+      shuffle_buffer: streaming only: decoded images mixed by the shuffle buffer, at most the training
+        images an input pipeline reads (the file or shard order is drawn anew every epoch before it).
       num_parallel_calls: parallelism of decode and augmentation.
       prefetch: batches to prefetch.
       deterministic: keep element order under parallel maps and reads (slower): with the same seed, a run
@@ -277,7 +278,8 @@ def make_dataset(settings, split, training, input_context=None, decoded_counter=
         if decoded_counter is not None:
             ds = ds.map(functools.partial(_count, decoded_counter))
         if training:  # After the repeat: the buffer fills once a run, not at every epoch's start.
-            ds = ds.shuffle(s.shuffle_buffer, seed=seed)
+            # At most the images this pipeline reads: a larger buffer would only fill with their next epochs.
+            ds = ds.shuffle(min(s.shuffle_buffer, -(-s.num_train // num_pipelines)), seed=seed)
             ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=s.num_parallel_calls)
         else:
             ds = ds.cache()
