@@ -240,16 +240,19 @@ def test_settings_that_differ_are_columns(tmp_path):
 
 
 def test_a_binding_to_a_macro_is_left_to_the_macros_column(tmp_path):
-    """Two sources, each binding its own setting to a macro: the macros and the source are columns, not the
-    `%MACRO` bindings that repeat them; a binding to another macro, or only in one run, stays."""
+    """Two sources, each binding its own setting to a macro only it defines: the macros and the source are columns,
+    not the `%MACRO` bindings that repeat them. A binding stays when the macro it names is defined in a run that
+    does not bind it (VAL_FRACTION, C), or when it names another macro; lists are compared too."""
     for name, source, extra in (("p", "@tfrecord", "ON_CORRUPT = 'skip'\ntfrecord.on_corrupt = %ON_CORRUPT\n"),
                                 ("q", "@image_folder", "image_folder.val_fraction = %VAL_FRACTION\n")):
         run = _fake_run(tmp_path, name, [0.5], [10.0])
         (run / "operative_config.gin").write_text(
             f"VAL_FRACTION = 0.1\nA = 1\nB = 2\ndata.source = {source}\n{extra}"
-            f"train.seed = %{'A' if name == 'p' else 'B'}\n")
+            f"train.seed = %{'A' if name == 'p' else 'B'}\nnetwork.blocks = [{'1, 2' if name == 'p' else '1, 3'}]\n"
+            f"C = {1 if name == 'p' else 2}\n{'optim.warmup = %C' if name == 'p' else ''}\n")
     rows = compare.compare([str(tmp_path)], sort="run", compute_plan=False, warn=pytest.fail)
     assert [r["settings"] for r in rows] == [
-        {"ON_CORRUPT": "skip", "data.source": "@tfrecord", "image_folder.val_fraction": "-", "train.seed": "%A"},
-        {"ON_CORRUPT": "-", "data.source": "@image_folder", "image_folder.val_fraction": "%VAL_FRACTION",
-         "train.seed": "%B"}]
+        {"C": "1", "ON_CORRUPT": "skip", "data.source": "@tfrecord", "image_folder.val_fraction": "-",
+         "network.blocks": "[1, 2]", "optim.warmup": "%C", "train.seed": "%A"},
+        {"C": "2", "ON_CORRUPT": "-", "data.source": "@image_folder", "image_folder.val_fraction": "%VAL_FRACTION",
+         "network.blocks": "[1, 3]", "optim.warmup": "-", "train.seed": "%B"}]

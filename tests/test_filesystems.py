@@ -7,6 +7,7 @@ disk) works on a bucket as it does for TensorFlow itself.
 
 import json
 import os
+import re
 
 import gin
 import pytest
@@ -22,10 +23,11 @@ def _read(path):
 
 
 @pytest.mark.slow
-def test_train_resume_evaluate_export_and_predict_on_ram(train_base_gin, tmp_path, monkeypatch):
+def test_train_resume_evaluate_export_and_predict_on_ram(train_base_gin, tmp_path, monkeypatch, caplog):
     from trainer import predict
     from trainer.evaluation import evaluator
 
+    caplog.set_level("INFO", logger="absl")
     monkeypatch.chdir(tmp_path)  # Anything written to a relative local path would show up here.
     data_dir, model_dir = "ram://bucket/tiny-imagenet-200", "ram://bucket/runs/r"
     synthetic.write_synthetic(data_dir, num_classes=3, per_class=20, val_per_class=6, test_images=4, image_size=32)
@@ -35,6 +37,8 @@ def test_train_resume_evaluate_export_and_predict_on_ram(train_base_gin, tmp_pat
     assert tf.train.latest_checkpoint(f"{model_dir}/checkpoints").endswith("ckpt-4")
     best = train_in_process(train_base_gin, model_dir, *bindings)  # Resumes at step 4.
     assert best is not None and best["step"] in (6, 12)
+    # 3 classes: the 'top5' metric is top-3, and the epoch line says so.
+    assert re.search(r"epoch 2/2 done in .* top1 [0-9.]+ top3 [0-9.]+ \(18 images\)", caplog.text), caplog.text
     rows = _read(f"{model_dir}/metrics.csv").splitlines()
     assert len(rows) == 3 and rows[1].split(",")[0] == "1" and rows[2].split(",")[0] == "2"  # Once each.
     data = json.loads(_read(f"{model_dir}/data.json"))

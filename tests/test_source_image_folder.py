@@ -52,6 +52,7 @@ def test_names_file_nested_folders_any_extension_and_other_files(folders, tmp_pa
     (root / "train" / first / "._extra.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
     (root / "train" / first / ".ipynb_checkpoints").mkdir()
     (root / "train" / first / ".ipynb_checkpoints" / "copy.png").write_bytes(png)
+    (root / "val" / ".ipynb_checkpoints").mkdir()  # Not a class of val/ that train/ lacks.
     caplog.set_level("WARNING", logger="absl")
     source = ImageFolder(str(root))
     assert source.class_names[0] == f"name of {first}"  # classes.txt before words.txt.

@@ -42,6 +42,14 @@ def test_counts_and_classes(data_dir):
     assert sorted(train_labels) == sorted(list(range(CLASSES)) * PER_CLASS)
 
 
+def test_hidden_files_are_left_out(copy_dir):
+    """A copy made through a macOS share leaves '._<name>' metadata twins, named like JPEGs: not images."""
+    first = sorted(TinyImageNet(copy_dir).files("train")[0])[0]
+    with open(os.path.join(os.path.dirname(first), "._" + os.path.basename(first)), "wb") as f:
+        f.write(b"\0\5\26\7 AppleDouble")
+    assert len(TinyImageNet(copy_dir).files("train")[0]) == CLASSES * PER_CLASS
+
+
 def test_order_is_sorted_and_deterministic(data_dir):
     ds = TinyImageNet(data_dir)
     for split in ("train", "val", "test"):

@@ -139,6 +139,25 @@ def test_input_pipelines_disjoint(converted, split):
     assert not set(shares[0]) & set(shares[1])
     assert sorted(shares[0] + shares[1]) == sorted(_ids(shards.examples(split)))
     assert abs(len(shares[0]) - len(shares[1])) <= 1
+    assert [shards.share_count(split, 2, k) for k in range(2)] == [len(share) for share in shares]
+
+
+def test_uneven_shares_load_into_memory(synthetic_dir, tmp_path):
+    """3 shards for 2 input pipelines: the first reads two whole shards, more than half the images (the array
+    sized at half of them did not hold them: a broadcast error). A file source's shares, for comparison."""
+    files = TinyImageNet(synthetic_dir)
+    assert [files.share_count("train", 3, k) for k in range(3)] == [
+        len(_ids(files.examples("train", input_context=_Context(3, k)))) for k in range(3)]
+    out = str(tmp_path / "shards")
+    convert.convert(synthetic_dir, out, shards=3)
+    data = pipeline.data(out, image_size=16, batch_size=10, in_memory=True, source=tfrecord.tfrecord)
+    loaded = [data.load_train(_Context(2, k)) for k in range(2)]
+    counts = [int(labels.shape[0]) for _, labels, _ in loaded]
+    shard_counts = [s["count"] for s in data.source.shards("train")]  # 200 images: 67, 66, 67 or so.
+    assert counts == [data.source.share_count("train", 2, k) for k in range(2)] == [
+        shard_counts[0] + shard_counts[2], shard_counts[1]]
+    assert sorted(loaded[0][2] + loaded[1][2]) == sorted(data.source.listing("train")[0])
+    assert data.decoded_bytes(2) == counts[0] * 16 * 16 * 3  # The memory check counts the larger share.
 
 
 def test_shuffle_differs_between_epochs(converted):

@@ -13,7 +13,8 @@ them) the sweep's varied values as the sweep names them, with a `sweep` column
 when the runs come from several sweeps; then every gin macro and binding of
 the runs' operative_config.gin whose value is not the same in all of them
 (MODEL_DIR aside), e.g. AUGMENT or `optim.constant.learning_rate`; a binding
-to the same `%MACRO` in every run that has it is left to that macro's column.
+to the same `%MACRO` in exactly the runs that define that macro is left to the
+macro's column.
 
 Flags:
   --sort       the column to sort by: run, network, params, macs, image_size, batch_size, epochs, val_top1,
@@ -324,9 +325,12 @@ def differing_settings(rows, warn=None):
     differing = [k for k in keys if k != "MODEL_DIR" and not covered(k) and len(read) > 1
                  and len({repr(v.get(k)) for v in read}) > 1]
 
-    def said_by_its_macro(key):  # Bound to the same %MACRO wherever it is bound, and that macro a column already.
-        bound = {v[key] for v in read if key in v}
-        return len(bound) == 1 and isinstance(next(iter(bound)), Macro) and next(iter(bound)) in differing
+    def said_by_its_macro(key):
+        """Bound to one %MACRO in every run that defines that macro, and nowhere else: the macro's column says it."""
+        macro = next(v[key] for v in read if key in v)
+        return isinstance(macro, Macro) and macro in differing and all(
+            (key in v) == (macro in v) and (key not in v or (isinstance(v[key], Macro) and v[key] == macro))
+            for v in read)
 
     differing = [k for k in differing if not said_by_its_macro(k)]
     for r in rows:

@@ -7,6 +7,11 @@ from trainer import optim
 from trainer.errors import UserError
 
 
+def top_k(num_classes):
+    """The k of the 'top5' metric: 5, or every class when there are fewer (every line then names it top-k)."""
+    return min(5, num_classes)
+
+
 def build_steps(strategy, model, optimizer, step, batch_size, num_classes, per_example_loss=None,
                 jit_compile=False):
     """The trainer's two compiled functions (`benchmarks/train_step.py` times `train_steps`).
@@ -22,7 +27,7 @@ def build_steps(strategy, model, optimizer, step, batch_size, num_classes, per_e
       optimizer: a built Keras 3 optimizer (a LossScaleOptimizer under mixed_float16).
       step: an int64 variable, advanced by `train_steps`.
       batch_size: the global batch size.
-      num_classes: number of classes (top-5 becomes top-k with k = min(5, num_classes)).
+      num_classes: number of classes (top-5 becomes top-k with k = `top_k(num_classes)`).
       per_example_loss: `fn(labels, logits, training) -> [batch]`; default plain cross-entropy.
       jit_compile: compile the forward and backward pass with XLA.
 
@@ -51,7 +56,7 @@ def build_steps(strategy, model, optimizer, step, batch_size, num_classes, per_e
         per_example = per_example_loss(labels, logits, training=training)
         target = tf.argmax(labels, axis=-1)
         top1 = tf.cast(tf.equal(tf.argmax(logits, axis=-1), target), tf.float32)
-        top5 = tf.cast(tf.math.in_top_k(target, logits, k=min(5, num_classes)), tf.float32)
+        top5 = tf.cast(tf.math.in_top_k(target, logits, k=top_k(num_classes)), tf.float32)
         totals = tf.stack([tf.reduce_sum(per_example * weight), tf.reduce_sum(top1 * weight),
                            tf.reduce_sum(top5 * weight), tf.reduce_sum(weight)])
         loss = totals[0] / batch_size

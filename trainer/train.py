@@ -249,8 +249,9 @@ def train(model_dir,
         if init_from and not resumed_from and done == 0:
             carried = steps.means(evaluate(val_data))
             writers.scalars("val", offset, carried)
-            logging.info("Carried-over weights at %d px, before training: val loss %.4f, top-1 %.4f, top-5 %.4f.",
-                         data.image_size, carried["loss"], carried["top1"], carried["top5"])
+            logging.info("Carried-over weights at %d px, before training: val loss %.4f, top-1 %.4f, top-%d %.4f.",
+                         data.image_size, carried["loss"], carried["top1"], steps.top_k(data.num_classes),
+                         carried["top5"])
         # --- 4. The loop. ---------------------------------------------------------------------------------------
         compiled = False
         while done < total_steps:
@@ -258,7 +259,7 @@ def train(model_dir,
             epoch_end = (epoch + 1) * steps_per_epoch
             epoch_start = time.time()
             progress = summaries.Progress(first_epoch + epoch, first_epoch + epochs - 1, steps_per_epoch,
-                                          data.batch_size, log_every_steps, top_k=min(5, data.num_classes))
+                                          data.batch_size, log_every_steps, top_k=steps.top_k(data.num_classes))
             epoch_totals = np.zeros(4)
             while done < epoch_end:
                 n = steps.steps_this_call(done, epoch_end, steps_per_execution, checkpoint_every_steps,
@@ -344,7 +345,7 @@ def train(model_dir,
             _raise_if_signalled(signals)  # (Raised inside TensorFlow, which may have wrapped or swallowed it.)
             raise
         writers.flush()
-        summaries.end_summary(model_dir, best, exported, top_k=min(5, data.num_classes))
+        summaries.end_summary(model_dir, best, exported, top_k=steps.top_k(data.num_classes))
         return best
 
 

@@ -96,9 +96,14 @@ class Data:
     def steps_per_epoch(self):
         return self.num_train // self.batch_size
 
+    def pipeline_images(self, num_pipelines=1, pipeline_id=None):
+        """Training images input pipeline `pipeline_id` reads (None: the most any of `num_pipelines` reads)."""
+        ids = range(num_pipelines) if pipeline_id is None else [pipeline_id]
+        return max(self.source.share_count("train", num_pipelines, i) for i in ids)
+
     def decoded_bytes(self, num_pipelines=1):
-        """Bytes of the decoded training images one input pipeline holds in memory (uint8)."""
-        return -(-self.num_train // num_pipelines) * self.image_size ** 2 * 3
+        """Bytes of the decoded training images one input pipeline holds in memory (uint8; the largest share)."""
+        return self.pipeline_images(num_pipelines) * self.image_size ** 2 * 3
 
     def memory_mode(self, num_pipelines=1):
         """(in_memory, reason): whether the training set is decoded into memory, and why, in one line.
@@ -279,7 +284,7 @@ def make_dataset(settings, split, training, input_context=None, decoded_counter=
             ds = ds.map(functools.partial(_count, decoded_counter))
         if training:  # After the repeat: the buffer fills once a run, not at every epoch's start.
             # At most the images this pipeline reads: a larger buffer would only fill with their next epochs.
-            ds = ds.shuffle(min(s.shuffle_buffer, -(-s.num_train // num_pipelines)), seed=seed)
+            ds = ds.shuffle(min(s.shuffle_buffer, s.pipeline_images(num_pipelines, pipeline_id)), seed=seed)
             ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=s.num_parallel_calls)
         else:
             ds = ds.cache()
@@ -335,8 +340,9 @@ def _aligned_uint8(shape, align=64):
 
 def _load(s, input_context):
     """Decodes this input pipeline's training images into one array (see `Data.load_train`)."""
-    num_pipelines = input_context.num_input_pipelines if input_context is not None else 1
-    capacity = -(-s.num_train // num_pipelines)
+    num_pipelines, pipeline_id = (1, 0) if input_context is None else (input_context.num_input_pipelines,
+                                                                        input_context.input_pipeline_id)
+    capacity = s.pipeline_images(num_pipelines, pipeline_id)
     size = s.image_size
     images = _aligned_uint8((capacity, size, size, 3))
     labels = np.empty(capacity, np.int32)

@@ -37,6 +37,7 @@ import tensorflow as tf
 from absl import logging
 
 from trainer import checkpoints
+from trainer import steps
 from trainer.data import pipeline
 from trainer.errors import UserError
 from trainer.evaluation import figures
@@ -165,7 +166,7 @@ def compute_metrics(logits, labels, num_classes, flipped_logits=None, num_confus
         scores = probabilities
         losses = -np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-300))
     predictions = np.argmax(scores, axis=1)
-    k = min(5, num_classes)
+    k = steps.top_k(num_classes)
     confusion = metrics.confusion_matrix(labels, predictions, num_classes)
     confidences = probabilities[np.arange(len(labels)), predictions]
     ece, bins = metrics.reliability(confidences, predictions == labels)
@@ -393,8 +394,6 @@ def _report(result, data, checkpoint_path, name, info, split, tta_flip, layer_na
 
 def _collapse_warning(result, info, model, data):
     """`steps.collapse_warning` for this evaluation (one line), or None: see `steps.collapse`."""
-    from trainer import steps  # pylint: disable=import-outside-toplevel
-
     n = len(result["predictions"])
     totals = np.concatenate([[result["loss"] * n, 0.0, 0.0, n],
                              np.bincount(result["predictions"], minlength=data.num_classes)])

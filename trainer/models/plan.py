@@ -426,7 +426,7 @@ def check_memory(network_plan, data, replicas, num_pipelines=1):
     in_memory, _ = data.memory_mode(num_pipelines)
     image_bytes = data.image_size ** 2 * 3
     data_bytes = int(pipeline.DECODE_PEAK_FACTOR * (data.decoded_bytes(num_pipelines) if in_memory else
-                                           min(data.shuffle_buffer, data.num_train) * image_bytes))
+                                           min(data.shuffle_buffer, data.pipeline_images(num_pipelines)) * image_bytes))
     need = memory.at(data.batch_size) + data_bytes
     estimate = (f"about {format_bytes(need)} at BATCH_SIZE {data.batch_size} (estimate: "
                 f"{format_bytes(memory.per_image)} an image of activations kept for the backward pass, "

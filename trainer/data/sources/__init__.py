@@ -78,6 +78,11 @@ class Source:
         """Images in `split` (no decoding)."""
         raise NotImplementedError
 
+    def share_count(self, split, num_pipelines, pipeline_id):
+        """Images of `split` that input pipeline `pipeline_id` of `num_pipelines` reads from `examples`: every
+        num_pipelines-th example by default (`Dataset.shard`); a source that shares otherwise says so here."""
+        return len(range(pipeline_id, self.count(split), num_pipelines))
+
     def examples(self, split, shuffle_seed=None, input_context=None):
         """(encoded bytes, label int32, example id) of a split.
 
@@ -274,7 +279,8 @@ def listdir(path):
 
 
 def walk(folder):
-    """(directory, subdirectory names, file names) of `folder` and everything under it, as os.walk yields them.
+    """(directory, subdirectory names, file names) of `folder` and everything under it, as os.walk yields them
+    (top down: removing names from a yielded subdirectory list leaves those folders out).
 
     Built on `listdir` (non-UTF-8 names left out); a local directory reached twice through symbolic links is
     read once.

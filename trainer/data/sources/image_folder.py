@@ -133,7 +133,8 @@ class ImageFolder(sources.FileSource):
 
     def _check_val_classes(self):
         val_root = sources.join(self.location, "val")
-        val_classes = [e for e in sources.listdir(val_root) if tf.io.gfile.isdir(sources.join(val_root, e))]
+        val_classes = [e for e in sources.listdir(val_root)
+                       if not e.startswith(".") and tf.io.gfile.isdir(sources.join(val_root, e))]
         unknown = sorted(set(val_classes) - set(self.class_ids))
         if unknown:
             raise UserError(f"'{val_root}' has class folders that train/ does not ({', '.join(unknown[:5])}): a "

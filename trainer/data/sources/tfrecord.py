@@ -187,6 +187,13 @@ class TFRecord(sources.Source):
         self.check_split(split)
         return int(self.index["splits"][split]["count"])
 
+    def share_count(self, split, num_pipelines, pipeline_id):
+        """As `examples` shares: whole shard files, or, with fewer shards than pipelines, 1/n of each one's records."""
+        counts = [int(s["count"]) for s in self.shards(split)]
+        if num_pipelines > 1 and len(counts) >= num_pipelines:
+            return sum(counts[pipeline_id::num_pipelines])
+        return sum(len(range(pipeline_id, count, num_pipelines)) for count in counts)
+
     def known_images(self, split):
         self.check_split(split)
         known = self.index["splits"][split].get("images")

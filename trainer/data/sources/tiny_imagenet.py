@@ -39,10 +39,11 @@ _read_lines = sources.read_lines
 
 
 def _images_in(directory):
-    """Sorted full paths of the JPEG files in `directory` ([] when it does not exist: the scan reports it)."""
+    """Sorted full paths of the JPEG files in `directory` ([] when it does not exist: the scan reports it); hidden
+    files (macOS's '._x.JPEG' metadata twins) left out."""
     if not tf.io.gfile.isdir(directory):
         return []
-    names = [n for n in _listdir(directory) if n.lower().endswith(_IMAGE_SUFFIXES)]
+    names = [n for n in _listdir(directory) if n.lower().endswith(_IMAGE_SUFFIXES) and not n.startswith(".")]
     return [_join(directory, n) for n in sorted(names)]
 
 
