@@ -10,6 +10,8 @@ export and compare only ever see a `Source`:
   count(split)             images in a split, known without decoding any
   examples(split, ...)     a tf.data.Dataset of (encoded image bytes, label int32, example id string);
                            the label of an unlabelled image is -1
+  share_count(split, n, i) images input pipeline i of n reads (by default every n-th example: a source
+                           whose `examples` shares otherwise, as TFRecord's whole shards, says so)
   listing(split)           (ids, labels) of every example of a split, in `examples` order
   fingerprint()            identifies the content cheaply (the scan's cache key)
   describe()               JSON: what the run's settings record of the source
