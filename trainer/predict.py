@@ -9,7 +9,8 @@ Images are files or directories (directories searched recursively for
 .jpg, .jpeg, .png, .gif, .bmp and .webp, any case; symlinked directories,
 and hidden files and folders, named '.*', are left out). A file named
 explicitly is tried whatever its suffix; TIFF and HEIC are not decodable by
-TensorFlow (`tf.io.decode_image`) and get an error line. Each image's top-k classes are printed, one line per image:
+TensorFlow (`tf.io.decode_image`) and get an error line. Each image's top-k
+classes are printed, one line per image:
 
     images/cat.jpg: tabby 0.8123, "tiger cat" 0.1002, ...
 

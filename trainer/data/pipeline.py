@@ -18,7 +18,7 @@ Training data comes one of two ways, chosen by `memory_mode`:
   streaming   each epoch reads and decodes every image again: the order of
               files (or TFRecord shards) is drawn anew each epoch, then a
               shuffle buffer of `shuffle_buffer` decoded images (at most the
-              training set) mixes them.
+              images the input pipeline reads an epoch) mixes them.
               For datasets larger than memory.
 
 Batches are then augmented by vectorised ops (`trainer.data.augment`) and
