@@ -151,11 +151,17 @@ class Data:
         Decoded in parallel straight into one aligned array that the tensor then
         shares (no copy); a corrupt image is skipped. Kept for the next call.
         """
-        key = (0, 1) if input_context is None else (input_context.input_pipeline_id,
-                                                    input_context.num_input_pipelines)
+        key = _share(input_context)
         if key not in self._loaded:
             self._loaded[key] = _load(self, input_context)
         return self._loaded[key]
+
+
+def _share(input_context):
+    """(num_pipelines, pipeline_id) of a `tf.distribute.InputContext`, or (1, 0) without one."""
+    if input_context is None:
+        return 1, 0
+    return input_context.num_input_pipelines, input_context.input_pipeline_id
 
 
 def _check_int(name, value, lo, hi):
@@ -266,10 +272,8 @@ def make_dataset(settings, split, training, input_context=None, decoded_counter=
     """
     s = settings
     s.source.check_split(split)
-    batch_size, pipeline_id, num_pipelines = s.batch_size, 0, 1
-    if input_context is not None:
-        batch_size = input_context.get_per_replica_batch_size(s.batch_size)
-        pipeline_id, num_pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
+    num_pipelines, pipeline_id = _share(input_context)
+    batch_size = s.batch_size if input_context is None else input_context.get_per_replica_batch_size(s.batch_size)
     seed = (s.seed * 1_000_003 + resume_step * 1_009 + pipeline_id) % 2**31
 
     if training and s.memory_mode(num_pipelines)[0]:
@@ -340,9 +344,7 @@ def _aligned_uint8(shape, align=64):
 
 def _load(s, input_context):
     """Decodes this input pipeline's training images into one array (see `Data.load_train`)."""
-    num_pipelines, pipeline_id = (1, 0) if input_context is None else (input_context.num_input_pipelines,
-                                                                        input_context.input_pipeline_id)
-    capacity = s.pipeline_images(num_pipelines, pipeline_id)
+    capacity = s.pipeline_images(*_share(input_context))
     size = s.image_size
     images = _aligned_uint8((capacity, size, size, 3))
     labels = np.empty(capacity, np.int32)

@@ -259,12 +259,16 @@ def relative(path, root):
     return path.removeprefix(root.rstrip("/") + "/")
 
 
-def listdir(path):
+def listdir(path, hidden=True):
     """Entry names of a directory, without the trailing '/' some file systems (GCS) add.
 
+    `hidden=False` leaves out hidden entries (a name starting with '.': `.DS_Store`, the `._photo.jpg` metadata
+    twins macOS leaves on shared drives, `.ipynb_checkpoints/`), which are never part of a dataset's layout.
     A local name that is not UTF-8 (TensorFlow cannot open it, and tf.io.gfile.listdir fails on the whole
     directory) is left out, with a warning naming it by its escaped bytes.
     """
+    if not hidden:
+        return [name for name in listdir(path) if not name.startswith(".")]
     if is_remote(path):
         return [name.rstrip("/") for name in tf.io.gfile.listdir(path)]
     names, bad = [], []
@@ -281,11 +285,10 @@ def listdir(path):
 
 
 def walk(folder):
-    """(directory, subdirectory names, file names) of `folder` and everything under it, as os.walk yields them
-    (top down: removing names from a yielded subdirectory list leaves those folders out).
+    """(directory, subdirectory names, file names) of `folder` and everything under it, as os.walk yields them.
 
-    Built on `listdir` (non-UTF-8 names left out); a local directory reached twice through symbolic links is
-    read once.
+    Built on `listdir` (non-UTF-8 names and hidden files and folders left out); a local directory reached twice
+    through symbolic links is read once.
     """
     seen = set()
     pending = [folder]
@@ -296,7 +299,7 @@ def walk(folder):
             if real in seen:
                 continue
             seen.add(real)
-        names = sorted(listdir(current))
+        names = sorted(listdir(current, hidden=False))
         dirs = [n for n in names if tf.io.gfile.isdir(join(current, n))]
         yield current, dirs, [n for n in names if n not in dirs]
         pending += [join(current, d) for d in dirs]
@@ -336,7 +339,7 @@ def looks_like(data_dir):
         return "tiny_imagenet"
     if tf.io.gfile.exists(join(data_dir, "index.json")) and tf.io.gfile.glob(join(data_dir, "*.tfrecord")):
         return "tfrecord"
-    entries = [e for e in listdir(data_dir) if not e.startswith(".")]
+    entries = listdir(data_dir, hidden=False)
     if entries and any(tf.io.gfile.isdir(join(data_dir, e)) for e in entries):
         return "image_folder"
     return None

@@ -38,11 +38,8 @@ _LAYOUT = ("Expected a folder per class: DATA_DIR/train/<class>/ and DATA_DIR/va
 def _walk(folder):
     """(image paths, other files) under `folder`, sorted, at any depth; hidden files and folders left out."""
     images, others = [], []
-    for root, dirs, names in sources.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints/, .git/: not walked.
+    for root, _, names in sources.walk(folder):
         for name in names:
-            if name.startswith("."):  # .DS_Store, and macOS's '._photo.jpg' (metadata, not an image).
-                continue
             path = sources.join(root, name.rstrip("/"))
             (images if name.lower().endswith(IMAGE_SUFFIXES) else others).append(path)
     return sorted(images), sorted(others)
@@ -88,11 +85,10 @@ class ImageFolder(sources.FileSource):
     # --- Classes ---------------------------------------------------------------------------------------------------
 
     def _class_folders(self, root):
-        entries = sorted(sources.listdir(root))
-        folders = [e for e in entries if not e.startswith(".") and tf.io.gfile.isdir(sources.join(root, e))
+        entries = sorted(sources.listdir(root, hidden=False))
+        folders = [e for e in entries if tf.io.gfile.isdir(sources.join(root, e))
                    and not (not self.split_layout and e in ("val", "test"))]
-        stray = [e for e in entries if not e.startswith(".") and e not in folders and e not in NAME_FILES
-                 and e.lower().endswith(IMAGE_SUFFIXES)]
+        stray = [e for e in entries if e not in folders and e not in NAME_FILES and e.lower().endswith(IMAGE_SUFFIXES)]
         where = sources.relative(root, self.location) + "/" if self.split_layout else ""
         if stray:
             raise UserError(f"'{root}' holds images directly ({', '.join(stray[:3])}"
@@ -133,8 +129,8 @@ class ImageFolder(sources.FileSource):
 
     def _check_val_classes(self):
         val_root = sources.join(self.location, "val")
-        val_classes = [e for e in sources.listdir(val_root)
-                       if not e.startswith(".") and tf.io.gfile.isdir(sources.join(val_root, e))]
+        val_classes = [e for e in sources.listdir(val_root, hidden=False)
+                       if tf.io.gfile.isdir(sources.join(val_root, e))]
         unknown = sorted(set(val_classes) - set(self.class_ids))
         if unknown:
             raise UserError(f"'{val_root}' has class folders that train/ does not ({', '.join(unknown[:5])}): a "

@@ -43,7 +43,7 @@ def _images_in(directory):
     files (macOS's '._x.JPEG' metadata twins) left out."""
     if not tf.io.gfile.isdir(directory):
         return []
-    names = [n for n in _listdir(directory) if n.lower().endswith(_IMAGE_SUFFIXES) and not n.startswith(".")]
+    names = [n for n in _listdir(directory, hidden=False) if n.lower().endswith(_IMAGE_SUFFIXES)]
     return [_join(directory, n) for n in sorted(names)]
 
 
